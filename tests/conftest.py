@@ -1,0 +1,41 @@
+"""Shared fixtures and the rule that kernel tests may skip only where BPF cannot run.
+
+A test marked ``kernel`` needs root, bcc and a kernel that loads BPF. Where the
+machine cannot, it is skipped -- unless ``TAPIO_REQUIRE_KERNEL_TESTS=1`` is set
+(``.ci/run`` sets it), in which case the missing capability is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _bpf_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc's Python module is not importable (install python3-bpfcc)"
+    if not os.path.isdir("/sys/kernel/tracing/events"):
+        return "tracefs is not mounted at /sys/kernel/tracing"
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        return "the kernel has no BTF (/sys/kernel/btf/vmlinux)"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kernel: needs root and real BPF on this machine")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "kernel" not in item.keywords:
+        return
+    reason = _bpf_unavailable_reason()
+    if reason is None:
+        return
+    if os.environ.get("TAPIO_REQUIRE_KERNEL_TESTS") == "1":
+        pytest.fail(f"kernel test cannot run here but is required: {reason}", pytrace=False)
+    pytest.skip(reason)
