@@ -1,0 +1,27 @@
+"""Tapio core: the plugin contract, the occurrence model, the agent and the CLI.
+
+Plugin authors need only this package's root: ``from tapio_core import hookimpl``
+plus the declaration types re-exported below.
+"""
+
+from tapio_core.hookspecs import hookimpl
+from tapio_core.observer import Anomaly, BtfField, ObserverSpec, RunningObserver, record_dtype
+from tapio_core.occurrence import Context, Entity, Error, Occurrence
+from tapio_core.sink import RunningSink, SinkSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Anomaly",
+    "BtfField",
+    "Context",
+    "Entity",
+    "Error",
+    "ObserverSpec",
+    "Occurrence",
+    "RunningObserver",
+    "RunningSink",
+    "SinkSpec",
+    "hookimpl",
+    "record_dtype",
+]

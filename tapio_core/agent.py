@@ -1,0 +1,229 @@
+"""``tapio-agent``: load observers into the kernel, turn their records into occurrences."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from tapio_core.observer import RunningObserver
+from tapio_core.occurrence import KernelClock
+from tapio_core.pipeline import Pipeline
+from tapio_core.plugins import LoadedPlugins, PluginError, load_plugins, parse_plugin_list
+from tapio_core.recording import RecordWriter
+from tapio_core.sink import SinkError, SinkOptions
+
+log = logging.getLogger("tapio.agent")
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+#: After a batch smaller than this, pause briefly so the next one can grow:
+#: re-reading the ring for a record or two at a time burns a core.
+SMALL_BATCH = 64
+SMALL_BATCH_PAUSE_S = 0.002
+HOUSEKEEPING_S = 1.0
+
+
+def effective_capabilities() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def can_load_bpf() -> bool:
+    caps = effective_capabilities()
+    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
+    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+
+
+def configure_logging(verbose: int) -> None:
+    """Logs go to stderr so that stdout carries nothing but occurrence JSON lines."""
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(stream=sys.stderr, level=level, format="tapio-agent: %(levelname)s: %(message)s")
+
+
+class Agent:
+    """Owns the loaded observers, their ring-buffer readers and the poll loop."""
+
+    def __init__(self, plugins: LoadedPlugins, pipeline: Pipeline, recorder: RecordWriter | None) -> None:
+        self.plugins = plugins
+        self.pipeline = pipeline
+        self.recorder = recorder
+        self.readers: dict[str, object] = {}
+        self._stop = False
+
+    def load(self, ebpf_dir: Path | None) -> None:
+        from tapio_core.bpf import ObserverLoadError, load_observer
+        from tapio_core.btf import Btf
+        from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
+
+        try:
+            btf = Btf.load()
+        except Exception as exc:
+            log.warning("cannot read kernel BTF (%s): features that need struct offsets are disabled", exc)
+            btf = None
+        for observer in self.pipeline.observers.values():
+            try:
+                observer.bpf, disabled = load_observer(observer.spec, ebpf_dir, btf)
+                fd, size = ringbuf_map_info(observer.bpf[observer.spec.ring_buffer])
+                self.readers[observer.name] = RingBufferReader(fd, size, observer.spec.record_dtype.itemsize)
+            except ObserverLoadError as exc:
+                observer.status, observer.status_reason = "failed", str(exc)
+                log.error("%s", exc)
+                continue
+            observer.status = "running"
+            observer.status_reason = ("disabled: " + ", ".join(disabled)) if disabled else ""
+            log.info("observer %s running%s", observer.name, f" ({observer.status_reason})" if disabled else "")
+
+    def stop(self, *_: object) -> None:
+        self._stop = True
+
+    def run(self) -> None:
+        poller = select.epoll()
+        by_fd = {}
+        for name, reader in self.readers.items():
+            poller.register(reader.fileno(), select.EPOLLIN)
+            by_fd[reader.fileno()] = name
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        poller.register(wake_read, select.EPOLLIN)
+        previous_wakeup = signal.set_wakeup_fd(wake_write)
+        next_housekeeping = time.monotonic() + HOUSEKEEPING_S
+        try:
+            while not self._stop:
+                ready = poller.poll(HOUSEKEEPING_S)
+                drained = 0
+                for fd, _ in ready:
+                    if fd == wake_read:
+                        os.read(wake_read, 512)
+                    else:
+                        drained += self.drain(by_fd[fd])
+                if 0 < drained < SMALL_BATCH:
+                    time.sleep(SMALL_BATCH_PAUSE_S)
+                if time.monotonic() >= next_housekeeping:
+                    self.housekeeping()
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING_S
+        finally:
+            signal.set_wakeup_fd(previous_wakeup)
+            poller.close()
+            os.close(wake_read)
+            os.close(wake_write)
+            self.shutdown()
+
+    def drain(self, name: str) -> int:
+        reader = self.readers[name]
+        records = reader.read_batch()
+        if not records:
+            return 0
+        if self.recorder is not None:
+            size = self.pipeline.observers[name].spec.record_dtype.itemsize
+            self.recorder.write_batch(name, size, time.clock_gettime_ns(time.CLOCK_MONOTONIC), records)
+        try:
+            self.pipeline.ingest(name, records)
+        except Exception:
+            log.exception("observer %s: a batch of %d bytes failed in parse/detect", name, len(records))
+        return len(records) // self.pipeline.observers[name].spec.record_dtype.itemsize
+
+    def housekeeping(self) -> None:
+        from tapio_core.bpf import read_lost
+
+        for observer in self.pipeline.observers.values():
+            if observer.bpf is None:
+                continue
+            lost = read_lost(observer.bpf, observer.spec.lost_counter)
+            if lost > observer.lost:
+                log.warning("observer %s: ring buffer full, %d record(s) lost", observer.name, lost - observer.lost)
+                observer.lost = lost
+        if self.recorder is not None:
+            self.recorder.flush()
+
+    def shutdown(self) -> None:
+        for name in self.readers:
+            self.drain(name)  # what arrived before the signal still counts
+        self.pipeline.close()
+        if self.recorder is not None:
+            self.recorder.close()
+        for reader in self.readers.values():
+            reader.close()
+        for observer in self.pipeline.observers.values():
+            if observer.bpf is not None:
+                observer.bpf.cleanup()  # detaches the tracepoints
+                observer.bpf = None
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"tapio-agent: error: {message}", err=True)
+    sys.exit(code)
+
+
+def print_plugins(plugins: LoadedPlugins) -> None:
+    for info in plugins.info():
+        provides = [f"observer {o}" for o in info.observers] + [f"sink {s}" for s in info.sinks]
+        version = f" {info.version}" if info.version else ""
+        click.echo(f"{info.name}{version} ({info.distribution or 'local'}): {', '.join(provides) or 'hooks only'}")
+    for name, reason in plugins.failed.items():
+        click.echo(f"{name}: FAILED TO LOAD: {reason}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--plugins", "plugin_list", envvar="TAPIO_LOAD_PLUGINS", metavar="NAMES",
+              help="Comma-separated plugins to load (entry point names, e.g. network,stdout). Default: all installed.")
+@click.option("--sink", "sinks", multiple=True, metavar="NAME",
+              help="Where occurrences go; repeatable (stdout, file, or any installed sink). Default: stdout and file.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=".tapio", envvar="TAPIO_DATA_DIR",
+              show_default=True, help="Directory for occurrence files (file sink) and agent state.")
+@click.option("--ebpf-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Directory whose BPF sources and headers replace the installed ones (same file names).")
+@click.option("--record", "record_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write every raw ring-buffer batch to this file, for `tapio replay`.")
+@click.option("--list-plugins", is_flag=True, help="List installed plugins and what they provide, then exit.")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, verbose) -> None:
+    """Observe this node's kernel with eBPF and emit anomalies as occurrences.
+
+    Needs root (or CAP_BPF and CAP_PERFMON). Stops cleanly on SIGINT/SIGTERM,
+    flushing sinks and detaching its programs.
+    """
+    configure_logging(verbose)
+    try:
+        plugins = load_plugins(parse_plugin_list(plugin_list) or None)
+    except PluginError as exc:
+        fail(str(exc))
+    if list_plugins:
+        print_plugins(plugins)
+        return
+    if not can_load_bpf():
+        fail("loading BPF programs needs root or CAP_BPF+CAP_PERFMON; run with sudo")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        fail("bcc's Python module is missing: install python3-bpfcc (`make setup` does)")
+    if not plugins.observers:
+        fail("no observer plugin is loaded (see `tapio-agent --list-plugins`)")
+    try:
+        running_sinks = Pipeline.open_sinks(plugins, sinks or ("stdout", "file"), SinkOptions(data_dir=data_dir))
+    except SinkError as exc:
+        fail(str(exc))
+    observers = [
+        RunningObserver(spec=spec, config=dict(spec.config), plugin_name=plugin)
+        for plugin, spec in plugins.observers.values()
+    ]
+    clock = KernelClock()
+    pipeline = Pipeline(plugins, observers, running_sinks, clock)
+    recorder = RecordWriter(record_path, clock.offset_ns) if record_path else None
+    agent = Agent(plugins, pipeline, recorder)
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
+    agent.load(ebpf_dir)
+    if not agent.readers:
+        pipeline.close()
+        fail("no observer could be loaded; see the errors above", code=1)
+    click.echo(f"tapio-agent: running observers {', '.join(agent.readers)}; "
+               f"sinks {', '.join(s.name for s in running_sinks)}; Ctrl-C stops", err=True)
+    agent.run()

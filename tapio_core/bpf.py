@@ -1,0 +1,109 @@
+"""Compiling and attaching an observer's BPF program with bcc."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tapio_core.btf import Btf
+from tapio_core.observer import ObserverSpec
+
+log = logging.getLogger("tapio.bpf")
+
+
+class ObserverLoadError(Exception):
+    """One observer's BPF could not be compiled or attached; the others go on."""
+
+
+def shared_include_dir() -> Path:
+    import tapio_core.ebpf
+
+    return Path(next(iter(tapio_core.ebpf.__path__)))
+
+
+PRELUDE = "tapio_prelude.bpf.c"
+
+
+def program_text(source: Path, ebpf_dir: Path | None) -> str:
+    """The observer's source behind the shared prelude (ring buffer, loss counter, tapio_submit).
+
+    bcc rewrites map calls only in the main source, so shared code that uses
+    maps is put in front of it as text; ``#line`` keeps compiler messages
+    pointing at the observer's own file and lines.
+    """
+    prelude = Path(ebpf_dir) / PRELUDE if ebpf_dir is not None else None
+    if prelude is None or not prelude.is_file():
+        prelude = shared_include_dir() / PRELUDE
+    return f'{prelude.read_text()}\n#line 1 "{source}"\n{source.read_text()}'
+
+
+def resolve_source(spec: ObserverSpec, ebpf_dir: Path | None) -> Path:
+    """The observer's own source, or a same-named file in ``--ebpf-dir`` when there is one."""
+    if ebpf_dir is not None:
+        override = Path(ebpf_dir) / Path(spec.bpf_source).name
+        if override.is_file():
+            return override
+    return Path(spec.bpf_source)
+
+
+def btf_cflags(spec: ObserverSpec, btf: Btf | None) -> tuple[list[str], list[str]]:
+    """``-D`` flags for the BTF fields that exist here, and the features lost to those that don't."""
+    flags, disabled = [], []
+    for field in spec.btf_fields:
+        offset = btf.field_offset(field.struct, field.path) if btf is not None else None
+        if offset is None:
+            disabled.append(field.feature)
+            log.warning(
+                "%s: kernel has no %s.%s; %s disabled", spec.name, field.struct, field.path, field.feature
+            )
+        else:
+            flags.append(f"-D{field.macro}={offset}")
+    return flags, disabled
+
+
+def missing_tracepoints(spec: ObserverSpec) -> list[str]:
+    """Declared tracepoints this kernel lacks (``raw:NAME`` entries are checked in tracefs too)."""
+    tracefs = Path("/sys/kernel/tracing/events")
+    missing = []
+    for name in spec.tracepoints:
+        category, _, event = name.partition(":")
+        if category == "raw":
+            found = any(tracefs.glob(f"*/{event}"))
+        else:
+            found = (tracefs / category / event).is_dir()
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) -> tuple[Any, list[str]]:
+    """Compile and attach one observer. Returns the bcc BPF object and the disabled features."""
+    missing = missing_tracepoints(spec)
+    if missing:
+        raise ObserverLoadError(f"{spec.name}: tracepoint(s) missing on this kernel: {', '.join(missing)}")
+    source = resolve_source(spec, ebpf_dir)
+    if not source.is_file():
+        raise ObserverLoadError(f"{spec.name}: BPF source {source} not found")
+    flags, disabled = btf_cflags(spec, btf)
+    includes = [f"-I{ebpf_dir}"] if ebpf_dir is not None else []
+    includes.append(f"-I{shared_include_dir()}")
+    from bcc import BPF
+
+    try:
+        # TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE programs attach as bcc loads them.
+        bpf = BPF(text=program_text(source, ebpf_dir).encode(), cflags=includes + flags)
+    except Exception as exc:
+        raise ObserverLoadError(f"{spec.name}: BPF compile/attach failed: {exc}") from None
+    return bpf, disabled
+
+
+def read_lost(bpf: Any, counter: str | None) -> int:
+    """Records the BPF side could not put in the ring buffer (summed over CPUs)."""
+    if counter is None:
+        return 0
+    try:
+        table = bpf[counter]
+    except KeyError:
+        return 0
+    return int(sum(table.getvalue(table.Key(0))))

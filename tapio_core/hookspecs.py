@@ -1,0 +1,144 @@
+"""The whole Tapio plugin contract.
+
+A plugin is a module (or object) with functions named after the hooks below,
+decorated with ``@tapio_core.hookimpl``, published under the ``tapio`` entry
+point group. The agent calls them in this order:
+
+1. ``tapio_register_observers`` / ``tapio_register_sinks`` once at start-up:
+   plugins declare what they provide.
+2. ``tapio_sink_open`` once per sink the user chose.
+3. Per batch of raw ring-buffer records drained from one observer:
+   ``tapio_parse_records`` then ``tapio_detect_anomalies`` -- called **only on
+   the plugin that registered that observer**, never on every plugin.
+4. Per anomaly found: the agent builds an :class:`~tapio_core.Occurrence`, calls
+   ``tapio_enrich_occurrence`` on every plugin, then ``tapio_sink_emit`` once
+   per sink with the batch's occurrences (each sink only on its own plugin).
+5. ``tapio_sink_close`` once per sink at shutdown.
+
+The same path runs without BPF in ``tapio replay``, so parse and detect must
+depend on nothing but their arguments and ``observer.state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tapio_core.observer import Anomaly, ObserverSpec, RunningObserver
+    from tapio_core.occurrence import Occurrence
+    from tapio_core.sink import RunningSink, SinkSpec
+
+hookspec = pluggy.HookspecMarker("tapio")
+hookimpl = pluggy.HookimplMarker("tapio")
+
+
+# --- observer load -----------------------------------------------------------
+
+
+@hookspec
+def tapio_register_observers(register: Callable[[ObserverSpec], None]) -> None:
+    """Declare the observers this plugin provides.
+
+    Called once at start-up (agent and replay). Call ``register(spec)`` once per
+    observer: its name, its BPF C source, the tracepoints it attaches, the BTF
+    struct fields it reads and the layout of its ring-buffer records. A name
+    another plugin already registered is rejected with an error naming both.
+    """
+
+
+# --- event parse ---------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def tapio_parse_records(observer: RunningObserver, records: bytes) -> np.ndarray | None:
+    """Turn one batch of raw ring-buffer records into typed events.
+
+    Called for every batch drained from ``observer``'s ring buffer (and for
+    every recorded batch in replay), only on the plugin that registered it.
+    ``records`` holds whole records back to back, each
+    ``observer.spec.record_dtype.itemsize`` bytes, exactly as the BPF program
+    wrote them. Return a numpy structured array of events, or None to let the
+    agent view the bytes through ``record_dtype`` (what most observers want).
+    Stops at the first non-None result.
+    """
+
+
+# --- anomaly detection ---------------------------------------------------------
+
+
+@hookspec
+def tapio_detect_anomalies(observer: RunningObserver, events: np.ndarray) -> list[Anomaly] | None:
+    """Judge a batch of typed events and return the anomalies among them.
+
+    Called after ``tapio_parse_records`` with its result, only on the plugin
+    that registered ``observer``. Keep state across batches in
+    ``observer.state`` (a dict owned by this observer) and read thresholds from
+    ``observer.config``. Return a list of :class:`~tapio_core.Anomaly` (empty
+    or None when the batch holds nothing abnormal). Prefer vectorised numpy
+    over per-event Python: this is the hot path.
+    """
+
+
+# --- enrichment ----------------------------------------------------------------
+
+
+@hookspec
+def tapio_enrich_occurrence(occurrence: Occurrence) -> None:
+    """Add context to an occurrence before any sink sees it.
+
+    Called once per occurrence on every plugin that implements it, in plugin
+    order. Mutate ``occurrence.context`` (node, namespace, entities) or add
+    keys to ``occurrence.data``; never change ``type``, ``id`` or existing kernel
+    facts. Must not block: use a local cache, not a remote call per occurrence.
+    An exception is logged and the occurrence goes on without that enrichment.
+    """
+
+
+# --- sink emit -----------------------------------------------------------------
+
+
+@hookspec
+def tapio_register_sinks(register: Callable[[SinkSpec], None]) -> None:
+    """Declare the sinks this plugin provides.
+
+    Called once at start-up. Call ``register(spec)`` once per sink name; the
+    user picks sinks by that name (``tapio-agent --sink NAME``). A name another
+    plugin already registered is rejected with an error naming both.
+    """
+
+
+@hookspec
+def tapio_sink_open(sink: RunningSink) -> None:
+    """Prepare a sink the user chose, before the first emit.
+
+    Called once, only on the plugin that registered ``sink.spec``. Read
+    ``sink.options`` (e.g. ``data_dir``), keep handles in ``sink.state``. Raise
+    ``tapio_core.sink.SinkError`` with one clear line when the sink cannot work:
+    the agent stops before attaching anything.
+    """
+
+
+@hookspec
+def tapio_sink_emit(sink: RunningSink, occurrences: Sequence[Occurrence]) -> None:
+    """Deliver a batch of enriched occurrences.
+
+    Called once per batch for each chosen sink, only on the plugin that
+    registered it, with at least one occurrence. Deliver or hand off quickly:
+    the agent's ring-buffer consumption waits for this call. An exception is
+    logged and counted as failed for this sink only; other sinks still get the
+    batch.
+    """
+
+
+@hookspec
+def tapio_sink_close(sink: RunningSink) -> None:
+    """Flush and release a sink at shutdown (SIGINT/SIGTERM or end of replay).
+
+    Called once, only on the plugin that registered ``sink.spec``, after the
+    last ``tapio_sink_emit``.
+    """

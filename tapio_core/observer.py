@@ -1,0 +1,101 @@
+"""What an observer plugin declares, and what the agent hands back to its hooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+#: Mirrors ``struct tapio_task`` in ``ebpf/tapio.h``: who did it, captured in
+#: the task's own context (never the softirq's current task).
+TASK_DTYPE = np.dtype(
+    [("pid", "<u4"), ("tid", "<u4"), ("cgroup_id", "<u8"), ("comm", "S16")],
+    align=True,
+)
+
+
+def record_dtype(fields: list[tuple[str, Any]]) -> np.dtype:
+    """A numpy dtype laid out exactly like the C struct with the same fields.
+
+    ``align=True`` applies C's natural alignment, so a plugin declares its
+    record once in C and once here, in the same order, and a test can check
+    one against the other.
+    """
+    return np.dtype(fields, align=True)
+
+
+@attrs.frozen
+class BtfField:
+    """A kernel struct member the BPF source reads at a BTF-resolved offset.
+
+    The agent looks ``struct``.``path`` up in ``/sys/kernel/btf/vmlinux`` and
+    compiles with ``-D<macro>=<offset>``; when the member does not exist on the
+    running kernel the macro stays undefined, the C code's ``#ifdef`` path is
+    taken and the agent logs that ``feature`` is unavailable.
+    """
+
+    macro: str
+    struct: str
+    path: str
+    feature: str
+
+
+@attrs.frozen
+class ObserverSpec:
+    """An observer as a plugin declares it in ``tapio_register_observers``."""
+
+    name: str
+    bpf_source: Path
+    record_dtype: np.dtype
+    tracepoints: tuple[str, ...]
+    btf_fields: tuple[BtfField, ...] = ()
+    ring_buffer: str = "events"
+    lost_counter: str | None = "tapio_lost"
+    description: str = ""
+    config: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class RunningObserver:
+    """One observer while the agent (or a replay) runs it; passed to its hooks.
+
+    ``state`` belongs to the observer's plugin for detection state kept across
+    batches; ``bpf`` is the loaded bcc program (None in replay); ``config`` is
+    the spec's defaults overlaid with the user's settings.
+    """
+
+    spec: ObserverSpec
+    config: dict[str, Any] = attrs.field(factory=dict)
+    state: dict[str, Any] = attrs.field(factory=dict)
+    bpf: Any = None
+    plugin_name: str = ""
+    status: str = "starting"
+    status_reason: str = ""
+    records: int = 0
+    anomalies: int = 0
+    lost: int = 0
+    malformed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@attrs.define(slots=True)
+class Anomaly:
+    """What a detector found: kernel facts, no interpretation.
+
+    ``timestamp_ns`` is the kernel's monotonic clock (``bpf_ktime_get_ns``); the
+    agent turns it into wall-clock time. ``type`` is the full occurrence type,
+    e.g. ``kernel.network.connection_refused``.
+    """
+
+    type: str
+    timestamp_ns: int
+    severity: str
+    outcome: str
+    data: dict[str, Any]
+    error_code: str | None = None
+    error_message: str | None = None

@@ -1,0 +1,152 @@
+"""parse -> detect -> enrich -> emit: the one path both the agent and replay run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from tapio_core.observer import Anomaly, RunningObserver
+from tapio_core.occurrence import Error, KernelClock, Occurrence, occurrence_id
+from tapio_core.plugins import LoadedPlugins
+from tapio_core.sink import RunningSink, SinkOptions
+
+log = logging.getLogger("tapio.pipeline")
+
+
+class Pipeline:
+    """Runs batches of raw records from named observers through the plugins.
+
+    Per batch, parse and detect reach only the observer's own plugin; per
+    occurrence, enrichment reaches every plugin; per batch, each sink gets one
+    emit on its own plugin, isolated from the others' failures.
+    """
+
+    def __init__(
+        self,
+        plugins: LoadedPlugins,
+        observers: Iterable[RunningObserver],
+        sinks: Iterable[RunningSink],
+        clock: KernelClock,
+    ) -> None:
+        self.plugins = plugins
+        self.clock = clock
+        self.observers = {obs.name: obs for obs in observers}
+        self.sinks = list(sinks)
+        self._parse = {}
+        self._detect = {}
+        for obs in self.observers.values():
+            self._parse[obs.name] = plugins.hook_for("tapio_parse_records", obs.plugin_name)
+            self._detect[obs.name] = plugins.hook_for("tapio_detect_anomalies", obs.plugin_name)
+        self._emit = {id(s): plugins.hook_for("tapio_sink_emit", s.plugin_name) for s in self.sinks}
+        self._enrich = plugins.pm.hook.tapio_enrich_occurrence
+        self._has_enrichers = bool(self._enrich.get_hookimpls())
+
+    @classmethod
+    def open_sinks(cls, plugins: LoadedPlugins, names: Iterable[str], options: SinkOptions) -> list[RunningSink]:
+        """Open the chosen sinks; raises SinkError (one line) when one cannot work."""
+        from tapio_core.sink import SinkError
+
+        opened: list[RunningSink] = []
+        for name in names:
+            if name not in plugins.sinks:
+                available = ", ".join(sorted(plugins.sinks)) or "none"
+                raise SinkError(f"unknown sink {name!r} (installed and loaded: {available})")
+            plugin_name, spec = plugins.sinks[name]
+            sink = RunningSink(spec=spec, options=options, plugin_name=plugin_name)
+            plugins.hook_for("tapio_sink_open", plugin_name)(sink=sink)
+            opened.append(sink)
+        return opened
+
+    def ingest(self, observer_name: str, records: bytes) -> list[Occurrence]:
+        """Run one batch of raw records; returns the occurrences emitted."""
+        observer = self.observers[observer_name]
+        events = self.parse(observer, records)
+        observer.records += len(events)
+        anomalies = [a for found in self._detect[observer_name](observer=observer, events=events) if found
+                     for a in found]
+        if not anomalies:
+            return []
+        observer.anomalies += len(anomalies)
+        occurrences = [self.occurrence(a) for a in anomalies]
+        if self._has_enrichers:
+            for occurrence in occurrences:
+                self.enrich(occurrence)
+        self.emit(occurrences)
+        return occurrences
+
+    def parse(self, observer: RunningObserver, records: bytes) -> np.ndarray:
+        dtype = observer.spec.record_dtype
+        usable = len(records) - len(records) % dtype.itemsize
+        if usable != len(records):
+            observer.malformed += 1
+            log.warning("%s: dropped %d trailing bytes of a partial record", observer.name, len(records) - usable)
+            records = records[:usable]
+        events = self._parse[observer.name](observer=observer, records=records)
+        if events is None:
+            events = np.frombuffer(records, dtype=dtype)
+        return events
+
+    def occurrence(self, anomaly: Anomaly) -> Occurrence:
+        wall_ns = self.clock.wall_ns(anomaly.timestamp_ns)
+        fingerprint = json.dumps([anomaly.type, anomaly.timestamp_ns, anomaly.data], sort_keys=True,
+                                 default=str).encode()
+        error = None
+        if anomaly.error_code is not None:
+            error = Error(code=anomaly.error_code, message=anomaly.error_message or "")
+        return Occurrence(
+            id=occurrence_id(wall_ns, fingerprint),
+            timestamp=wall_time_ms(wall_ns),
+            type=anomaly.type,
+            severity=anomaly.severity,
+            outcome=anomaly.outcome,
+            error=error,
+            data=dict(anomaly.data, timestamp_ns=anomaly.timestamp_ns),
+        )
+
+    def enrich(self, occurrence: Occurrence) -> None:
+        try:
+            self._enrich(occurrence=occurrence)
+        except Exception:
+            log.exception("enrichment failed for %s; emitting it without", occurrence.id)
+
+    def emit(self, occurrences: list[Occurrence]) -> None:
+        for sink in self.sinks:
+            try:
+                self._emit[id(sink)](sink=sink, occurrences=occurrences)
+            except Exception as exc:
+                sink.failed += len(occurrences)
+                log.error("sink %s failed to deliver %d occurrence(s): %s", sink.name, len(occurrences), exc)
+            else:
+                sink.delivered += len(occurrences)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                self.plugins.hook_for("tapio_sink_close", sink.plugin_name)(sink=sink)
+            except Exception as exc:
+                log.error("sink %s failed to close cleanly: %s", sink.name, exc)
+
+
+def wall_time_ms(wall_ns: int) -> datetime:
+    """Wall-clock nanoseconds as a UTC datetime truncated to milliseconds (integer maths, no float rounding)."""
+    return datetime.fromtimestamp(wall_ns // 1_000_000_000, tz=UTC).replace(
+        microsecond=wall_ns // 1_000_000 % 1000 * 1000
+    )
+
+
+def row_to_facts(row: Any, fields: Iterable[str]) -> dict[str, Any]:
+    """Plain-Python values of chosen fields of one structured-array row."""
+    return {name: _plain(row[name]) for name in fields}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.split(b"\0", 1)[0].decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,48 @@
+"""What a sink plugin declares, and what the agent hands back to its hooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+
+class SinkError(Exception):
+    """A sink cannot work as configured; the message is one line for the user."""
+
+
+@attrs.frozen
+class SinkSpec:
+    """A sink as a plugin declares it in ``tapio_register_sinks``."""
+
+    name: str
+    description: str = ""
+
+
+@attrs.frozen
+class SinkOptions:
+    """Settings every sink may read; sink-specific ones come in ``extra``."""
+
+    data_dir: Path
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class RunningSink:
+    """One chosen sink while the agent runs; passed to its hooks.
+
+    ``state`` belongs to the sink's plugin (open files, sessions). The agent
+    keeps the counts.
+    """
+
+    spec: SinkSpec
+    options: SinkOptions
+    state: dict[str, Any] = attrs.field(factory=dict)
+    plugin_name: str = ""
+    delivered: int = 0
+    failed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name

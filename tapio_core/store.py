@@ -1,0 +1,99 @@
+"""The occurrence files under ``<data-dir>/occurrences/``: how they are written and read.
+
+Each batch becomes one JSON-lines file, written to a temporary name and renamed
+into place, so a reader sees a whole file or none. Files are private (0600 in a
+0700 directory) and the oldest are removed past a count or size bound, so a busy
+node cannot fill its disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from tapio_core.occurrence import Occurrence
+
+log = logging.getLogger("tapio.store")
+
+SUFFIX = ".jsonl"
+DEFAULT_MAX_FILES = 10_000
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+
+def occurrences_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "occurrences"
+
+
+class OccurrenceWriter:
+    """Writes occurrence batches atomically and enforces retention."""
+
+    def __init__(self, data_dir: Path, max_files: int = DEFAULT_MAX_FILES, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.directory = occurrences_dir(data_dir)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.directory, 0o700)
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        self._sequence = 0
+        self._files: list[tuple[Path, int]] = sorted(
+            ((p, p.stat().st_size) for p in self.directory.glob("*" + SUFFIX)), key=lambda item: item[0].name
+        )
+        self._total_bytes = sum(size for _, size in self._files)
+
+    def write(self, occurrences: Sequence[Occurrence]) -> Path:
+        body = "".join(occ.to_json() + "\n" for occ in occurrences).encode()
+        # Names sort by time, so retention and readers can go oldest-first by name.
+        self._sequence += 1
+        name = f"{time.time_ns():020d}-{os.getpid()}-{self._sequence:06d}{SUFFIX}"
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as handle:  # mkstemp creates the file 0600
+                handle.write(body)
+            final = self.directory / name
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._files.append((final, len(body)))
+        self._total_bytes += len(body)
+        self._enforce_retention()
+        return final
+
+    def _enforce_retention(self) -> None:
+        while self._files and (len(self._files) > self.max_files or self._total_bytes > self.max_bytes):
+            path, size = self._files.pop(0)
+            path.unlink(missing_ok=True)
+            self._total_bytes -= size
+
+
+def read_occurrences(data_dir: Path, since: datetime | None = None) -> Iterator[Occurrence]:
+    """Every readable occurrence, oldest file first; bad files and lines are skipped with a warning."""
+    directory = occurrences_dir(data_dir)
+    if not directory.is_dir():
+        return
+    since_ns = int(since.timestamp() * 1e9) if since else None
+    for path in sorted(directory.glob("*" + SUFFIX)):
+        if path.name.startswith("."):
+            continue
+        try:
+            if since_ns is not None and path.stat().st_mtime_ns < since_ns:
+                continue  # written before the window opened: nothing in it can be newer
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                occurrence = Occurrence.from_json(line)
+            except ValueError as exc:
+                log.warning("skipping %s line %d: %s", path.name, number, exc)
+                continue
+            if since is None or occurrence.timestamp >= since:
+                yield occurrence
+
