@@ -39,7 +39,7 @@ def effective_capabilities() -> int:
 
 def can_load_bpf() -> bool:
     caps = effective_capabilities()
-    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
+    has = lambda cap: bool(caps >> cap & 1)
     return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
 
 

@@ -47,7 +47,8 @@ def cli() -> None:
 @cli.command()
 @data_dir_option
 @click.option("--since", type=Duration(), default="5m", show_default=True, help="How far back: 30s, 5m, 2h, 1d.")
-@click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most this many, newest.")
+@click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="At most this many, newest.")
 @click.option("--type", "type_prefix", help="Only types starting with this, e.g. kernel.network.")
 @click.option("--json", "as_json", is_flag=True, help="One occurrence JSON per line.")
 def recent(data_dir: Path, since: timedelta, limit: int, type_prefix: str | None, as_json: bool) -> None:
@@ -63,7 +64,7 @@ def recent(data_dir: Path, since: timedelta, limit: int, type_prefix: str | None
             click.echo(occurrence.to_json())
         return
     if not ordered:
-        click.echo(f"no occurrences in the last {since} under {data_dir}", err=True)
+        click.echo(f"no occurrences since {format_timestamp(cutoff)} under {data_dir}", err=True)
         return
     for occurrence in ordered:
         click.echo(describe(occurrence))
@@ -82,7 +83,8 @@ def describe(occurrence) -> str:
 
 @cli.command()
 @click.argument("recording", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--sink", "sinks", multiple=True, metavar="NAME", help="Where occurrences go; repeatable. Default: stdout.")
+@click.option("--sink", "sinks", multiple=True, metavar="NAME",
+              help="Where occurrences go; repeatable. Default: stdout.")
 @click.option("--plugins", "plugin_list", envvar="TAPIO_LOAD_PLUGINS", metavar="NAMES", help="Plugins to load.")
 @data_dir_option
 def replay(recording: Path, sinks: tuple[str, ...], plugin_list: str | None, data_dir: Path) -> None:

@@ -67,7 +67,11 @@ class Occurrence:
         try:
             return converter.structure(raw, cls)
         except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
-            messages = cattrs.transform_error(exc) if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
+            messages = (
+                cattrs.transform_error(exc, format_exception=_describe_error)
+                if isinstance(exc, cattrs.BaseValidationError)
+                else [str(exc)]
+            )
             raise ValueError("not an occurrence: " + "; ".join(messages)) from None
 
     @classmethod
@@ -77,6 +81,14 @@ class Occurrence:
         except json.JSONDecodeError as exc:
             raise ValueError(f"not JSON: {exc}") from None
         return cls.from_dict(raw)
+
+
+def _describe_error(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, ValueError) and exc.args:
+        return str(exc.args[0])  # attrs validators put the readable message first
+    return cattrs.v.format_exception(exc, type_)
 
 
 def format_timestamp(value: datetime) -> str:

@@ -22,10 +22,12 @@ from tapio_observer_network.records import (
 
 CONNECT_FAILURES = {
     KIND_CONNECT_REFUSED: (
-        "kernel.network.connection_refused", "failure", "ECONNREFUSED", "connection refused: peer answered SYN with RST",
+        "kernel.network.connection_refused", "failure", "ECONNREFUSED",
+        "connection refused: peer answered SYN with RST",
     ),
     KIND_CONNECT_TIMEOUT: (
-        "kernel.network.connection_timeout", "timeout", "ETIMEDOUT", "connection attempt ended in SYN_SENT without a reply",
+        "kernel.network.connection_timeout", "timeout", "ETIMEDOUT",
+        "connection attempt ended in SYN_SENT without a reply",
     ),
 }
 

@@ -1,0 +1,17 @@
+"""Packing network records the way the kernel does, for replay-style tests."""
+
+import socket
+import struct
+
+# struct network_record in network.bpf.c, in native C layout ('@' applies C alignment).
+NETWORK_RECORD_C = struct.Struct("@QQQ" "IIQ16s" "IHHHH" "BBBB" "16s16s")
+
+
+def pack_network_record(kind, *, ts=1_000, syn_sent=400, cookie=7, pid=4242, tid=4243, cgroup=99, comm=b"curl",
+                        family=socket.AF_INET, src="127.0.0.1", dst="127.0.0.1", sport=50000, dport=80,
+                        old=2, new=7, syn_rtx=0, in_task=1):
+    def addr(text):
+        return socket.inet_pton(family, text).ljust(16, b"\0")
+
+    return NETWORK_RECORD_C.pack(ts, syn_sent, cookie, pid, tid, cgroup, comm, kind, family, 6, sport, dport,
+                                 old, new, syn_rtx, in_task, addr(src), addr(dst))

@@ -1,0 +1,174 @@
+"""parse -> detect -> enrich -> emit with throwaway plugins: dispatch, enrichment, sink isolation."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tapio_core import Anomaly, Context, ObserverSpec, RunningObserver, SinkSpec, hookimpl
+from tapio_core.occurrence import KernelClock
+from tapio_core.pipeline import Pipeline
+from tapio_core.plugins import load_plugins
+from tapio_core.sink import SinkError, SinkOptions
+
+RECORD = np.dtype([("timestamp_ns", "<u8"), ("value", "<u8")], align=True)
+
+
+class ToyObserver:
+    """Flags records whose value exceeds the observer's configured limit."""
+
+    def __init__(self, name):
+        self.name = name
+        self.batches = []
+
+    @hookimpl
+    def tapio_register_observers(self, register):
+        register(ObserverSpec(name=self.name, bpf_source=Path("none.bpf.c"), record_dtype=RECORD, tracepoints=()))
+
+    @hookimpl
+    def tapio_detect_anomalies(self, observer, events):
+        self.batches.append(len(events))
+        observer.state["seen"] = observer.state.get("seen", 0) + len(events)
+        big = events[events["value"] > observer.config.get("limit", 10)]
+        return [Anomaly(type=f"kernel.{self.name}.big", timestamp_ns=int(e["timestamp_ns"]), severity="warning",
+                        outcome="failure", data={"value": int(e["value"])}) for e in big]
+
+
+class ListSink:
+    def __init__(self, name, fail=False):
+        self.name, self.fail, self.received, self.events = name, fail, [], []
+
+    @hookimpl
+    def tapio_register_sinks(self, register):
+        register(SinkSpec(name=self.name))
+
+    @hookimpl
+    def tapio_sink_open(self, sink):
+        if sink.name != self.name:
+            return
+        self.events.append("open")
+        sink.state["opened"] = True
+
+    @hookimpl
+    def tapio_sink_emit(self, sink, occurrences):
+        if self.fail:
+            raise OSError("disk on fire")
+        self.received.extend(occurrences)
+
+    @hookimpl
+    def tapio_sink_close(self, sink):
+        self.events.append("close")
+
+
+def records(*pairs):
+    return np.array(list(pairs), dtype=RECORD).tobytes()
+
+
+def build(plugins_extra, sink_names, observers=("toy",), config=None):
+    loaded = load_plugins(allow=set(), extra=plugins_extra)
+    sinks = Pipeline.open_sinks(loaded, sink_names, SinkOptions(data_dir=Path("/nonexistent")))
+    running = [RunningObserver(spec=loaded.observers[n][1], plugin_name=loaded.observers[n][0], config=config or {})
+               for n in observers]
+    return Pipeline(loaded, running, sinks, KernelClock(offset_ns=1_764_000_000_000_000_000))
+
+
+def test_detect_and_emit_through_the_hooks():
+    toy, sink = ToyObserver("toy"), ListSink("list")
+    pipeline = build([("toy", toy), ("list", sink)], ["list"], config={"limit": 5})
+    emitted = pipeline.ingest("toy", records((1_000_000, 3), (2_000_000, 7), (3_000_000, 50)))
+    assert [o.data["value"] for o in emitted] == [7, 50]
+    assert sink.received == emitted
+    first = emitted[0]
+    assert first.type == "kernel.toy.big"
+    assert first.data["timestamp_ns"] == 2_000_000
+    assert first.timestamp.isoformat() == "2025-11-24T16:00:00.002000+00:00"
+    assert pipeline.observers["toy"].state["seen"] == 3
+    assert (pipeline.observers["toy"].records, pipeline.observers["toy"].anomalies) == (3, 2)
+    assert sink.events == ["open"]
+    pipeline.close()
+    assert sink.events == ["open", "close"]
+
+
+def test_tapio_detect_anomalies_reaches_only_the_owning_plugin():
+    a, b, sink = ToyObserver("a"), ToyObserver("b"), ListSink("list")
+    pipeline = build([("a", a), ("b", b), ("list", sink)], ["list"], observers=("a", "b"))
+    pipeline.ingest("b", records((1, 100)))
+    assert (a.batches, b.batches) == ([], [1])
+
+
+def test_tapio_parse_records_can_replace_the_default_view():
+    class Parser:
+        @hookimpl
+        def tapio_parse_records(self, observer, records):
+            # e.g. a plugin whose records need decoding: double every value
+            events = np.frombuffer(records, RECORD).copy()
+            events["value"] *= 2
+            return events
+
+    toy, sink = ToyObserver("toy"), ListSink("list")
+    loaded = load_plugins(allow=set(), extra=[("toy", toy), ("list", sink)])
+    loaded.pm.register(Parser(), name="toy-parser")
+    # Parsing is the observer's plugin's business: another plugin's parser is not consulted...
+    pipeline = Pipeline(loaded, [RunningObserver(spec=loaded.observers["toy"][1], plugin_name="toy")],
+                        Pipeline.open_sinks(loaded, ["list"], SinkOptions(data_dir=Path("."))), KernelClock(0))
+    assert [o.data["value"] for o in pipeline.ingest("toy", records((1, 6)))] == []
+    # ...while the owning plugin's is.
+    loaded.pm.unregister(name="toy-parser")
+    toy.tapio_parse_records = Parser().tapio_parse_records
+    loaded.pm.unregister(toy)
+    loaded.pm.register(toy, name="toy")
+    pipeline = Pipeline(loaded, [RunningObserver(spec=loaded.observers["toy"][1], plugin_name="toy")],
+                        pipeline.sinks, KernelClock(0))
+    assert [o.data["value"] for o in pipeline.ingest("toy", records((1, 6)))] == [12]
+
+
+def test_tapio_enrich_occurrence_adds_context_and_a_failing_enricher_loses_nothing(caplog):
+    class Enricher:
+        @hookimpl
+        def tapio_enrich_occurrence(self, occurrence):
+            occurrence.context = Context(node="node-7")
+
+    class Broken:
+        @hookimpl
+        def tapio_enrich_occurrence(self, occurrence):
+            raise RuntimeError("api down")
+
+    toy, sink = ToyObserver("toy"), ListSink("list")
+    pipeline = build([("toy", toy), ("list", sink), ("enricher", Enricher())], ["list"])
+    [occurrence] = pipeline.ingest("toy", records((1, 100)))
+    assert occurrence.context == Context(node="node-7")
+    pipeline = build([("toy", toy), ("list", sink), ("broken", Broken())], ["list"])
+    assert len(pipeline.ingest("toy", records((1, 100)))) == 1
+    assert "enrichment failed" in caplog.text
+
+
+def test_tapio_sink_emit_failure_is_isolated_to_that_sink(caplog):
+    toy, good, bad = ToyObserver("toy"), ListSink("good"), ListSink("bad", fail=True)
+    pipeline = build([("toy", toy), ("good", good), ("bad", bad)], ["bad", "good"])
+    pipeline.ingest("toy", records((1, 100), (2, 200)))
+    assert len(good.received) == 2
+    counts = {s.name: (s.delivered, s.failed) for s in pipeline.sinks}
+    assert counts == {"good": (2, 0), "bad": (0, 2)}
+    assert "sink bad failed to deliver 2 occurrence(s): disk on fire" in caplog.text
+
+
+def test_tapio_sink_open_unknown_sink_is_a_clear_error():
+    with pytest.raises(SinkError, match="unknown sink 'nope'"):
+        build([("toy", ToyObserver("toy")), ("list", ListSink("list"))], ["nope"])
+
+
+def test_partial_trailing_record_is_dropped_and_counted(caplog):
+    toy, sink = ToyObserver("toy"), ListSink("list")
+    pipeline = build([("toy", toy), ("list", sink)], ["list"])
+    pipeline.ingest("toy", records((1, 100)) + b"\x01\x02\x03")
+    assert len(sink.received) == 1
+    assert pipeline.observers["toy"].malformed == 1
+
+
+def test_same_records_give_the_same_occurrences():
+    toy, sink = ToyObserver("toy"), ListSink("list")
+    batch = records((1_000, 100), (2_000, 200))
+    first = [o.to_json() for o in build([("toy", toy), ("list", sink)], ["list"]).ingest("toy", batch)]
+    second = [o.to_json() for o in build([("toy", toy), ("list", sink)], ["list"]).ingest("toy", batch)]
+    assert first == second
+    assert len({o for o in first}) == 2

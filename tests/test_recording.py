@@ -1,0 +1,89 @@
+"""Record files and `tapio replay`: the same records give the same occurrences, without BPF or root."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from network_records import pack_network_record
+
+from tapio_core.cli import cli
+from tapio_core.recording import RecordedBatch, RecordingError, RecordWriter, read_recording
+from tapio_observer_network.records import KIND_CONNECT_REFUSED, KIND_CONNECT_TIMEOUT, NETWORK_RECORD
+
+SIZE = NETWORK_RECORD.itemsize
+
+
+def write(path, batches, offset=1_700_000_000_000_000_000):
+    writer = RecordWriter(path, offset)
+    for observer, records in batches:
+        writer.write_batch(observer, SIZE, 123, records)
+    writer.close()
+
+
+def test_write_and_read_back(tmp_path):
+    path = tmp_path / "rec"
+    one = pack_network_record(KIND_CONNECT_REFUSED)
+    write(path, [("network", one), ("network", one * 3)])
+    items = list(read_recording(path))
+    assert items[0] == 1_700_000_000_000_000_000
+    assert items[1:] == [RecordedBatch("network", SIZE, 123, one), RecordedBatch("network", SIZE, 123, one * 3)]
+
+
+def test_a_file_cut_short_replays_its_whole_frames(tmp_path):
+    path = tmp_path / "rec"
+    one = pack_network_record(KIND_CONNECT_REFUSED)
+    write(path, [("network", one), ("network", one * 2)])
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])
+    assert [i.records for i in read_recording(path) if isinstance(i, RecordedBatch)] == [one]
+
+
+@pytest.mark.parametrize("content, message", [(b"", "too short"), (b"NOTTAPIO\x01\x00", "bad magic"),
+                                             (b"TAPIOREC\x09\x00", "version 9")])
+def test_not_a_recording(tmp_path, content, message):
+    path = tmp_path / "rec"
+    path.write_bytes(content)
+    with pytest.raises(RecordingError, match=message):
+        list(read_recording(path))
+
+
+def test_replay_runs_the_real_network_plugin_and_is_deterministic(tmp_path):
+    path = tmp_path / "rec"
+    write(path, [("network", pack_network_record(KIND_CONNECT_REFUSED, ts=10_000_000)
+                  + pack_network_record(KIND_CONNECT_TIMEOUT, ts=20_000_000, pid=7))])
+    runner = CliRunner()
+    first = runner.invoke(cli, ["replay", str(path), "--plugins", "network,stdout"])
+    assert first.exit_code == 0, first.output
+    lines = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [(o["type"], o["timestamp"], o["data"]["pid"]) for o in lines] == [
+        ("kernel.network.connection_refused", "2023-11-14T22:13:20.010Z", 4242),
+        ("kernel.network.connection_timeout", "2023-11-14T22:13:20.020Z", 7),
+    ]
+    again = runner.invoke(cli, ["replay", str(path), "--plugins", "network,stdout"])
+    assert again.stdout == first.stdout
+
+
+def test_replay_into_the_file_sink(tmp_path):
+    path = tmp_path / "rec"
+    write(path, [("network", pack_network_record(KIND_CONNECT_REFUSED))])
+    result = CliRunner().invoke(cli, ["replay", str(path), "--sink", "file", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "d" / "occurrences").glob("*.jsonl"))) == 1
+
+
+def test_replay_names_an_observer_no_plugin_provides(tmp_path):
+    path = tmp_path / "rec"
+    write(path, [("martian", pack_network_record(KIND_CONNECT_REFUSED))])
+    result = CliRunner().invoke(cli, ["replay", str(path)])
+    assert result.exit_code == 1
+    assert "observer 'martian', which no loaded plugin provides" in result.output
+
+
+def test_replay_rejects_a_layout_change(tmp_path):
+    path = tmp_path / "rec"
+    writer = RecordWriter(path, 0)
+    writer.write_batch("network", SIZE + 8, 0, b"\0" * (SIZE + 8))
+    writer.close()
+    result = CliRunner().invoke(cli, ["replay", str(path)])
+    assert result.exit_code == 1
+    assert f"{SIZE + 8} bytes in the recording but {SIZE}" in result.output
