@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 KERNEL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc linux-headers-amd64 nftables bpftool iproute2 libatomic1 kmod util-linux
-DISTRIBUTIONS := . plugins/network plugins/sinks/stdout plugins/sinks/file
+# Every plugin folder with a pyproject.toml is a distribution: a new plugin needs no edit here.
+DISTRIBUTIONS := . $(patsubst %/pyproject.toml,%,$(sort $(wildcard plugins/*/pyproject.toml plugins/sinks/*/pyproject.toml)))
 PYPROJECTS := $(addsuffix /pyproject.toml,$(DISTRIBUTIONS))
 AGENT_ARGS ?= --sink stdout --sink file
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from tapio_core.observer import RunningObserver
+from tapio_core.config import ConfigError, config_options, load_settings
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import LoadedPlugins, PluginError, load_plugins, parse_plugin_list
@@ -72,11 +72,15 @@ class Agent:
         for observer in self.pipeline.observers.values():
             try:
                 observer.bpf, disabled = load_observer(observer.spec, ebpf_dir, btf)
-                fd, size = ringbuf_map_info(observer.bpf[observer.spec.ring_buffer])
+                self.plugins.hook_for("tapio_observer_started", observer.plugin_name)(observer=observer)
+                fd, size = ringbuf_map_info(observer.bpf[observer.spec.ring_buffer.encode()])
                 self.readers[observer.name] = RingBufferReader(fd, size, observer.spec.record_dtype.itemsize)
             except ObserverLoadError as exc:
                 observer.status, observer.status_reason = "failed", str(exc)
                 log.error("%s", exc)
+                if observer.bpf is not None:
+                    observer.bpf.cleanup()
+                    observer.bpf = None
                 continue
             observer.status = "running"
             observer.status_reason = ("disabled: " + ", ".join(disabled)) if disabled else ""
@@ -162,15 +166,6 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def print_plugins(plugins: LoadedPlugins) -> None:
-    for info in plugins.info():
-        provides = [f"observer {o}" for o in info.observers] + [f"sink {s}" for s in info.sinks]
-        version = f" {info.version}" if info.version else ""
-        click.echo(f"{info.name}{version} ({info.distribution or 'local'}): {', '.join(provides) or 'hooks only'}")
-    for name, reason in plugins.failed.items():
-        click.echo(f"{name}: FAILED TO LOAD: {reason}")
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--plugins", "plugin_list", envvar="TAPIO_LOAD_PLUGINS", metavar="NAMES",
               help="Comma-separated plugins to load (entry point names, e.g. network,stdout). Default: all installed.")
@@ -183,8 +178,9 @@ def print_plugins(plugins: LoadedPlugins) -> None:
 @click.option("--record", "record_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write every raw ring-buffer batch to this file, for `tapio replay`.")
 @click.option("--list-plugins", is_flag=True, help="List installed plugins and what they provide, then exit.")
+@config_options
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
-def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, verbose) -> None:
+def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, config_path, assignments, verbose) -> None:
     """Observe this node's kernel with eBPF and emit anomalies as occurrences.
 
     Needs root (or CAP_BPF and CAP_PERFMON). Stops cleanly on SIGINT/SIGTERM,
@@ -196,6 +192,8 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, verb
     except PluginError as exc:
         fail(str(exc))
     if list_plugins:
+        from tapio_core.cli import print_plugins
+
         print_plugins(plugins)
         return
     if not can_load_bpf():
@@ -206,16 +204,12 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, verb
         fail("bcc's Python module is missing: install python3-bpfcc (`make setup` does)")
     if not plugins.observers:
         fail("no observer plugin is loaded (see `tapio-agent --list-plugins`)")
-    try:
-        running_sinks = Pipeline.open_sinks(plugins, sinks or ("stdout", "file"), SinkOptions(data_dir=data_dir))
-    except SinkError as exc:
-        fail(str(exc))
-    observers = [
-        RunningObserver(spec=spec, config=dict(spec.config), plugin_name=plugin)
-        for plugin, spec in plugins.observers.values()
-    ]
     clock = KernelClock()
-    pipeline = Pipeline(plugins, observers, running_sinks, clock)
+    try:
+        settings = load_settings(config_path, assignments)
+        pipeline = Pipeline.build(plugins, sinks or ("stdout", "file"), SinkOptions(data_dir=data_dir), settings, clock)
+    except (ConfigError, SinkError) as exc:
+        fail(str(exc))
     recorder = RecordWriter(record_path, clock.offset_ns) if record_path else None
     agent = Agent(plugins, pipeline, recorder)
     signal.signal(signal.SIGTERM, agent.stop)
@@ -225,5 +219,5 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, verb
         pipeline.close()
         fail("no observer could be loaded; see the errors above", code=1)
     click.echo(f"tapio-agent: running observers {', '.join(agent.readers)}; "
-               f"sinks {', '.join(s.name for s in running_sinks)}; Ctrl-C stops", err=True)
+               f"sinks {', '.join(s.name for s in pipeline.sinks)}; Ctrl-C stops", err=True)
     agent.run()

@@ -101,7 +101,7 @@ def read_lost(bpf: Any, counter: str | None) -> int:
     if counter is None:
         return 0
     try:
-        table = bpf[counter]
+        table = bpf[counter.encode()]
     except KeyError:
         return 0
     return int(sum(table.getvalue(table.Key(0))))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from tapio_core.config import ConfigError, config_options, load_settings
 from tapio_core.occurrence import KernelClock, format_timestamp
 from tapio_core.plugins import PluginError, load_plugins, parse_plugin_list
 from tapio_core.store import read_occurrences
@@ -87,26 +88,23 @@ def describe(occurrence) -> str:
               help="Where occurrences go; repeatable. Default: stdout.")
 @click.option("--plugins", "plugin_list", envvar="TAPIO_LOAD_PLUGINS", metavar="NAMES", help="Plugins to load.")
 @data_dir_option
-def replay(recording: Path, sinks: tuple[str, ...], plugin_list: str | None, data_dir: Path) -> None:
+@config_options
+def replay(recording: Path, sinks: tuple[str, ...], plugin_list: str | None, data_dir: Path,
+           config_path: Path | None, assignments: tuple[str, ...]) -> None:
     """Run a file written by `tapio-agent --record` through parse, detect, enrich and emit.
 
     Needs no root and no BPF; the same records give the same occurrences.
     """
-    from tapio_core.observer import RunningObserver
     from tapio_core.pipeline import Pipeline
     from tapio_core.recording import RecordedBatch, RecordingError, read_recording
     from tapio_core.sink import SinkError, SinkOptions
 
     try:
         plugins = load_plugins(parse_plugin_list(plugin_list))
-        running_sinks = Pipeline.open_sinks(plugins, sinks or ("stdout",), SinkOptions(data_dir=data_dir))
-    except (PluginError, SinkError) as exc:
+        pipeline = Pipeline.build(plugins, sinks or ("stdout",), SinkOptions(data_dir=data_dir),
+                                  load_settings(config_path, assignments), KernelClock(offset_ns=0))
+    except (PluginError, SinkError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
-    observers = [
-        RunningObserver(spec=spec, config=dict(spec.config), plugin_name=plugin, status="replay")
-        for plugin, spec in plugins.observers.values()
-    ]
-    pipeline = Pipeline(plugins, observers, running_sinks, KernelClock(offset_ns=0))
     try:
         for item in read_recording(recording):
             if not isinstance(item, RecordedBatch):
@@ -137,6 +135,11 @@ def plugins_command(as_json: bool) -> None:
         loaded = load_plugins()
     except PluginError as exc:
         raise click.ClickException(str(exc)) from None
+    print_plugins(loaded, as_json)
+
+
+def print_plugins(loaded, as_json: bool = False) -> None:
+    """What `tapio plugins` and `tapio-agent --list-plugins` print."""
     infos = loaded.info()
     if as_json:
         click.echo(json.dumps([

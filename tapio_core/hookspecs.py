@@ -6,7 +6,8 @@ point group. The agent calls them in this order:
 
 1. ``tapio_register_observers`` / ``tapio_register_sinks`` once at start-up:
    plugins declare what they provide.
-2. ``tapio_sink_open`` once per sink the user chose.
+2. ``tapio_sink_open`` once per sink the user chose, and
+   ``tapio_observer_started`` once per observer whose BPF program loaded.
 3. Per batch of raw ring-buffer records drained from one observer:
    ``tapio_parse_records`` then ``tapio_detect_anomalies`` -- called **only on
    the plugin that registered that observer**, never on every plugin.
@@ -48,6 +49,20 @@ def tapio_register_observers(register: Callable[[ObserverSpec], None]) -> None:
     observer: its name, its BPF C source, the tracepoints it attaches, the BTF
     struct fields it reads and the layout of its ring-buffer records. A name
     another plugin already registered is rejected with an error naming both.
+    """
+
+
+@hookspec
+def tapio_observer_started(observer: RunningObserver) -> None:
+    """Prepare the kernel side of an observer that was just loaded.
+
+    Called once per observer after its BPF program compiled and attached and
+    before its first batch, only on the plugin that registered it; never in
+    replay. ``observer.bpf`` is the bcc program and ``observer.config`` the
+    user's settings: write the values the BPF side reads into its maps here,
+    so changing a setting needs no recompile. Raise
+    ``tapio_core.bpf.ObserverLoadError`` to mark the observer failed (the
+    others go on).
     """
 
 

@@ -54,7 +54,9 @@ class ObserverSpec:
     ring_buffer: str = "events"
     lost_counter: str | None = "tapio_lost"
     description: str = ""
-    config: dict[str, Any] = attrs.field(factory=dict)
+    #: An attrs class with defaults and validators, built from the config
+    #: file's table named after the observer (``[network]``); None: no settings.
+    config_type: type | None = None
 
 
 @attrs.define(eq=False)
@@ -63,11 +65,11 @@ class RunningObserver:
 
     ``state`` belongs to the observer's plugin for detection state kept across
     batches; ``bpf`` is the loaded bcc program (None in replay); ``config`` is
-    the spec's defaults overlaid with the user's settings.
+    an instance of ``spec.config_type`` holding the user's settings.
     """
 
     spec: ObserverSpec
-    config: dict[str, Any] = attrs.field(factory=dict)
+    config: Any = None
     state: dict[str, Any] = attrs.field(factory=dict)
     bpf: Any = None
     plugin_name: str = ""

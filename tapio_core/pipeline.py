@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from tapio_core.config import ConfigError, build_settings
 from tapio_core.observer import Anomaly, RunningObserver
 from tapio_core.occurrence import Error, KernelClock, Occurrence, occurrence_id
 from tapio_core.plugins import LoadedPlugins
-from tapio_core.sink import RunningSink, SinkOptions
+from tapio_core.sink import RunningSink, SinkError, SinkOptions
 
 log = logging.getLogger("tapio.pipeline")
 
@@ -47,17 +48,40 @@ class Pipeline:
         self._has_enrichers = bool(self._enrich.get_hookimpls())
 
     @classmethod
-    def open_sinks(cls, plugins: LoadedPlugins, names: Iterable[str], options: SinkOptions) -> list[RunningSink]:
-        """Open the chosen sinks; raises SinkError (one line) when one cannot work."""
-        from tapio_core.sink import SinkError
+    def build(
+        cls,
+        plugins: LoadedPlugins,
+        sink_names: Iterable[str],
+        options: SinkOptions,
+        settings: dict[str, Any],
+        clock: KernelClock,
+    ) -> Pipeline:
+        """Every loaded observer and the chosen sinks, configured from ``settings`` and opened.
 
+        Raises ConfigError or SinkError with one line for the user.
+        """
+        unknown = sorted(set(settings) - set(plugins.observers) - set(plugins.sinks))
+        if unknown:
+            raise ConfigError(f"config [{unknown[0]}]: no loaded observer or sink has that name")
+        observers = [
+            RunningObserver(spec=spec, plugin_name=plugin, config=build_settings(spec.config_type, name, settings))
+            for name, (plugin, spec) in plugins.observers.items()
+        ]
+        return cls(plugins, observers, cls.open_sinks(plugins, sink_names, options, settings), clock)
+
+    @staticmethod
+    def open_sinks(
+        plugins: LoadedPlugins, names: Iterable[str], options: SinkOptions, settings: dict[str, Any]
+    ) -> list[RunningSink]:
+        """Open the chosen sinks; raises SinkError or ConfigError (one line) when one cannot work."""
         opened: list[RunningSink] = []
-        for name in names:
+        for name in dict.fromkeys(names):  # a sink named twice is opened once
             if name not in plugins.sinks:
                 available = ", ".join(sorted(plugins.sinks)) or "none"
                 raise SinkError(f"unknown sink {name!r} (installed and loaded: {available})")
             plugin_name, spec = plugins.sinks[name]
-            sink = RunningSink(spec=spec, options=options, plugin_name=plugin_name)
+            sink = RunningSink(spec=spec, options=options, plugin_name=plugin_name,
+                               config=build_settings(spec.config_type, name, settings))
             plugins.hook_for("tapio_sink_open", plugin_name)(sink=sink)
             opened.append(sink)
         return opened

@@ -18,26 +18,29 @@ class SinkSpec:
 
     name: str
     description: str = ""
+    #: An attrs class with defaults and validators, built from the config
+    #: file's table named after the sink (``[file]``); None: no settings.
+    config_type: type | None = None
 
 
 @attrs.frozen
 class SinkOptions:
-    """Settings every sink may read; sink-specific ones come in ``extra``."""
+    """What the agent tells every sink, whatever its own settings."""
 
     data_dir: Path
-    extra: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
 class RunningSink:
     """One chosen sink while the agent runs; passed to its hooks.
 
-    ``state`` belongs to the sink's plugin (open files, sessions). The agent
-    keeps the counts.
+    ``state`` belongs to the sink's plugin (open files, sessions); ``config``
+    is an instance of ``spec.config_type``. The agent keeps the counts.
     """
 
     spec: SinkSpec
     options: SinkOptions
+    config: Any = None
     state: dict[str, Any] = attrs.field(factory=dict)
     plugin_name: str = ""
     delivered: int = 0

@@ -2,16 +2,23 @@
 
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 
 from tapio_core import Anomaly, Context, ObserverSpec, RunningObserver, SinkSpec, hookimpl
+from tapio_core.config import ConfigError
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
 from tapio_core.sink import SinkError, SinkOptions
 
 RECORD = np.dtype([("timestamp_ns", "<u8"), ("value", "<u8")], align=True)
+
+
+@attrs.frozen
+class ToyConfig:
+    limit: int = attrs.field(default=10, validator=attrs.validators.ge(0))
 
 
 class ToyObserver:
@@ -23,13 +30,14 @@ class ToyObserver:
 
     @hookimpl
     def tapio_register_observers(self, register):
-        register(ObserverSpec(name=self.name, bpf_source=Path("none.bpf.c"), record_dtype=RECORD, tracepoints=()))
+        register(ObserverSpec(name=self.name, bpf_source=Path("none.bpf.c"), record_dtype=RECORD, tracepoints=(),
+                              config_type=ToyConfig))
 
     @hookimpl
     def tapio_detect_anomalies(self, observer, events):
         self.batches.append(len(events))
         observer.state["seen"] = observer.state.get("seen", 0) + len(events)
-        big = events[events["value"] > observer.config.get("limit", 10)]
+        big = events[events["value"] > observer.config.limit]
         return [Anomaly(type=f"kernel.{self.name}.big", timestamp_ns=int(e["timestamp_ns"]), severity="warning",
                         outcome="failure", data={"value": int(e["value"])}) for e in big]
 
@@ -64,17 +72,15 @@ def records(*pairs):
     return np.array(list(pairs), dtype=RECORD).tobytes()
 
 
-def build(plugins_extra, sink_names, observers=("toy",), config=None):
+def build(plugins_extra, sink_names, settings=None):
     loaded = load_plugins(allow=set(), extra=plugins_extra)
-    sinks = Pipeline.open_sinks(loaded, sink_names, SinkOptions(data_dir=Path("/nonexistent")))
-    running = [RunningObserver(spec=loaded.observers[n][1], plugin_name=loaded.observers[n][0], config=config or {})
-               for n in observers]
-    return Pipeline(loaded, running, sinks, KernelClock(offset_ns=1_764_000_000_000_000_000))
+    return Pipeline.build(loaded, sink_names, SinkOptions(data_dir=Path("/nonexistent")), settings or {},
+                          KernelClock(offset_ns=1_764_000_000_000_000_000))
 
 
 def test_detect_and_emit_through_the_hooks():
     toy, sink = ToyObserver("toy"), ListSink("list")
-    pipeline = build([("toy", toy), ("list", sink)], ["list"], config={"limit": 5})
+    pipeline = build([("toy", toy), ("list", sink)], ["list"], settings={"toy": {"limit": 5}})
     emitted = pipeline.ingest("toy", records((1_000_000, 3), (2_000_000, 7), (3_000_000, 50)))
     assert [o.data["value"] for o in emitted] == [7, 50]
     assert sink.received == emitted
@@ -91,7 +97,7 @@ def test_detect_and_emit_through_the_hooks():
 
 def test_tapio_detect_anomalies_reaches_only_the_owning_plugin():
     a, b, sink = ToyObserver("a"), ToyObserver("b"), ListSink("list")
-    pipeline = build([("a", a), ("b", b), ("list", sink)], ["list"], observers=("a", "b"))
+    pipeline = build([("a", a), ("b", b), ("list", sink)], ["list"])
     pipeline.ingest("b", records((1, 100)))
     assert (a.batches, b.batches) == ([], [1])
 
@@ -109,15 +115,17 @@ def test_tapio_parse_records_can_replace_the_default_view():
     loaded = load_plugins(allow=set(), extra=[("toy", toy), ("list", sink)])
     loaded.pm.register(Parser(), name="toy-parser")
     # Parsing is the observer's plugin's business: another plugin's parser is not consulted...
-    pipeline = Pipeline(loaded, [RunningObserver(spec=loaded.observers["toy"][1], plugin_name="toy")],
-                        Pipeline.open_sinks(loaded, ["list"], SinkOptions(data_dir=Path("."))), KernelClock(0))
+    pipeline = Pipeline(loaded, [RunningObserver(spec=loaded.observers["toy"][1], plugin_name="toy",
+                                                 config=ToyConfig())],
+                        Pipeline.open_sinks(loaded, ["list"], SinkOptions(data_dir=Path(".")), {}), KernelClock(0))
     assert [o.data["value"] for o in pipeline.ingest("toy", records((1, 6)))] == []
     # ...while the owning plugin's is.
     loaded.pm.unregister(name="toy-parser")
     toy.tapio_parse_records = Parser().tapio_parse_records
     loaded.pm.unregister(toy)
     loaded.pm.register(toy, name="toy")
-    pipeline = Pipeline(loaded, [RunningObserver(spec=loaded.observers["toy"][1], plugin_name="toy")],
+    pipeline = Pipeline(loaded, [RunningObserver(spec=loaded.observers["toy"][1], plugin_name="toy",
+                                                 config=ToyConfig())],
                         pipeline.sinks, KernelClock(0))
     assert [o.data["value"] for o in pipeline.ingest("toy", records((1, 6)))] == [12]
 
@@ -155,6 +163,19 @@ def test_tapio_sink_emit_failure_is_isolated_to_that_sink(caplog):
 def test_tapio_sink_open_unknown_sink_is_a_clear_error():
     with pytest.raises(SinkError, match="unknown sink 'nope'"):
         build([("toy", ToyObserver("toy")), ("list", ListSink("list"))], ["nope"])
+
+
+def test_settings_reach_the_observer_and_bad_ones_name_the_key():
+    toy, sink = ToyObserver("toy"), ListSink("list")
+    assert build([("toy", toy), ("list", sink)], ["list"]).observers["toy"].config == ToyConfig(limit=10)
+    with pytest.raises(ConfigError, match=r"config \[toy\]: 'limit' must be >= 0: -1"):
+        build([("toy", toy), ("list", sink)], ["list"], settings={"toy": {"limit": -1}})
+    with pytest.raises(ConfigError, match=r"config \[toy\]: unknown key limt \(known: limit\)"):
+        build([("toy", toy), ("list", sink)], ["list"], settings={"toy": {"limt": 1}})
+    with pytest.raises(ConfigError, match=r"config \[list\]: this plugin takes no settings"):
+        build([("toy", toy), ("list", sink)], ["list"], settings={"list": {"x": 1}})
+    with pytest.raises(ConfigError, match=r"config \[tyo\]: no loaded observer or sink has that name"):
+        build([("toy", toy), ("list", sink)], ["list"], settings={"tyo": {}})
 
 
 def test_partial_trailing_record_is_dropped_and_counted(caplog):

@@ -1,0 +1,188 @@
+"""The agent runtime in-process against the real kernel, with a throwaway observer plugin.
+
+Proves the plumbing every observer relies on: compile with the shared prelude,
+BTF offsets passed as -D macros (a missing member disables only its feature),
+settings written into BPF maps by ``tapio_observer_started``, records drained
+from the real ring buffer through parse -> detect -> sink.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import attrs
+import pytest
+
+from tapio_core import Anomaly, BtfField, ObserverSpec, SinkSpec, hookimpl, record_dtype
+from tapio_core.agent import Agent
+from tapio_core.bpf import ObserverLoadError
+from tapio_core.occurrence import KernelClock
+from tapio_core.pipeline import Pipeline
+from tapio_core.plugins import load_plugins
+from tapio_core.sink import SinkOptions
+
+pytestmark = pytest.mark.kernel
+
+TOY_SOURCE = r"""
+#include <tapio.h>
+
+BPF_ARRAY(toy_settings, u64, 2);  /* [0] the value to report, [1] the pid to watch */
+
+struct toy_record {
+    u64 timestamp_ns;
+    u64 setting;
+    u32 pid;
+    u32 tgid_from_btf;
+    u32 btf_seen;
+    u32 missing_seen;
+};
+
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
+{
+    int value_key = 0, pid_key = 1;
+    u64 *value = toy_settings.lookup(&value_key);
+    u64 *watched = toy_settings.lookup(&pid_key);
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    if (!value || !watched || pid != *watched)
+        return 0;
+    struct toy_record rec = {};
+    rec.timestamp_ns = bpf_ktime_get_ns();
+    rec.setting = *value;
+    rec.pid = pid;
+#ifdef TOY_TGID_OFFSET
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+    TAPIO_READ_AT(rec.tgid_from_btf, task, TOY_TGID_OFFSET);
+    rec.btf_seen = 1;
+#endif
+#ifdef TOY_MISSING_OFFSET
+    rec.missing_seen = 1;
+#endif
+    tapio_submit(&rec, sizeof(rec));
+    return 0;
+}
+"""
+
+TOY_RECORD = record_dtype([("timestamp_ns", "<u8"), ("setting", "<u8"), ("pid", "<u4"), ("tgid_from_btf", "<u4"),
+                           ("btf_seen", "<u4"), ("missing_seen", "<u4")])
+
+
+@attrs.frozen
+class ToySettings:
+    value: int = 7
+
+
+class ToyObserver:
+    def __init__(self, name, source, fail_start=False):
+        self.name, self.source, self.fail_start = name, source, fail_start
+
+    @hookimpl
+    def tapio_register_observers(self, register):
+        register(ObserverSpec(
+            name=self.name, bpf_source=self.source, record_dtype=TOY_RECORD,
+            tracepoints=("syscalls:sys_enter_getppid",), config_type=ToySettings,
+            btf_fields=(BtfField("TOY_TGID_OFFSET", "task_struct", "tgid", feature="tgid"),
+                        BtfField("TOY_MISSING_OFFSET", "task_struct", "no_such_member", feature="imaginary feature")),
+        ))
+
+    @hookimpl
+    def tapio_observer_started(self, observer):
+        if self.fail_start:
+            raise ObserverLoadError(f"{observer.name}: refusing to start")
+        table = observer.bpf[b"toy_settings"]
+        table[table.Key(0)] = table.Leaf(observer.config.value)
+        table[table.Key(1)] = table.Leaf(os.getpid())
+
+    @hookimpl
+    def tapio_detect_anomalies(self, observer, events):
+        return [Anomaly(type=f"kernel.{observer.name}.seen", timestamp_ns=int(e["timestamp_ns"]), severity="info",
+                        outcome="success", data={k: int(e[k]) for k in TOY_RECORD.names}) for e in events]
+
+
+class Collect:
+    def __init__(self):
+        self.received = []
+
+    @hookimpl
+    def tapio_register_sinks(self, register):
+        register(SinkSpec(name="collect"))
+
+    @hookimpl
+    def tapio_sink_emit(self, sink, occurrences):
+        self.received.extend(occurrences)
+
+
+@pytest.fixture
+def toy_source(tmp_path):
+    path = tmp_path / "toy.bpf.c"
+    path.write_text(TOY_SOURCE)
+    return path
+
+
+def start_agent(extra, settings):
+    loaded = load_plugins(allow=set(), extra=extra)
+    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), settings, KernelClock())
+    agent = Agent(loaded, pipeline, recorder=None)
+    agent.load(ebpf_dir=None)
+    return agent
+
+
+def test_tapio_observer_started_writes_settings_the_kernel_uses(toy_source, caplog):
+    sink = Collect()
+    caplog.set_level(logging.WARNING)
+    agent = start_agent([("toy", ToyObserver("toy", toy_source)), ("collect", sink)], {"toy": {"value": 42}})
+    try:
+        assert agent.pipeline.observers["toy"].status == "running"
+        for _ in range(3):
+            os.getppid()
+        agent.drain("toy")
+    finally:
+        agent.shutdown()
+    assert [o.data["setting"] for o in sink.received] == [42, 42, 42]
+    first = sink.received[0].data
+    assert first["pid"] == os.getpid()
+    assert (first["btf_seen"], first["tgid_from_btf"]) == (1, os.getpid())  # offset came from BTF
+    assert first["missing_seen"] == 0  # the member this kernel lacks stayed undefined
+    assert "task_struct.no_such_member; imaginary feature disabled" in caplog.text
+    assert "imaginary feature" in agent.pipeline.observers["toy"].status_reason
+    assert agent.pipeline.observers["toy"].bpf is None  # detached
+
+
+def test_one_observer_failing_leaves_the_others_running(toy_source, tmp_path, caplog):
+    broken_source = tmp_path / "broken.bpf.c"
+    broken_source.write_text("this is not C;\n")
+    sink = Collect()
+    agent = start_agent([
+        ("toy", ToyObserver("toy", toy_source)),
+        ("broken", ToyObserver("broken", broken_source)),
+        ("refuses", ToyObserver("refuses", toy_source, fail_start=True)),
+        ("collect", sink),
+    ], {})
+    try:
+        statuses = {name: obs.status for name, obs in agent.pipeline.observers.items()}
+        assert statuses == {"toy": "running", "broken": "failed", "refuses": "failed"}
+        assert set(agent.readers) == {"toy"}
+        assert "refusing to start" in agent.pipeline.observers["refuses"].status_reason
+        os.getppid()
+        agent.drain("toy")
+    finally:
+        agent.shutdown()
+    assert [o.type for o in sink.received] == ["kernel.toy.seen"]
+    assert "broken: BPF compile/attach failed" in caplog.text
+
+
+def test_ebpf_dir_overrides_the_installed_source(toy_source, tmp_path):
+    override = tmp_path / "override"
+    override.mkdir()
+    (override / "toy.bpf.c").write_text(TOY_SOURCE.replace("rec.setting = *value;", "rec.setting = *value + 1000;"))
+    sink = Collect()
+    loaded = load_plugins(allow=set(), extra=[("toy", ToyObserver("toy", toy_source)), ("collect", sink)])
+    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), {}, KernelClock())
+    agent = Agent(loaded, pipeline, recorder=None)
+    agent.load(ebpf_dir=override)
+    try:
+        os.getppid()
+        agent.drain("toy")
+    finally:
+        agent.shutdown()
+    assert [o.data["setting"] for o in sink.received] == [1007]
+
