@@ -60,7 +60,7 @@ class Agent:
         self._stop = False
 
     def load(self, ebpf_dir: Path | None) -> None:
-        from tapio_core.bpf import ObserverLoadError, load_observer
+        from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, load_observer
         from tapio_core.btf import Btf
         from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
 
@@ -76,8 +76,9 @@ class Agent:
                 fd, size = ringbuf_map_info(observer.bpf[observer.spec.ring_buffer.encode()])
                 self.readers[observer.name] = RingBufferReader(fd, size, observer.spec.record_dtype.itemsize)
             except ObserverLoadError as exc:
-                observer.status, observer.status_reason = "failed", str(exc)
-                log.error("%s", exc)
+                unsupported = isinstance(exc, ObserverUnsupported)
+                observer.status, observer.status_reason = ("unsupported" if unsupported else "failed"), str(exc)
+                log.log(logging.WARNING if unsupported else logging.ERROR, "%s", exc)
                 if observer.bpf is not None:
                     observer.bpf.cleanup()
                     observer.bpf = None

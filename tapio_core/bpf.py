@@ -16,6 +16,10 @@ class ObserverLoadError(Exception):
     """One observer's BPF could not be compiled or attached; the others go on."""
 
 
+class ObserverUnsupported(ObserverLoadError):
+    """This machine lacks what the observer needs (e.g. a hardware PMU): not a fault, a fact."""
+
+
 def shared_include_dir() -> Path:
     import tapio_core.ebpf
 

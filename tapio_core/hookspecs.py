@@ -61,8 +61,9 @@ def tapio_observer_started(observer: RunningObserver) -> None:
     replay. ``observer.bpf`` is the bcc program and ``observer.config`` the
     user's settings: write the values the BPF side reads into its maps here,
     so changing a setting needs no recompile. Raise
-    ``tapio_core.bpf.ObserverLoadError`` to mark the observer failed (the
-    others go on).
+    ``tapio_core.bpf.ObserverLoadError`` to mark the observer failed, or
+    ``ObserverUnsupported`` when this machine lacks what it needs (e.g. a
+    hardware PMU); either way the other observers go on.
     """
 
 

@@ -14,6 +14,7 @@ page offset) followed by the payload, the whole rounded up to 8 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -58,7 +59,10 @@ def ringbuf_map_info(table: Any) -> tuple[int, int]:
 
 
 class RingBufferReader:
-    """Single consumer of one BPF ring buffer map, returning whole batches of fixed-size records."""
+    """The single consumer of one BPF ring buffer map, returning whole batches of fixed-size records.
+
+    Not thread-safe: the consumer position is ours alone, so use one reader from one thread.
+    """
 
     def __init__(self, map_fd: int, data_size: int, record_size: int) -> None:
         page = mmap.PAGESIZE
@@ -132,9 +136,10 @@ class RingBufferReader:
         """Consume the committed records available now (up to max_records) and return their payloads.
 
         The result is the payloads concatenated in ring order, record_size bytes each. Reading
-        stops at the first record still being written (BUSY), as later ones may not be complete
-        in order. DISCARD records are consumed and counted in ``discarded``; records of another
-        length are consumed and counted in ``malformed``.
+        stops at the first record still being written (BUSY): the consumer position moves past
+        records only in ring order, so committed ones behind it wait. DISCARD records are consumed
+        and counted in ``discarded``; records of another length are consumed and counted in
+        ``malformed``.
         """
         cons, prod = self._positions()
         ring = self._ring
@@ -181,6 +186,8 @@ class RingBufferReader:
                 parts.append(ring[off : off + size].tobytes())
                 got += 1
             pos += (length + HEADER_SIZE + 7) & ~7
+            if pos > prod:  # never from a sane kernel; do not publish a position past the producer
+                raise RuntimeError(f"ring buffer record ends at {pos}, past the producer position {prod}")
         if pos == cons:
             return b""
         data = b"".join(parts)  # payloads were copied out by tobytes(); safe to release the space
@@ -190,7 +197,11 @@ class RingBufferReader:
         return data
 
     def close(self) -> None:
-        """Unmap the ring (drop the views that pin it first); safe to call more than once."""
+        """Unmap the ring (drop the views that pin it first); safe to call more than once.
+
+        If a view is still alive elsewhere (e.g. in the traceback of an exception being handled),
+        the mapping is left to be unmapped by the garbage collector instead of raising here.
+        """
         self._ring = None
         self._cons_pos = None
         if self._epoll is not None:
@@ -199,8 +210,9 @@ class RingBufferReader:
         for name in ("_prod_mm", "_cons_mm"):
             mm = getattr(self, name, None)
             if mm is not None:
-                mm.close()
                 setattr(self, name, None)
+                with contextlib.suppress(BufferError):
+                    mm.close()
 
     def __enter__(self) -> Self:
         return self

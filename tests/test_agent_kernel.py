@@ -15,7 +15,7 @@ import pytest
 
 from tapio_core import Anomaly, BtfField, ObserverSpec, SinkSpec, hookimpl, record_dtype
 from tapio_core.agent import Agent
-from tapio_core.bpf import ObserverLoadError
+from tapio_core.bpf import ObserverLoadError, ObserverUnsupported
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
@@ -72,7 +72,7 @@ class ToySettings:
 
 
 class ToyObserver:
-    def __init__(self, name, source, fail_start=False):
+    def __init__(self, name, source, fail_start=None):
         self.name, self.source, self.fail_start = name, source, fail_start
 
     @hookimpl
@@ -87,7 +87,7 @@ class ToyObserver:
     @hookimpl
     def tapio_observer_started(self, observer):
         if self.fail_start:
-            raise ObserverLoadError(f"{observer.name}: refusing to start")
+            raise self.fail_start(f"{observer.name}: refusing to start")
         table = observer.bpf[b"toy_settings"]
         table[table.Key(0)] = table.Leaf(observer.config.value)
         table[table.Key(1)] = table.Leaf(os.getpid())
@@ -154,12 +154,13 @@ def test_one_observer_failing_leaves_the_others_running(toy_source, tmp_path, ca
     agent = start_agent([
         ("toy", ToyObserver("toy", toy_source)),
         ("broken", ToyObserver("broken", broken_source)),
-        ("refuses", ToyObserver("refuses", toy_source, fail_start=True)),
+        ("refuses", ToyObserver("refuses", toy_source, fail_start=ObserverLoadError)),
+        ("nopmu", ToyObserver("nopmu", toy_source, fail_start=ObserverUnsupported)),
         ("collect", sink),
     ], {})
     try:
         statuses = {name: obs.status for name, obs in agent.pipeline.observers.items()}
-        assert statuses == {"toy": "running", "broken": "failed", "refuses": "failed"}
+        assert statuses == {"toy": "running", "broken": "failed", "refuses": "failed", "nopmu": "unsupported"}
         assert set(agent.readers) == {"toy"}
         assert "refusing to start" in agent.pipeline.observers["refuses"].status_reason
         os.getppid()
