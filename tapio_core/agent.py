@@ -12,12 +12,14 @@ from pathlib import Path
 
 import click
 
+from tapio_core import __version__
 from tapio_core.config import ConfigError, config_options, load_settings
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import LoadedPlugins, PluginError, load_plugins, parse_plugin_list
 from tapio_core.recording import RecordWriter
 from tapio_core.sink import SinkError, SinkOptions
+from tapio_core.state import STATE_INTERVAL_S, write_state
 
 log = logging.getLogger("tapio.agent")
 
@@ -52,12 +54,24 @@ def configure_logging(verbose: int) -> None:
 class Agent:
     """Owns the loaded observers, their ring-buffer readers and the poll loop."""
 
-    def __init__(self, plugins: LoadedPlugins, pipeline: Pipeline, recorder: RecordWriter | None) -> None:
+    def __init__(
+        self,
+        plugins: LoadedPlugins,
+        pipeline: Pipeline,
+        recorder: RecordWriter | None,
+        data_dir: Path | None = None,
+        settings: dict | None = None,
+    ) -> None:
         self.plugins = plugins
         self.pipeline = pipeline
         self.recorder = recorder
+        self.data_dir = data_dir
+        self.settings = settings or {}
         self.readers: dict[str, object] = {}
+        self.started_at = time.time()
         self._stop = False
+        self._last_state: tuple[float, dict[str, tuple[int, int]]] | None = None
+        self._next_state = 0.0
 
     def load(self, ebpf_dir: Path | None) -> None:
         from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, load_observer
@@ -147,6 +161,41 @@ class Agent:
                 observer.lost = lost
         if self.recorder is not None:
             self.recorder.flush()
+        if self.data_dir is not None and time.monotonic() >= self._next_state:
+            self.write_state()
+            self._next_state = time.monotonic() + STATE_INTERVAL_S
+
+    def state(self, running: bool = True) -> dict:
+        """What `tapio status` shows: per observer and sink, states and counts, with rates since last time."""
+        now = time.time()
+        previous_time, previous = self._last_state or (self.started_at, {})
+        elapsed = max(now - previous_time, 1e-9)
+        observers = {}
+        for name, obs in self.pipeline.observers.items():
+            before_records, before_anomalies = previous.get(name, (0, 0))
+            observers[name] = {
+                "status": obs.status, "reason": obs.status_reason, "plugin": obs.plugin_name,
+                "records": obs.records, "anomalies": obs.anomalies, "lost": obs.lost, "malformed": obs.malformed,
+                "records_per_s": round((obs.records - before_records) / elapsed, 3),
+                "anomalies_per_s": round((obs.anomalies - before_anomalies) / elapsed, 3),
+                "counters": dict(obs.counters),
+            }
+        self._last_state = (now, {n: (o.records, o.anomalies) for n, o in self.pipeline.observers.items()})
+        return {
+            "agent": {"version": __version__, "pid": os.getpid(), "running": running,
+                      "started_at": self.started_at, "node": os.environ.get("NODE_NAME") or os.uname().nodename},
+            "updated_at": now,
+            "config": self.settings,
+            "observers": observers,
+            "sinks": {s.name: {"plugin": s.plugin_name, "delivered": s.delivered, "failed": s.failed,
+                               "counters": dict(s.counters)} for s in self.pipeline.sinks},
+        }
+
+    def write_state(self, running: bool = True) -> None:
+        try:
+            write_state(self.data_dir, self.state(running))
+        except OSError as exc:
+            log.warning("cannot write agent state under %s: %s", self.data_dir, exc)
 
     def shutdown(self) -> None:
         for name in self.readers:
@@ -160,6 +209,10 @@ class Agent:
             if observer.bpf is not None:
                 observer.bpf.cleanup()  # detaches the tracepoints
                 observer.bpf = None
+            if observer.status == "running":
+                observer.status = "stopped"
+        if self.data_dir is not None:
+            self.write_state(running=False)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -211,11 +264,15 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, conf
         pipeline = Pipeline.build(plugins, sinks or ("stdout", "file"), SinkOptions(data_dir=data_dir), settings, clock)
     except (ConfigError, SinkError) as exc:
         fail(str(exc))
-    recorder = RecordWriter(record_path, clock.offset_ns) if record_path else None
-    agent = Agent(plugins, pipeline, recorder)
+    try:
+        recorder = RecordWriter(record_path, clock.offset_ns) if record_path else None
+    except OSError as exc:
+        fail(f"cannot write the recording {record_path}: {exc.strerror or exc}")
+    agent = Agent(plugins, pipeline, recorder, data_dir=data_dir, settings=settings)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
     agent.load(ebpf_dir)
+    agent.write_state(running=bool(agent.readers))
     if not agent.readers:
         pipeline.close()
         fail("no observer could be loaded; see the errors above", code=1)

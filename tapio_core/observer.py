@@ -79,6 +79,8 @@ class RunningObserver:
     anomalies: int = 0
     lost: int = 0
     malformed: int = 0
+    #: The plugin's own counts (suppressed, unmatched, ...); `tapio status` shows them.
+    counters: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def name(self) -> str:

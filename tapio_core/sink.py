@@ -45,6 +45,8 @@ class RunningSink:
     plugin_name: str = ""
     delivered: int = 0
     failed: int = 0
+    #: The plugin's own counts (dropped, retried, ...); `tapio status` shows them.
+    counters: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def name(self) -> str:
