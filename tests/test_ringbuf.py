@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -177,15 +178,22 @@ def test_bad_arguments_and_close() -> None:
 
 PAYLOAD = 24
 REC = np.dtype(
-    [("seq", "<u8"), ("cpu", "<u4"), ("pid", "<u4"), ("tid", "<u4"), ("pad", "<u4"), ("payload", "u1", PAYLOAD)]
+    [
+        ("seq", "<u8"),
+        ("cpu", "<u4"),
+        ("pid", "<u4"),
+        ("tid", "<u4"),
+        ("pad", "<u4"),
+        ("payload", "u1", PAYLOAD),
+    ]
 )
 REC_SIZE = REC.itemsize  # 48
 
 # config: 0 ring mask (1 events, 2 tiny, 4 events2); 1 discard every Nth on events; 2 a short
-# record every Nth on events; 3 if set, 16 helper calls between reserve and submit on events. stats: 0 seq; 1/2/3 output failures on events/tiny/events2;
-# 4 discards done; 5 short records written.
+# record every Nth on events; 3 if set, 16 helper calls between reserve and submit on events.
+# stats: 0 seq; 1/2/3 output failures on events/tiny/events2; 4 discards done; 5 short records.
 BPF_TEXT = r"""
-struct rec_t { u64 seq; u32 cpu; u32 pid; u32 tid; u32 pad; u8 payload[%(payload)d]; };
+struct rec_t { u64 seq; u32 cpu; u32 pid; u32 tid; u32 pad; u8 payload[@PAYLOAD@]; };
 struct short_t { u64 seq; u64 a; u64 b; };
 
 BPF_RINGBUF_OUTPUT(events, 16);
@@ -208,7 +216,7 @@ static __always_inline void fill(struct rec_t *r, u64 seq, u64 id) {
     r->tid = (u32)id;
     r->pad = 0;
 #pragma unroll
-    for (int i = 0; i < %(payload)d; i++)
+    for (int i = 0; i < @PAYLOAD@; i++)
         r->payload[i] = (seq + i) & 0xff;
 }
 
@@ -231,7 +239,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
     struct rec_t r = {};
     fill(&r, seq, id);
     if (mask & 1) {
-        if (dper && seq %% dper == 0) {
+        if (dper && seq % dper == 0) {
             struct rec_t *p = events.ringbuf_reserve(sizeof(struct rec_t));
             if (p) {
                 fill(p, seq, id);
@@ -240,7 +248,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
             } else {
                 bump(1);
             }
-        } else if (sper && seq %% sper == sper - 1) {
+        } else if (sper && seq % sper == sper - 1) {
             struct short_t s = {seq, 1, 2};
             if (events.ringbuf_output(&s, sizeof(s), 0))
                 bump(1);
@@ -269,7 +277,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
         bump(3);
     return 0;
 }
-""" % {"payload": PAYLOAD}
+""".replace("@PAYLOAD@", str(PAYLOAD))
 
 
 class Prog:
@@ -420,23 +428,28 @@ def test_records_of_another_length(prog: Prog) -> None:
         check_contents(recs, {os.getpid()})
 
 
-def _spin_getppid(go_fd: int, n: int) -> None:
+def _produce(go_fd: int, cpu: int, n: int, burst: int) -> None:
+    """Child: pinned to cpu, wait for the start signal, then n getppid() calls in short bursts."""
+    os.sched_setaffinity(0, {cpu})
     os.read(go_fd, 1)
-    for _ in range(n):
+    for i in range(n):
         os.getppid()
+        if i % burst == burst - 1:
+            time.sleep(0.0002)  # leave the reader some CPU on a 2-core machine
 
 
 @pytest.mark.kernel
 def test_concurrent_producers_every_record_once(prog: Prog) -> None:
-    prog.reset(mask=1, spin=0)  # records stay BUSY a while, so the reader meets some
-    n = 200_000
+    prog.reset(mask=1, spin=1)  # records stay BUSY a little longer, so the reader meets some
+    n, burst = 200_000, 100
+    cpus = sorted(os.sched_getaffinity(0))[:2]  # one producer per CPU (the scheduler may not spread them)
     go_r, go_w = os.pipe()
     children = []
-    for _ in range(2):
+    for k in range(2):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             try:
-                _spin_getppid(go_r, n)
+                _produce(go_r, cpus[k % len(cpus)], n, burst)
             finally:
                 os._exit(0)
         children.append(pid)
@@ -455,15 +468,15 @@ def test_concurrent_producers_every_record_once(prog: Prog) -> None:
                     running.discard(pid)
         chunks.append(r.read_batch())  # everything the children caused is committed by now
     recs = records(b"".join(chunks))
-    lost = prog.stat(1)
-    print("LOST", lost, len(recs))
-    seq = recs["seq"]
-    assert len(np.unique(seq)) == len(seq)  # none twice
-    assert len(seq) + lost == 2 * n == prog.stat(0)  # none lost that the kernel did not report
+    seq, lost = recs["seq"], prog.stat(1)
+    info = f"{len(seq)} seen, {lost} lost, {r.malformed} malformed, {len(chunks)} batches"
+    assert len(np.unique(seq)) == len(seq), info  # none twice
+    assert len(seq) + lost == 2 * n == prog.stat(0), info  # none lost that the kernel did not report
+    assert len(seq) > n // 5, info  # the reader kept up with a fair part of it, concurrently
     for pid in children:
         mine = seq[recs["pid"] == pid]
-        assert (np.diff(mine.astype(np.int64)) > 0).all()  # one thread's records stay in order
-    assert set(np.unique(recs["cpu"]).tolist()) == set(range(os.cpu_count() or 1))
+        assert (np.diff(mine.astype(np.int64)) > 0).all(), info  # one thread's records stay in order
+    assert set(np.unique(recs["cpu"]).tolist()) == set(cpus), info
     check_contents(recs, set(children))
 
 
@@ -496,36 +509,31 @@ def test_same_records_as_bcc_consumer(prog: Prog) -> None:
 @pytest.mark.kernel
 def test_epoll_wakeup_is_never_lost(prog: Prog) -> None:
     rounds = 2000
-    go = threading.Event()
-    failed: list[BaseException] = []
+    go, stop = threading.Event(), threading.Event()
 
     def producer() -> None:
-        try:
-            for i in range(rounds):
-                if not go.wait(5):
-                    raise TimeoutError(f"producer round {i} never started")
-                go.clear()
-                if i % 4 == 0:
-                    time.sleep(0.0002)  # the reader is surely asleep in epoll by now
-                else:
-                    for _ in range(i % 64):  # vary the race with the reader going to sleep
-                        pass
-                os.getppid()
-        except BaseException as e:  # pragma: no cover - reported below
-            failed.append(e)
+        for i in range(rounds):
+            while not go.wait(0.1):
+                if stop.is_set():
+                    return
+            go.clear()
+            if i % 4 == 0:
+                time.sleep(0.0002)  # the reader is surely asleep in epoll by now
+            else:
+                for _ in range(i % 64):  # vary the race with the reader going to sleep
+                    pass
+            os.getppid()
 
-    with prog.reader() as r:
-        t = threading.Thread(target=producer)
-        t.start()
+    with prog.reader() as r, ThreadPoolExecutor(1) as pool:
+        done = pool.submit(producer)
         try:
             for i in range(rounds):
                 go.set()
                 assert r.wait(2.0), f"lost wakeup in round {i}"
                 assert records(r.read_batch())["seq"].tolist() == [i]
         finally:
-            go.set()
-            t.join(10)
-        assert not failed
+            stop.set()
+        done.result(10)
         # And the fd itself, for callers with their own loop.
         assert select.select([r], [], [], 0)[0] == []
         os.getppid()
