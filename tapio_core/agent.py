@@ -155,6 +155,10 @@ class Agent:
         for observer in self.pipeline.observers.values():
             if observer.bpf is None:
                 continue
+            reader = self.readers.get(observer.name)
+            if reader is not None:
+                observer.counters["ring_malformed"] = reader.malformed
+                observer.counters["ring_discarded"] = reader.discarded
             lost = read_lost(observer.bpf, observer.spec.lost_counter)
             if lost > observer.lost:
                 log.warning("observer %s: ring buffer full, %d record(s) lost", observer.name, lost - observer.lost)
