@@ -93,7 +93,9 @@ class Anomaly:
 
     ``timestamp_ns`` is the kernel's monotonic clock (``bpf_ktime_get_ns``); the
     agent turns it into wall-clock time. ``type`` is the full occurrence type,
-    e.g. ``kernel.network.connection_refused``.
+    e.g. ``kernel.network.connection_refused``. ``fingerprint`` names this
+    anomaly uniquely and stably -- usually the raw record it came from; the
+    occurrence id derives from it (without one, from the type, time and data).
     """
 
     type: str
@@ -103,3 +105,4 @@ class Anomaly:
     data: dict[str, Any]
     error_code: str | None = None
     error_message: str | None = None
+    fingerprint: bytes | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -117,8 +117,11 @@ class Pipeline:
 
     def occurrence(self, anomaly: Anomaly) -> Occurrence:
         wall_ns = self.clock.wall_ns(anomaly.timestamp_ns)
-        fingerprint = json.dumps([anomaly.type, anomaly.timestamp_ns, anomaly.data], sort_keys=True,
-                                 default=str).encode()
+        if anomaly.fingerprint is not None:
+            fingerprint = anomaly.type.encode() + anomaly.fingerprint
+        else:
+            fingerprint = json.dumps([anomaly.type, anomaly.timestamp_ns, anomaly.data], sort_keys=True,
+                                     default=str).encode()
         error = None
         if anomaly.error_code is not None:
             error = Error(code=anomaly.error_code, message=anomaly.error_message or "")
@@ -156,11 +159,12 @@ class Pipeline:
                 log.error("sink %s failed to close cleanly: %s", sink.name, exc)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def wall_time_ms(wall_ns: int) -> datetime:
     """Wall-clock nanoseconds as a UTC datetime truncated to milliseconds (integer maths, no float rounding)."""
-    return datetime.fromtimestamp(wall_ns // 1_000_000_000, tz=UTC).replace(
-        microsecond=wall_ns // 1_000_000 % 1000 * 1000
-    )
+    return _EPOCH + timedelta(milliseconds=wall_ns // 1_000_000)
 
 
 def row_to_facts(row: Any, fields: Iterable[str]) -> dict[str, Any]:

@@ -89,6 +89,16 @@ def test_ids_are_ulids_carrying_the_event_time_and_stable_for_the_same_facts():
     assert occurrence_id(wall_ns, b"other facts") != first
 
 
+@pytest.mark.parametrize("wall_ns", [0, 1_764_040_294_123_456_789, (2**48 - 1) * 1_000_000])
+def test_ids_match_a_reference_ulid_implementation(wall_ns):
+    import hashlib
+
+    for fingerprint in (b"", b"a", bytes(range(256))):
+        expected = ULID.from_bytes((wall_ns // 1_000_000).to_bytes(6, "big")
+                                   + hashlib.blake2b(fingerprint, digest_size=10).digest())
+        assert occurrence_id(wall_ns, fingerprint) == str(expected)
+
+
 def test_kernel_clock_maps_monotonic_to_wall_time():
     import time
 
