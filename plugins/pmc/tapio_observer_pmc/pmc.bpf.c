@@ -56,7 +56,7 @@ int pmc_sample(struct bpf_perf_event_data *ctx)
 
     rec.timestamp_ns = bpf_ktime_get_ns();
     rec.cpu = bpf_get_smp_processor_id();
-    /* bcc rewrites map calls only outside helpers and macros: one call each. */
+    /* bcc rewrites map.method() calls by the map's literal name: one call per counter. */
     err = pmc_cycles.perf_counter_value(CUR_CPU_IDENTIFIER, &value, sizeof(value));
     pmc_take(&rec, PMC_CYCLES, err, &value);
     err = pmc_instructions.perf_counter_value(CUR_CPU_IDENTIFIER, &value, sizeof(value));
