@@ -1,0 +1,72 @@
+"""Tapio storage observer: block requests that failed or were slow, from the real kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tapio_core import BtfField, ObserverSpec, hookimpl
+from tapio_core.bpf import ObserverLoadError
+from tapio_core.btf import Btf, BtfError
+from tapio_observer_storage.detect import DeviceScreens, StorageDetector
+from tapio_observer_storage.records import (
+    STORAGE_RECORD,
+    block_statuses,
+    operations_from_btf,
+    running_kernel_operations,
+)
+from tapio_observer_storage.settings import StorageSettings
+
+OBSERVER = ObserverSpec(
+    name="storage",
+    bpf_source=Path(__file__).with_name("storage.bpf.c"),
+    record_dtype=STORAGE_RECORD,
+    tracepoints=("raw:block_rq_issue", "raw:block_rq_complete"),
+    btf_fields=(
+        BtfField("STORAGE_RQ_QUEUE_OFFSET", "request", "q", feature="block request device"),
+        BtfField("STORAGE_QUEUE_DISK_OFFSET", "request_queue", "disk", feature="block request device"),
+        BtfField("STORAGE_DISK_MAJOR_OFFSET", "gendisk", "major", feature="block request device"),
+        BtfField("STORAGE_DISK_FIRST_MINOR_OFFSET", "gendisk", "first_minor", feature="block request device"),
+        BtfField("STORAGE_RQ_CMD_FLAGS_OFFSET", "request", "cmd_flags", feature="block request operation"),
+        BtfField("STORAGE_RQ_DATA_LEN_OFFSET", "request", "__data_len", feature="block request size"),
+        BtfField("STORAGE_RQ_SECTOR_OFFSET", "request", "__sector", feature="block request sector"),
+        BtfField("STORAGE_DISK_NAME_OFFSET", "gendisk", "disk_name", feature="block device names"),
+    ),
+    description="block I/O errors and latency spikes, per request",
+    config_type=StorageSettings,
+)
+
+# storage_settings slots in storage.bpf.c
+SETTING_SCREEN_NS, SETTING_OP_MASK = 0, 1
+
+
+@hookimpl
+def tapio_register_observers(register):
+    register(OBSERVER)
+
+
+@hookimpl
+def tapio_observer_started(observer):
+    """Give the kernel its screen for unknown devices and this kernel's REQ_OP_MASK."""
+    try:
+        operations = operations_from_btf(Btf.load())
+    except BtfError as exc:
+        raise ObserverLoadError(f"storage: cannot read request operations from kernel BTF: {exc}") from None
+    settings: StorageSettings = observer.config
+    table = observer.bpf[b"storage_settings"]
+    table[table.Key(SETTING_OP_MASK)] = table.Leaf(operations.mask)
+    table[table.Key(SETTING_SCREEN_NS)] = table.Leaf(settings.screen_ns())
+    screens = DeviceScreens(settings, observer.bpf[b"device_warning_ns"])
+    observer.state["detector"] = StorageDetector(settings, operations, block_statuses(), screens)
+
+
+@hookimpl
+def tapio_detect_anomalies(observer, events):
+    detector = observer.state.get("detector")
+    if detector is None:  # a replay: no kernel to configure, names from this machine's kernel
+        settings = observer.config
+        detector = observer.state["detector"] = StorageDetector(
+            settings, running_kernel_operations(), block_statuses(), DeviceScreens(settings)
+        )
+    anomalies = detector.detect(events)
+    observer.counters.update(detector.counters())
+    return anomalies

@@ -1,0 +1,359 @@
+"""The storage observer's record layout, settings and classification, from records packed as the kernel packs them."""
+
+from __future__ import annotations
+
+import errno
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from storage_records import FLUSH, REQ_SYNC, STORAGE_RECORD_C, WRITE, pack_storage_record
+
+import tapio_observer_storage
+from tapio_core import RunningObserver
+from tapio_core.btf import Btf, BtfError
+from tapio_core.config import ConfigError, apply_overrides, build_settings
+from tapio_observer_storage.detect import IO_ERROR, LATENCY_SPIKE, DeviceScreens, StorageDetector
+from tapio_observer_storage.records import (
+    STORAGE_RECORD,
+    Operations,
+    block_status,
+    block_statuses,
+    kernel_dev,
+    kernel_version,
+    operations_from_btf,
+)
+from tapio_observer_storage.settings import DeviceRule, StorageSettings
+
+PLUGIN_DIR = Path(tapio_observer_storage.__file__).parent
+OPERATIONS = Operations(mask=0xFF, names={0: "read", 1: "write", 2: "flush", 3: "discard"})
+MS = 1_000_000
+
+
+class FakeTable:
+    """Stands in for a bcc hash map: ``table[Key(k)] = Leaf(v)``; optionally full."""
+
+    def __init__(self, capacity: int = 100) -> None:
+        self.values: dict[int, int] = {}
+        self.writes = 0
+        self.capacity = capacity
+
+    Key = Leaf = staticmethod(int)
+
+    def __setitem__(self, key: int, value: int) -> None:
+        if key not in self.values and len(self.values) >= self.capacity:
+            raise Exception("Could not update table: [Errno 7] Argument list too long")
+        self.values[key] = value
+        self.writes += 1
+
+
+def detector(settings: StorageSettings | None = None, table: FakeTable | None = None,
+             release: str = "6.18.0") -> StorageDetector:
+    settings = settings or StorageSettings()
+    return StorageDetector(settings, OPERATIONS, block_statuses(release), DeviceScreens(settings, table))
+
+
+def events(*records: bytes) -> np.ndarray:
+    return np.frombuffer(b"".join(records), STORAGE_RECORD)
+
+
+# -- layout -----------------------------------------------------------------------------------------
+
+
+def test_numpy_layout_matches_the_packed_c_struct():
+    assert STORAGE_RECORD.itemsize == STORAGE_RECORD_C.size == 152
+
+
+C_FIELD = re.compile(r"^\s*(?:struct\s+)?\w+\s+(\w+)(?:\[\w+\])?;", re.M)
+
+
+def c_struct(text: str, name: str) -> str:
+    return re.search(rf"struct {name} \{{.*?\n\}};", text, re.S).group(0)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to lay the C struct out")
+def test_c_struct_and_numpy_dtype_have_the_same_fields_at_the_same_offsets(tmp_path):
+    """Compiles the real declarations from storage.bpf.c and tapio.h and asks C for each offset."""
+    source = (PLUGIN_DIR / "storage.bpf.c").read_text()
+    from tapio_core.bpf import shared_include_dir
+
+    task = c_struct((shared_include_dir() / "tapio.h").read_text(), "tapio_task")
+    record = c_struct(source, "storage_record")
+    fields = C_FIELD.findall(record.split("{", 1)[1])
+    assert fields == list(STORAGE_RECORD.names)
+    prints = "".join(f'printf("{f} %zu\\n", offsetof(struct storage_record, {f}));' for f in fields)
+    program = tmp_path / "layout.c"
+    program.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n"
+        "typedef uint64_t u64; typedef uint32_t u32; typedef uint16_t u16; typedef uint8_t u8;\n"
+        f"#define DISK_NAME_LEN 32\n{task}\n{record}\n"
+        f'int main(void) {{ {prints} printf("sizeof %zu\\n", sizeof(struct storage_record)); return 0; }}\n'
+    )
+    subprocess.run(["gcc", "-o", str(tmp_path / "layout"), str(program)], check=True, capture_output=True)
+    printed = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True, text=True).stdout
+    offsets = dict(line.split() for line in printed.splitlines())
+    assert {name: int(offset) for name, offset in offsets.items()} == {
+        **{name: STORAGE_RECORD.fields[name][1] for name in STORAGE_RECORD.names},
+        "sizeof": STORAGE_RECORD.itemsize,
+    }
+
+
+def test_a_packed_record_parses_back_field_by_field():
+    raw = pack_storage_record(ts=7, latency=8, sector=9, baseline=10, deviation=11, samples=12, unmatched=13,
+                              overflows=14, pid=15, tid=16, cgroup=17, comm=b"writer", major=259, minor=1,
+                              size=4096, completed=512, cmd_flags=WRITE, status=10, partial=1, disk=b"nvme0n1")
+    [row] = events(raw)
+    assert (row["timestamp_ns"], row["latency_ns"], row["sector"]) == (7, 8, 9)
+    assert (row["baseline_ns"], row["baseline_deviation_ns"], row["baseline_samples"]) == (10, 11, 12)
+    assert (row["unmatched_completions"], row["inflight_overflows"]) == (13, 14)
+    assert (row["task"]["pid"], row["task"]["tid"], row["task"]["cgroup_id"], row["task"]["comm"]) == (
+        15, 16, 17, b"writer")
+    assert (row["dev_major"], row["dev_minor"], row["bytes"], row["completed_bytes"]) == (259, 1, 4096, 512)
+    assert (row["cmd_flags"], row["status"], row["partial"], row["disk_name"]) == (WRITE, 10, 1, b"nvme0n1")
+
+
+# -- I/O errors -------------------------------------------------------------------------------------
+
+
+def test_nospc_write_becomes_one_exact_io_error_attributed_to_the_issuer():
+    raw = pack_storage_record(ts=5_000, latency=13_000, status=3, baseline=38_000, deviation=7_000, samples=68)
+    [anomaly] = detector().detect(events(raw))
+    assert anomaly.type == IO_ERROR
+    assert (anomaly.severity, anomaly.outcome, anomaly.error_code) == ("critical", "failure", "ENOSPC")
+    assert anomaly.error_message == (
+        "write of 65536 bytes at sector 25600 on loop3 completed with BLK_STS_NOSPC (critical space allocation)")
+    assert anomaly.timestamp_ns == 5_000
+    assert anomaly.fingerprint == raw
+    assert anomaly.data == {
+        "pid": 4242, "tid": 4243, "comm": "dd", "cgroup_id": 99,
+        "device": "loop3", "dev_major": 7, "dev_minor": 3,
+        "operation": "write", "cmd_flags": WRITE | REQ_SYNC, "sector": 25_600, "bytes": 65_536,
+        "completed_bytes": 65_536, "partial": False,
+        "latency_ns": 13_000, "baseline_latency_ns": 38_000, "baseline_deviation_ns": 7_000, "baseline_samples": 68,
+        "status": "BLK_STS_NOSPC", "status_code": 3, "errno": errno.ENOSPC,
+    }
+
+
+def test_an_error_is_reported_however_fast_and_a_slow_error_is_still_one_io_error():
+    fast = pack_storage_record(latency=1, status=10, ts=1)
+    slow = pack_storage_record(latency=60_000 * MS, status=2, ts=2)
+    anomalies = detector().detect(events(fast, slow))
+    assert [(a.type, a.data["status"], a.error_code) for a in anomalies] == [
+        (IO_ERROR, "BLK_STS_IOERR", "EIO"), (IO_ERROR, "BLK_STS_TIMEOUT", "ETIMEDOUT")]
+
+
+def test_an_unknown_status_code_is_named_by_number_with_the_kernels_fallback_errno():
+    [anomaly] = detector().detect(events(pack_storage_record(status=200)))
+    assert (anomaly.data["status"], anomaly.data["status_code"], anomaly.error_code) == ("BLK_STS_200", 200, "EIO")
+    assert anomaly.data["errno"] == errno.EIO
+
+
+@pytest.mark.parametrize(("release", "code", "name", "errno_name"), [
+    ("6.18.44-fc-v657", 3, "BLK_STS_NOSPC", "ENOSPC"),
+    ("4.19.0", 3, "BLK_STS_NOSPC", "ENOSPC"),
+    ("6.18.44-fc-v657", 14, "BLK_STS_ZONE_OPEN_RESOURCE", "ETOOMANYREFS"),
+    ("6.9.12", 14, "BLK_STS_ZONE_RESOURCE", "EIO"),
+    ("6.9.12", 15, "BLK_STS_ZONE_OPEN_RESOURCE", "ETOOMANYREFS"),
+    ("6.9.12", 18, "BLK_STS_DURATION_LIMIT", "ETIME"),
+    ("6.10.0", 17, "BLK_STS_DURATION_LIMIT", "ETIME"),
+    ("6.11.0", 19, "BLK_STS_INVAL", "EINVAL"),  # before the 2026 renumbering
+    ("6.18.0", 18, "BLK_STS_INVAL", "EINVAL"),  # after it
+])
+def test_block_status_codes_follow_the_kernel_version_that_defined_them(release, code, name, errno_name):
+    status = block_status(code, block_statuses(release))
+    assert (status.name, status.errno) == (name, errno_name)
+
+
+@pytest.mark.parametrize(("release", "version"), [
+    ("6.18.44-fc-v657", (6, 18)), ("5.15.0-91-generic", (5, 15)), ("6", (6, 0)), ("weird", (0, 0))])
+def test_kernel_version_parsing(release, version):
+    assert kernel_version(release) == version
+
+
+# -- latency spikes ---------------------------------------------------------------------------------
+
+
+def test_slow_write_is_a_warning_then_a_critical_spike_with_the_baseline_and_thresholds():
+    settings = StorageSettings(warning_ms=100.0, critical_ms=1000.0)
+    warning = pack_storage_record(latency=150 * MS, ts=1)
+    critical = pack_storage_record(latency=2_000 * MS, ts=2)
+    anomalies = detector(settings).detect(events(warning, critical))
+    assert [(a.type, a.severity, a.outcome) for a in anomalies] == [
+        (LATENCY_SPIKE, "warning", "success"), (LATENCY_SPIKE, "critical", "success")]
+    assert anomalies[1].error_code is None
+    data = anomalies[1].data
+    assert (data["latency_ns"], data["baseline_latency_ns"], data["baseline_deviation_ns"]) == (
+        2_000 * MS, 12_000, 3_000)
+    assert (data["warning_threshold_ns"], data["critical_threshold_ns"], data["threshold_rule"]) == (
+        100 * MS, 1_000 * MS, "default")
+    assert (data["pid"], data["comm"], data["device"], data["operation"]) == (4242, "dd", "loop3", "write")
+    assert "status" not in data
+
+
+def test_exactly_at_the_threshold_counts_and_just_below_does_not():
+    settings = StorageSettings(warning_ms=100.0, critical_ms=1000.0)
+    batch = events(pack_storage_record(latency=100 * MS - 1), pack_storage_record(latency=100 * MS),
+                   pack_storage_record(latency=1000 * MS - 1), pack_storage_record(latency=1000 * MS))
+    assert [a.severity for a in detector(settings).detect(batch)] == ["warning", "warning", "critical"]
+
+
+def test_per_device_rules_pick_thresholds_by_glob_first_match_wins_and_inherit_defaults():
+    settings = build_settings(StorageSettings, "storage", {"storage": {
+        "warning_ms": 50, "critical_ms": 500,
+        "devices": [{"match": "nvme*", "warning_ms": 5, "critical_ms": 20},
+                    {"match": "nvme0n*", "warning_ms": 1},  # never reached: nvme* matches first
+                    {"match": "loop?", "critical_ms": 5000}],
+    }})
+    d = detector(settings)
+    batch = events(
+        pack_storage_record(latency=10 * MS, disk=b"nvme0n1", major=259, minor=0, ts=1),   # nvme*: warning
+        pack_storage_record(latency=30 * MS, disk=b"nvme1n1", major=259, minor=1, ts=2),   # nvme*: critical
+        pack_storage_record(latency=1_000 * MS, disk=b"loop3", ts=3),                       # loop?: warning
+        pack_storage_record(latency=40 * MS, disk=b"vda", major=254, minor=0, ts=4),        # default: nothing
+        pack_storage_record(latency=600 * MS, disk=b"loop12", major=7, minor=12, ts=5),     # default: critical
+    )
+    found = d.detect(batch)
+    assert [(a.data["device"], a.severity, a.data["threshold_rule"]) for a in found] == [
+        ("nvme0n1", "warning", "nvme*"), ("nvme1n1", "critical", "nvme*"),
+        ("loop3", "warning", "loop?"), ("loop12", "critical", "default")]
+    assert [(a.data["warning_threshold_ns"], a.data["critical_threshold_ns"]) for a in found] == [
+        (5 * MS, 20 * MS), (5 * MS, 20 * MS), (50 * MS, 5000 * MS), (50 * MS, 500 * MS)]
+    assert d.counters()["screened_in_userspace"] == 1  # vda: the kernel's screen was lower than its threshold
+
+
+def test_kernel_screen_is_the_lowest_warning_any_device_could_have():
+    assert StorageSettings().screen_ns() == 100 * MS
+    settings = StorageSettings(warning_ms=50.0, devices=(
+        DeviceRule("sd*", warning_ms=500.0), DeviceRule("nvme*", warning_ms=2.5), DeviceRule("x*")))
+    assert settings.screen_ns() == 2_500_000
+
+
+def test_no_baseline_yet_is_null_not_zero():
+    [anomaly] = detector().detect(events(pack_storage_record(samples=0, baseline=0, deviation=0)))
+    assert (anomaly.data["baseline_latency_ns"], anomaly.data["baseline_deviation_ns"],
+            anomaly.data["baseline_samples"]) == (None, None, 0)
+
+
+def test_partial_completion_flush_operation_and_a_device_without_a_name():
+    raw = pack_storage_record(cmd_flags=FLUSH | REQ_SYNC, size=8192, completed=4096, partial=1, disk=b"",
+                              major=8, minor=16)
+    [anomaly] = detector().detect(events(raw))
+    data = anomaly.data
+    assert (data["operation"], data["partial"], data["completed_bytes"]) == ("flush", True, 4096)
+    assert anomaly.data["device"] == "8:16"
+
+
+def test_operation_outside_the_known_enum_is_named_by_number():
+    [anomaly] = detector().detect(events(pack_storage_record(cmd_flags=0x22 | REQ_SYNC)))
+    assert anomaly.data["operation"] == "op_34"
+
+
+def test_comm_and_disk_name_stop_at_nul_and_survive_bad_utf8():
+    [anomaly] = detector().detect(events(pack_storage_record(comm=b"a\xffb\0junk", disk=b"loop3\0xx")))
+    assert (anomaly.data["comm"], anomaly.data["device"]) == ("a\ufffdb", "loop3")
+
+
+def test_mixed_batch_keeps_kernel_order():
+    batch = events(pack_storage_record(ts=1, status=3), pack_storage_record(ts=2, latency=1),
+                   pack_storage_record(ts=3, latency=5_000 * MS), pack_storage_record(ts=4, status=10))
+    assert [(a.timestamp_ns, a.type) for a in detector().detect(batch)] == [
+        (1, IO_ERROR), (3, LATENCY_SPIKE), (4, IO_ERROR)]
+
+
+def test_counters_follow_the_kernels_latest_counts_and_the_userspace_screen():
+    d = detector()
+    d.detect(events(pack_storage_record(unmatched=5, overflows=1, latency=1)))
+    d.detect(events(pack_storage_record(unmatched=9, overflows=0, latency=1, ts=2)))
+    assert d.counters() == {"unmatched_completions": 9, "inflight_overflows": 1, "screened_in_userspace": 2,
+                            "devices_screened_in_kernel": 1}
+    assert d.detect(events()) == []
+
+
+# -- the kernel's per-device screen -----------------------------------------------------------------
+
+
+def test_a_device_seen_for_the_first_time_gets_its_own_kernel_threshold_once():
+    settings = StorageSettings(warning_ms=100.0, devices=(DeviceRule("loop*", warning_ms=500.0, critical_ms=2000.0),))
+    table = FakeTable()
+    d = detector(settings, table)
+    d.detect(events(pack_storage_record(disk=b"loop3", minor=3, ts=1), pack_storage_record(disk=b"loop3", minor=3),
+                    pack_storage_record(disk=b"vda", major=254, minor=0)))
+    assert table.values == {kernel_dev(7, 3): 500 * MS, kernel_dev(254, 0): 100 * MS}
+    assert table.writes == 2
+    # The same dev_t now names another device (loop devices come and go): matched again.
+    d.detect(events(pack_storage_record(disk=b"sdz", major=7, minor=3)))
+    assert table.values[kernel_dev(7, 3)] == 100 * MS
+    assert table.writes == 3
+
+
+def test_a_full_device_map_leaves_the_device_on_the_common_screen_and_warns_once(caplog):
+    table = FakeTable(capacity=1)
+    d = detector(table=table)
+    batch = events(pack_storage_record(disk=b"loop1", minor=1), pack_storage_record(disk=b"loop2", minor=2),
+                   pack_storage_record(disk=b"loop4", minor=4))
+    anomalies = d.detect(batch)
+    assert len(anomalies) == 3  # judging does not depend on the map
+    assert list(table.values) == [kernel_dev(7, 1)]
+    assert caplog.text.count("cannot give") == 1
+
+
+def test_kernel_dev_is_the_kernels_internal_encoding():
+    assert kernel_dev(7, 3) == 7 << 20 | 3
+    assert kernel_dev(259, 1_048_575) == 259 << 20 | 0xFFFFF
+
+
+# -- operations from BTF ----------------------------------------------------------------------------
+
+
+def test_operations_come_from_the_running_kernels_btf():
+    try:
+        btf = Btf.load()
+    except BtfError as exc:
+        pytest.skip(f"no kernel BTF here: {exc}")
+    operations = operations_from_btf(btf)
+    assert operations.mask == 0xFF
+    assert {operations.name(op) for op in (0, 1, 2, 3)} == {"read", "write", "flush", "discard"}
+    assert operations.name(1 | REQ_SYNC) == "write"
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+
+def test_settings_from_set_flags_including_an_inline_device_rule():
+    raw = apply_overrides({}, ["storage.warning_ms=20", 'storage.devices=[{match="loop*", warning_ms=500}]'])
+    settings = build_settings(StorageSettings, "storage", raw)
+    assert settings.thresholds("loop3").warning_ns == 500 * MS
+    assert settings.thresholds("loop3").critical_ns == 1000 * MS
+    assert settings.thresholds("nvme0n1").warning_ns == 20 * MS
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"warning_ms": -1}, "config [storage]: 'warning_ms' must be > 0.0: -1.0"),
+    ({"warning_ms": 500, "critical_ms": 100}, "config [storage]: critical_ms must be >= warning_ms, got 100.0 < 500.0"),
+    ({"devices": [{"match": "loop*", "critical_ms": 1}]},
+     "config [storage]: devices[0] ('loop*'): critical_ms must be >= warning_ms, got 1.0 < 100.0"),
+    ({"devices": [{"match": " "}]},
+     "config [storage]: devices[0]: 'match' must be a device name or glob such as 'nvme*', not empty"),
+    ({"threshold": 5}, "config [storage]: unknown key threshold (known: critical_ms, devices, warning_ms)"),
+])
+def test_bad_settings_stop_start_up_with_one_line_naming_the_key(table, message):
+    with pytest.raises(ConfigError) as caught:
+        build_settings(StorageSettings, "storage", {"storage": table})
+    assert str(caught.value) == message
+
+
+# -- the hook, as replay calls it -------------------------------------------------------------------
+
+
+def test_replay_path_builds_its_detector_and_fills_the_observers_counters():
+    observer = RunningObserver(spec=tapio_observer_storage.OBSERVER, config=StorageSettings(warning_ms=10.0))
+    batch = events(pack_storage_record(latency=20 * MS, unmatched=3), pack_storage_record(latency=5 * MS, ts=9))
+    anomalies = tapio_observer_storage.tapio_detect_anomalies(observer=observer, events=batch)
+    assert [a.type for a in anomalies] == [LATENCY_SPIKE]
+    assert anomalies[0].data["operation"] == "write"
+    assert observer.counters == {"unmatched_completions": 3, "inflight_overflows": 0, "screened_in_userspace": 1,
+                                 "devices_screened_in_kernel": 1}
+    assert observer.state["detector"].screens.table is None  # nothing to write into during a replay
