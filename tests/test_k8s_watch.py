@@ -1,0 +1,508 @@
+"""The real ``kubernetes`` client keeping the pod cache current against an API server run by the test.
+
+:mod:`k8s_api_server` serves list and watch for pods on 127.0.0.1 (chunked
+watch streams, resource versions, bookmarks, ``410 Gone``, cut connections,
+injected HTTP errors) and ReplicaSet/Job GETs; the watcher talks to it through
+a kubeconfig, exactly as the agent does. Backoff delays are checked through an
+injected sleep, never by the clock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from k8s_api_server import (
+    FakeApiServer,
+    free_port,
+    make_job,
+    make_pod,
+    make_replica_set,
+    owner_ref,
+    serve,
+    write_kubeconfig,
+)
+
+import tapio_enrich_kubernetes as plugin
+from tapio_core import Occurrence
+from tapio_core.plugins import PluginError, load_plugins
+from tapio_enrich_kubernetes.cgroups import CgroupMap
+from tapio_enrich_kubernetes.enrich import KubernetesEnricher
+from tapio_enrich_kubernetes.pods import PodCache, Workload
+from tapio_enrich_kubernetes.settings import KubernetesSettings, SettingsError
+from tapio_enrich_kubernetes.watch import Backoff, PodWatcher
+
+NODE = "node-a"
+OTHER_NODE = "node-b"
+
+
+def cid(n: int) -> str:
+    return f"{n:064x}"
+
+
+def eventually(predicate, timeout: float = 10.0, message: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {message or predicate}")
+        time.sleep(0.02)
+
+
+class Sleeps:
+    """The watcher's sleep: records each backoff delay, waits only briefly."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self, delay: float) -> bool:
+        self.delays.append(round(delay, 6))
+        time.sleep(0.02)
+        return False
+
+
+@pytest.fixture
+def api() -> Iterator[FakeApiServer]:
+    with serve() as server:
+        yield server
+
+
+def settings_for(kubeconfig: Path, **overrides) -> KubernetesSettings:
+    values = dict(enabled=True, node_name=NODE, kubeconfig=kubeconfig, watch_timeout_s=30,
+                  backoff_initial_s=0.05, backoff_max_s=0.4, request_timeout_s=5.0)
+    values.update(overrides)
+    return KubernetesSettings(**values)
+
+
+@contextmanager
+def watching(settings: KubernetesSettings, cache: PodCache | None = None, **options) -> Iterator[PodWatcher]:
+    options.setdefault("sleep", Sleeps())
+    options.setdefault("jitter", lambda: 0.0)
+    watcher = PodWatcher(settings, cache or PodCache(), **options)
+    watcher.start()
+    try:
+        yield watcher
+    finally:
+        watcher.stop()
+
+
+def synced(watcher: PodWatcher, api: FakeApiServer) -> None:
+    eventually(lambda: watcher.state == "synced" and api.watches_open >= 1, message="watch open")
+
+
+def rs_with_deployment(api: FakeApiServer, name: str, namespace: str = "default") -> tuple[dict, dict]:
+    deployment = owner_ref("Deployment", name)
+    rs = owner_ref("ReplicaSet", f"{name}-7d9f8c")
+    api.add_object("replicasets", make_replica_set(rs["name"], namespace, rs["uid"], deployment))
+    return rs, deployment
+
+
+# -- list and watch --------------------------------------------------------------------------------
+
+
+def test_lists_then_watches_only_this_nodes_pods_from_the_lists_version(api, tmp_path):
+    mine = make_pod("web-1", node=NODE, containers=[("app", cid(1))])
+    api.add_pod(mine)
+    api.add_pod(make_pod("elsewhere", node=OTHER_NODE, containers=[("app", cid(2))]))
+    cache = PodCache()
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url)), cache) as watcher:
+        synced(watcher, api)
+        [listed] = api.requests_of("list")
+        [watch] = api.requests_of("watch")
+        assert listed["query"]["fieldSelector"] == f"spec.nodeName={NODE}"
+        assert watch["query"]["fieldSelector"] == f"spec.nodeName={NODE}"
+        assert watch["query"]["resourceVersion"] == "102"  # the list's collection version
+        assert watch["query"]["allowWatchBookmarks"] == "true"
+        assert listed["authorization"] == "Bearer tapio-test-token"
+        assert cache.get(mine["metadata"]["uid"]).containers == {cid(1): "app"}
+        assert cache.counts()["known"] == 1
+
+        added = make_pod("web-2", node=NODE, namespace="shop", containers=[("app", cid(3)), ("proxy", cid(4))])
+        api.add_pod(added)
+        api.add_pod(make_pod("elsewhere-2", node=OTHER_NODE))
+        eventually(lambda: cache.get(added["metadata"]["uid"]) is not None)
+        info = cache.get(added["metadata"]["uid"])
+        assert (info.namespace, info.name, info.containers) == ("shop", "web-2", {cid(3): "app", cid(4): "proxy"})
+
+        api.delete_pod(added["metadata"]["uid"])
+        eventually(lambda: cache.counts()["ended_kept"] == 1)
+        assert cache.get(added["metadata"]["uid"]) is not None, "an ended pod stays for late kernel events"
+    assert len(api.requests_of("list")) == 1
+    assert len(api.requests_of("watch")) == 1, "events arrive on the one open watch, no request per event"
+    assert watcher.counters["watch_events"] == 2  # web-2 added and deleted; node-b's never reach us
+
+
+def test_a_restarted_container_keeps_the_id_of_its_previous_run(api, tmp_path):
+    pod = make_pod("crashy", node=NODE, containers=[("app", cid(20))], restarted={"app": cid(10)})
+    api.add_pod(pod)
+    cache = PodCache()
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url)), cache) as watcher:
+        synced(watcher, api)
+        uid = pod["metadata"]["uid"]
+        assert cache.get(uid).containers == {cid(10): "app", cid(20): "app"}
+        api.update_pod(make_pod("crashy", node=NODE, uid=uid, containers=[("app", cid(30))],
+                                restarted={"app": cid(20)}))
+        eventually(lambda: cid(30) in cache.get(uid).containers)
+        assert cache.get(uid).containers == {cid(10): "app", cid(20): "app", cid(30): "app"}
+
+
+def test_bookmark_moves_the_version_a_reconnect_resumes_from(api, tmp_path):
+    api.add_pod(make_pod("web-1", node=NODE))
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url))) as watcher:
+        synced(watcher, api)
+        for n in range(3):  # other nodes' changes move the collection's version, invisibly to us
+            api.add_pod(make_pod(f"other-{n}", node=OTHER_NODE))
+        revision = api.bookmark()
+        eventually(lambda: watcher.counters["bookmarks"] == 1)
+        assert watcher.resource_version == str(revision) == "104"
+        api.drop_watches()
+        eventually(lambda: len(api.requests_of("watch")) == 2)
+        assert api.requests_of("watch")[1]["query"]["resourceVersion"] == "104"
+    assert len(api.requests_of("list")) == 1, "a bookmark's version is resumable: no re-list"
+
+
+def test_dropped_watch_reconnects_from_the_last_version_with_growing_backoff(api, tmp_path):
+    pod = make_pod("web-1", node=NODE)
+    api.add_pod(pod)
+    sleeps = Sleeps()
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url)), sleep=sleeps) as watcher:
+        synced(watcher, api)
+        api.update_pod(pod)
+        eventually(lambda: watcher.resource_version == "102")
+        with api.outage():  # the watch is cut and every attempt gets 503
+            eventually(lambda: len(sleeps.delays) >= 6)
+            assert watcher.state == "unreachable"
+            assert watcher.last_error == "HTTP 503 Service Unavailable"
+        assert sleeps.delays[:6] == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4]
+        synced(watcher, api)
+        assert api.requests_of("watch")[-1]["query"]["resourceVersion"] == "102"
+        assert len(api.requests_of("list")) == 1, "the history was still there: no re-list"
+        api.update_pod(pod)
+        eventually(lambda: watcher.resource_version == "103")
+        failures = len(sleeps.delays)
+        api.drop_watches()
+        eventually(lambda: len(sleeps.delays) > failures)
+        assert sleeps.delays[failures] == 0.05, "a watch that delivered events resets the backoff"
+
+
+def test_410_gone_lists_again_and_reconciles_what_changed_meanwhile(api, tmp_path):
+    stays = make_pod("stays", node=NODE, containers=[("app", cid(1))])
+    leaves = make_pod("leaves", node=NODE, containers=[("app", cid(2))])
+    api.add_pod(stays)
+    api.add_pod(leaves)
+    cache = PodCache()
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url)), cache) as watcher:
+        synced(watcher, api)
+        before = watcher.resource_version
+        arrives = make_pod("arrives", node=NODE, containers=[("app", cid(3))])
+        with api.outage():
+            eventually(lambda: watcher.state == "unreachable")
+            api.delete_pod(leaves["metadata"]["uid"])
+            api.add_pod(arrives)
+            api.compact()  # the server no longer has the history we missed
+        eventually(lambda: watcher.counters["relists_after_gone"] == 1 and len(api.requests_of("list")) == 2)
+        synced(watcher, api)
+        assert cache.get(arrives["metadata"]["uid"]) is not None
+        assert cache.counts() == {"known": 2, "ended_kept": 1, "workloads_resolved": 0}
+        gone_watch = [w for w in api.requests_of("watch") if w["query"]["resourceVersion"] == before]
+        assert len(gone_watch) >= 2  # the first watch, and the one answered 410
+        assert api.requests_of("watch")[-1]["query"]["resourceVersion"] == "104"
+
+
+def test_api_unreachable_at_start_then_reachable(tmp_path):
+    port = free_port()
+    cache = PodCache()
+    kubeconfig = write_kubeconfig(tmp_path / "kc", f"http://127.0.0.1:{port}")
+    with watching(settings_for(kubeconfig), cache) as watcher:
+        eventually(lambda: watcher.counters["failures"] >= 2)
+        assert watcher.state == "unreachable_at_start"
+        assert "refused" in watcher.last_error.lower()
+        assert cache.counts()["known"] == 0
+        server = FakeApiServer()
+        pod = make_pod("late", node=NODE)
+        server.add_pod(pod)
+        with serve(server, port=port):
+            synced(watcher, server)
+            assert cache.get(pod["metadata"]["uid"]) is not None
+            assert watcher.last_error  # kept for status: what the last failure was
+
+
+def test_missing_kubeconfig_is_reported_and_retried(tmp_path):
+    with watching(settings_for(tmp_path / "absent")) as watcher:
+        eventually(lambda: watcher.counters["failures"] >= 2)
+        assert watcher.state == "misconfigured"
+        assert "absent" in watcher.last_error or "kube-config" in watcher.last_error.lower()
+
+
+def test_a_watch_closed_at_once_backs_off_instead_of_spinning(api, tmp_path):
+    api.add_pod(make_pod("web-1", node=NODE))
+    sleeps = Sleeps()
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url), watch_timeout_s=1),
+                  sleep=sleeps) as watcher:
+        synced(watcher, api)
+        eventually(lambda: len(api.requests_of("watch")) >= 3, timeout=15)
+    assert sleeps.delays[:2] == [0.05, 0.1]
+
+
+# -- owners ---------------------------------------------------------------------------------------
+
+
+def test_owners_resolved_once_each_to_the_workload_users_name(api, tmp_path):
+    rs, deployment = rs_with_deployment(api, "web")
+    job = owner_ref("Job", "backup-28911", api_version="batch/v1")
+    cron = owner_ref("CronJob", "backup", api_version="batch/v1")
+    api.add_object("jobs", make_job(job["name"], "default", job["uid"], cron))
+    orphan_rs = owner_ref("ReplicaSet", "by-hand")
+    api.add_object("replicasets", make_replica_set(orphan_rs["name"], "default", orphan_rs["uid"], None))
+    deleted_rs = owner_ref("ReplicaSet", "already-gone")
+    statefulset = owner_ref("StatefulSet", "db")
+    daemonset = owner_ref("DaemonSet", "agent")
+    node = owner_ref("Node", NODE, api_version="v1")
+    pods = {
+        "web-a": make_pod("web-a", node=NODE, owner=rs),
+        "web-b": make_pod("web-b", node=NODE, owner=rs),
+        "web-c": make_pod("web-c", node=NODE, owner=rs),
+        "backup": make_pod("backup", node=NODE, owner=job),
+        "by-hand": make_pod("by-hand", node=NODE, owner=orphan_rs),
+        "gone": make_pod("gone", node=NODE, owner=deleted_rs),
+        "db-0": make_pod("db-0", node=NODE, owner=statefulset),
+        "agent": make_pod("agent", node=NODE, owner=daemonset),
+        "static": make_pod("static", node=NODE, owner=node),
+        "bare": make_pod("bare", node=NODE),
+    }
+    for pod in pods.values():
+        api.add_pod(pod)
+    cache = PodCache()
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url)), cache) as watcher:
+        synced(watcher, api)
+        for _ in range(3):  # status churn on the web pods must not cost lookups
+            api.update_pod(pods["web-a"])
+        eventually(lambda: watcher.counters["watch_events"] == 3)
+
+        def workload(name: str) -> Workload | None:
+            return cache.workload_of(cache.get(pods[name]["metadata"]["uid"]))
+
+        as_workload = lambda ref: Workload(ref["kind"], ref["name"], ref["uid"])
+        assert {workload(n) for n in ("web-a", "web-b", "web-c")} == {as_workload(deployment)}
+        assert workload("backup") == as_workload(cron)
+        assert workload("by-hand") == as_workload(orphan_rs)
+        assert workload("gone") == as_workload(deleted_rs)
+        assert workload("db-0") == as_workload(statefulset)
+        assert workload("agent") == as_workload(daemonset)
+        assert workload("static") is None
+        assert workload("bare") is None
+    gets = sorted(r["path"] for r in api.requests_of("get"))
+    assert gets == [
+        "/apis/apps/v1/namespaces/default/replicasets/already-gone",
+        "/apis/apps/v1/namespaces/default/replicasets/by-hand",
+        "/apis/apps/v1/namespaces/default/replicasets/web-7d9f8c",
+        "/apis/batch/v1/namespaces/default/jobs/backup-28911",
+    ]
+
+
+def test_owner_lookup_refused_names_the_replicaset_until_a_retry_succeeds(api, tmp_path):
+    rs, deployment = rs_with_deployment(api, "web")
+    pod = make_pod("web-a", node=NODE, owner=rs)
+    api.add_pod(pod)
+    api.fail_requests(403, kind="get")
+    cache = PodCache()
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url), backoff_max_s=0.2), cache) as watcher:
+        synced(watcher, api)
+        info = cache.get(pod["metadata"]["uid"])
+        assert cache.workload_of(info) == Workload("ReplicaSet", rs["name"], rs["uid"])
+        assert watcher.counters["owner_lookup_failures"] == 1
+
+        def resolved() -> bool:
+            api.update_pod(pod)  # the next event for the pod retries once the retry time has come
+            time.sleep(0.05)
+            return cache.workload_of(info) == Workload("Deployment", "web", deployment["uid"])
+
+        eventually(resolved)
+    assert len(api.requests_of("get")) == 2
+
+
+def test_ended_pods_are_forgotten_after_the_grace_period(api, tmp_path):
+    now = [1000.0]
+    cache = PodCache(grace_s=60, clock=lambda: now[0])
+    ended = make_pod("ended", node=NODE)
+    other = make_pod("other", node=NODE)
+    api.add_pod(ended)
+    api.add_pod(other)
+    forgotten: list[list[str]] = []
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url)), cache,
+                  on_pods_forgotten=forgotten.append) as watcher:
+        synced(watcher, api)
+        api.delete_pod(ended["metadata"]["uid"])
+        eventually(lambda: cache.counts()["ended_kept"] == 1)
+        now[0] += 59
+        api.update_pod(other)
+        eventually(lambda: watcher.counters["watch_events"] == 2)
+        assert cache.get(ended["metadata"]["uid"]) is not None
+        now[0] += 1
+        api.update_pod(other)
+        eventually(lambda: forgotten == [[ended["metadata"]["uid"]]])
+        assert cache.get(ended["metadata"]["uid"]) is None
+
+
+def test_backoff_doubles_to_its_cap_and_resets():
+    backoff = Backoff(0.5, 30.0, jitter=lambda: 0.0)
+    assert [backoff.next_delay() for _ in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    backoff.reset()
+    assert backoff.next_delay() == 0.5
+    spread = Backoff(1.0, 30.0, jitter=lambda: 1.0)
+    assert spread.next_delay() == 0.75
+
+
+# -- enrichment from the caches ---------------------------------------------------------------------
+
+
+def occurrence(**data) -> Occurrence:
+    return Occurrence(id="01JTAPIOTEST0000000000000", timestamp=datetime.now(UTC),
+                      type="kernel.network.connection_refused", severity="warning", outcome="failure", data=data)
+
+
+def entities(occ: Occurrence) -> list[tuple[str, str, str]]:
+    return [(e.kind, e.id, e.name) for e in occ.context.entities]
+
+
+def pod_dir(root: Path, uid: str) -> Path:
+    path = (root / "kubepods.slice" / "kubepods-besteffort.slice"
+            / f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_enricher_names_pod_container_and_workload_from_local_caches_only(api, tmp_path):
+    rs, deployment = rs_with_deployment(api, "web", namespace="shop")
+    uid = str(uuid.uuid4())
+    api.add_pod(make_pod("web-7d9f8c-x2x4q", node=NODE, namespace="shop", uid=uid, owner=rs,
+                         containers=[("app", cid(1))]))
+    container = pod_dir(tmp_path / "cg", uid) / f"cri-containerd-{cid(1)}.scope"
+    container.mkdir()
+    sandbox = pod_dir(tmp_path / "cg", uid) / f"cri-containerd-{cid(9)}.scope"
+    sandbox.mkdir()
+    host = tmp_path / "cg" / "system.slice"
+    host.mkdir()
+    settings = settings_for(write_kubeconfig(tmp_path / "kc", api.url))
+    cgroups = CgroupMap(tmp_path / "cg")
+    cgroups.scan()
+    cache = PodCache()
+    enricher = KubernetesEnricher(settings, cache, cgroups)
+    with watching(settings, cache, on_new_containers=enricher._rescan_pods) as watcher:
+        enricher.watcher = watcher
+        synced(watcher, api)
+        requests = len(api.requests)
+
+        by_id = occurrence(cgroup_id=os.stat(container).st_ino)
+        enricher.enrich(by_id)
+        assert (by_id.context.node, by_id.context.namespace) == (NODE, "shop")
+        assert entities(by_id) == [
+            ("pod", uid, "shop/web-7d9f8c-x2x4q"),
+            ("container", cid(1), "app"),
+            ("deployment", deployment["uid"], "shop/web"),
+        ]
+        by_path = occurrence(cgroup_id=1, cgroup_path=f"/kubepods/besteffort/pod{uid}/{cid(1)}")  # a v1 path
+        enricher.enrich(by_path)
+        assert entities(by_path) == entities(by_id)
+
+        in_sandbox = occurrence(cgroup_id=os.stat(sandbox).st_ino)  # the pause container: no status entry
+        enricher.enrich(in_sandbox)
+        assert [kind for kind, _, _ in entities(in_sandbox)] == ["pod", "deployment"]
+
+        unknown_pod = occurrence(cgroup_path=f"/kubepods/besteffort/pod{uuid.uuid4()}/{cid(5)}")
+        on_host = occurrence(cgroup_id=os.stat(host).st_ino)
+        no_cgroup = occurrence(pid=1)
+        for occ in (unknown_pod, on_host, no_cgroup):
+            enricher.enrich(occ)
+            assert (occ.context.node, occ.context.namespace, occ.context.entities) == (NODE, None, [])
+        assert len(api.requests) == requests, "enrichment made API calls"
+
+        # a container that starts later is indexed when the watch reports it, not by walking the tree
+        late = pod_dir(tmp_path / "cg", uid) / f"cri-containerd-{cid(2)}.scope"
+        late.mkdir()
+        rescans = cgroups.counters["pod_rescans"]
+        api.update_pod(make_pod("web-7d9f8c-x2x4q", node=NODE, namespace="shop", uid=uid, owner=rs,
+                                containers=[("app", cid(1)), ("sidecar", cid(2))]))
+        eventually(lambda: cgroups.counters["pod_rescans"] == rescans + 1)
+        later = occurrence(cgroup_id=os.stat(late).st_ino)
+        enricher.enrich(later)
+        assert entities(later)[1] == ("container", cid(2), "sidecar")
+        assert cgroups.counters["scans"] == 1
+
+        status = enricher.status()
+    assert status["api"]["state"] == "synced"
+    assert status["pods"] == {"known": 1, "ended_kept": 0, "workloads_resolved": 1}
+    assert status["occurrences"] == {"enriched": 4, "pod_unknown": 1, "outside_pods": 1, "no_cgroup": 1,
+                                     "container_unknown": 1}
+    assert status["cgroups"]["resolve_by"] == "rescan"
+
+
+# -- the plugin as the agent loads it -----------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_plugin(monkeypatch):
+    for name in list(os.environ):
+        if name == "NODE_NAME" or name.startswith("TAPIO_K8S_"):
+            monkeypatch.delenv(name)
+    plugin.stop()
+    try:
+        yield monkeypatch
+    finally:
+        plugin.stop()
+
+
+def test_settings_from_the_environment():
+    assert KubernetesSettings.from_env({}).enabled is False
+    on = KubernetesSettings.from_env({"NODE_NAME": "n1", "KUBECONFIG": "/k", "TAPIO_K8S_ENDED_POD_GRACE_S": "30"})
+    assert (on.enabled, on.node_name, on.kubeconfig, on.ended_pod_grace_s) == (True, "n1", Path("/k"), 30.0)
+    assert KubernetesSettings.from_env({"NODE_NAME": "n1", "TAPIO_K8S_ENABLED": "0"}).enabled is False
+    flagged = KubernetesSettings.from_env({"TAPIO_K8S_ENABLED": "true"})
+    assert (flagged.enabled, flagged.node_name) == (True, os.uname().nodename)
+    for env, message in [
+        ({"TAPIO_K8S_WATCH_TIMEOUT_S": "x"}, "TAPIO_K8S_WATCH_TIMEOUT_S must be a whole number of seconds, got 'x'"),
+        ({"TAPIO_K8S_BACKOFF_MAX_S": "-1"}, "TAPIO_K8S_BACKOFF_MAX_S must be a positive number, got -1.0"),
+        ({"TAPIO_K8S_ENABLED": "maybe"}, "TAPIO_K8S_ENABLED must be 1 or 0 (true/false), got 'maybe'"),
+    ]:
+        with pytest.raises(SettingsError) as raised:
+            KubernetesSettings.from_env(env)
+        assert str(raised.value) == message
+
+
+def test_bad_setting_stops_plugin_loading_with_one_line(fresh_plugin):
+    fresh_plugin.setenv("NODE_NAME", NODE)
+    fresh_plugin.setenv("TAPIO_K8S_ENDED_POD_GRACE_S", "soon")
+    with pytest.raises(PluginError) as raised:
+        load_plugins(["kubernetes"])
+    assert str(raised.value) == (
+        "kubernetes enrichment: TAPIO_K8S_ENDED_POD_GRACE_S must be a number of seconds, got 'soon'")
+
+
+def test_without_node_name_the_plugin_is_off(fresh_plugin):
+    plugins = load_plugins(["kubernetes"])
+    occ = occurrence(cgroup_id=1)
+    plugins.pm.hook.tapio_enrich_occurrence(occurrence=occ)
+    assert occ.context is None
+    assert plugin.status()["enabled"] is False
+    assert not [t for t in threading.enumerate() if t.name == "tapio-k8s-watch"]
+
+
+def test_loaded_through_its_entry_point_it_watches_and_enriches(fresh_plugin, api, tmp_path):
+    uid = str(uuid.uuid4())
+    api.add_pod(make_pod("web-1", node=NODE, namespace="shop", uid=uid, containers=[("app", cid(1))]))
+    fresh_plugin.setenv("NODE_NAME", NODE)
+    fresh_plugin.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kc", api.url)))
+    plugins = load_plugins(["kubernetes"])
+    assert plugins.observers == {}
+    eventually(lambda: plugin.status()["api"]["state"] == "synced" and plugin.status()["pods"]["known"] == 1)
+    occ = occurrence(cgroup_path=f"/kubepods/besteffort/pod{uid}/{cid(1)}")
+    plugins.pm.hook.tapio_enrich_occurrence(occurrence=occ)
+    assert entities(occ) == [("pod", uid, "shop/web-1"), ("container", cid(1), "app")]
+    load_plugins(["kubernetes"])  # loading again must not start a second watch
+    assert len([t for t in threading.enumerate() if t.name == "tapio-k8s-watch"]) == 1
