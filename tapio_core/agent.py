@@ -99,8 +99,12 @@ class Agent:
                     observer.bpf = None
                 continue
             observer.status = "running"
-            observer.status_reason = ("disabled: " + ", ".join(disabled)) if disabled else ""
-            log.info("observer %s running%s", observer.name, f" ({observer.status_reason})" if disabled else "")
+            # Keep what tapio_observer_started said (e.g. "degraded: ..."), add what BTF disabled.
+            reasons = [observer.status_reason] if observer.status_reason else []
+            if disabled:
+                reasons.append("disabled: " + ", ".join(disabled))
+            observer.status_reason = "; ".join(reasons)
+            log.info("observer %s running%s", observer.name, f" ({observer.status_reason})" if reasons else "")
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -208,6 +212,7 @@ class Agent:
     def shutdown(self) -> None:
         for name in self.readers:
             self.drain(name)  # what arrived before the signal still counts
+            self.pipeline.finish(name)
         self.pipeline.close()
         if self.recorder is not None:
             self.recorder.close()

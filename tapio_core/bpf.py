@@ -94,7 +94,7 @@ def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) ->
 
     try:
         # TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE programs attach as bcc loads them.
-        bpf = BPF(text=program_text(source, ebpf_dir).encode(), cflags=includes + flags)
+        bpf = BPF(text=program_text(source, ebpf_dir).encode(), cflags=includes + flags + list(spec.cflags))
     except Exception as exc:
         raise ObserverLoadError(f"{spec.name}: BPF compile/attach failed: {exc}") from None
     return bpf, disabled

@@ -14,7 +14,8 @@ point group. The agent calls them in this order:
 4. Per anomaly found: the agent builds an :class:`~tapio_core.Occurrence`, calls
    ``tapio_enrich_occurrence`` on every plugin, then ``tapio_sink_emit`` once
    per sink with the batch's occurrences (each sink only on its own plugin).
-5. ``tapio_sink_close`` once per sink at shutdown.
+5. At shutdown: ``tapio_observer_stopping`` once per observer (pending
+   anomalies still go out), then ``tapio_sink_close`` once per sink.
 
 The same path runs without BPF in ``tapio replay``, so parse and detect must
 depend on nothing but their arguments and ``observer.state``.
@@ -97,6 +98,18 @@ def tapio_detect_anomalies(observer: RunningObserver, events: np.ndarray) -> lis
     ``observer.config``. Return a list of :class:`~tapio_core.Anomaly` (empty
     or None when the batch holds nothing abnormal). Prefer vectorised numpy
     over per-event Python: this is the hot path.
+    """
+
+
+@hookspec
+def tapio_observer_stopping(observer: RunningObserver) -> list[Anomaly] | None:
+    """Hand over anomalies the detector still holds, because no more events will come.
+
+    Called once per observer when the agent shuts down (after the last batch
+    was drained, before its BPF program is detached) and at the end of a
+    ``tapio replay``, only on the plugin that registered it. Return the
+    anomalies still pending in ``observer.state`` -- e.g. an episode that has
+    not ended yet, reported with outcome ``in_progress`` -- or None.
     """
 
 

@@ -57,6 +57,8 @@ class ObserverSpec:
     #: An attrs class with defaults and validators, built from the config
     #: file's table named after the observer (``[network]``); None: no settings.
     config_type: type | None = None
+    #: Extra compiler flags for the BPF source, e.g. ``("-DMAX_CPUS=64",)``.
+    cflags: tuple[str, ...] = ()
 
 
 @attrs.define(eq=False)

@@ -93,6 +93,9 @@ class Pipeline:
         observer.records += len(events)
         anomalies = [a for found in self._detect[observer_name](observer=observer, events=events) if found
                      for a in found]
+        return self._emit_anomalies(observer, anomalies)
+
+    def _emit_anomalies(self, observer: RunningObserver, anomalies: list[Anomaly]) -> list[Occurrence]:
         if not anomalies:
             return []
         observer.anomalies += len(anomalies)
@@ -102,6 +105,17 @@ class Pipeline:
                 self.enrich(occurrence)
         self.emit(occurrences)
         return occurrences
+
+    def finish(self, observer_name: str) -> list[Occurrence]:
+        """Emit what the observer's detector still holds (open episodes) at shutdown or end of replay."""
+        observer = self.observers[observer_name]
+        hook = self.plugins.hook_for("tapio_observer_stopping", observer.plugin_name)
+        try:
+            anomalies = [a for found in hook(observer=observer) if found for a in found]
+        except Exception:
+            log.exception("observer %s failed to hand over its pending anomalies", observer_name)
+            return []
+        return self._emit_anomalies(observer, anomalies)
 
     def parse(self, observer: RunningObserver, records: bytes) -> np.ndarray:
         dtype = observer.spec.record_dtype

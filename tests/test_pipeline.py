@@ -178,6 +178,21 @@ def test_settings_reach_the_observer_and_bad_ones_name_the_key():
         build([("toy", toy), ("list", sink)], ["list"], settings={"tyo": {}})
 
 
+def test_tapio_observer_stopping_hands_over_pending_anomalies():
+    class Episodes(ToyObserver):
+        @hookimpl
+        def tapio_observer_stopping(self, observer):
+            return [Anomaly(type="kernel.toy.episode", timestamp_ns=5, severity="warning", outcome="in_progress",
+                            data={"open": True})]
+
+    sink = ListSink("list")
+    pipeline = build([("toy", Episodes("toy")), ("list", sink)], ["list"])
+    [occurrence] = pipeline.finish("toy")
+    assert (occurrence.type, occurrence.outcome) == ("kernel.toy.episode", "in_progress")
+    assert sink.received == [occurrence]
+    assert pipeline.observers["toy"].anomalies == 1
+
+
 def test_partial_trailing_record_is_dropped_and_counted(caplog):
     toy, sink = ToyObserver("toy"), ListSink("list")
     pipeline = build([("toy", toy), ("list", sink)], ["list"])

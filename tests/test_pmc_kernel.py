@@ -255,7 +255,6 @@ def test_a_missing_stall_counter_degrades_to_ipc_only(tmp_path, caplog):
     assert observer.counters["intervals"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="core: Agent.load overwrites the status_reason tapio_observer_started set")
 def test_a_degraded_observer_says_why_in_its_status():
     with pmc_agent(dict(SOFTWARE, skip_counters=["stall_cycles"])) as (agent, _):
         observer = agent.pipeline.observers["pmc"]
