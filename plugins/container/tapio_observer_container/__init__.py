@@ -1,0 +1,116 @@
+"""Tapio container observer: OOM kills and abnormal process exits, from the real kernel."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import attrs
+
+from tapio_core import BtfField, ObserverSpec, hookimpl
+from tapio_core.bpf import ObserverLoadError
+from tapio_core.btf import Btf, BtfError
+from tapio_observer_container.detect import container_anomalies
+from tapio_observer_container.layout import CGROUP_V1, KernelLayout, detect_cgroup_mode, kernel_layout
+from tapio_observer_container.records import CONTAINER_RECORD
+from tapio_observer_container.settings import ContainerSettings
+
+log = logging.getLogger("tapio.container")
+
+_CGROUP = "cgroup id and path"
+_MEMORY = "memory limit and usage of OOM victims"
+OBSERVER = ObserverSpec(
+    name="container",
+    bpf_source=Path(__file__).with_name("container.bpf.c"),
+    record_dtype=CONTAINER_RECORD,
+    tracepoints=("sched:sched_process_exit", "raw:mark_victim"),
+    btf_fields=(
+        BtfField("TAPIO_TASK_EXIT_CODE_OFFSET", "task_struct", "exit_code", feature="abnormal exits"),
+        BtfField("TAPIO_TASK_SIGNAL_OFFSET", "task_struct", "signal",
+                 feature="group exit status and oom_score_adj"),
+        BtfField("TAPIO_SIGNAL_FLAGS_OFFSET", "signal_struct", "flags", feature="group exit status"),
+        BtfField("TAPIO_SIGNAL_GROUP_EXIT_CODE_OFFSET", "signal_struct", "group_exit_code",
+                 feature="group exit status"),
+        BtfField("TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET", "signal_struct", "oom_score_adj",
+                 feature="oom_score_adj of OOM victims"),
+        BtfField("TAPIO_TASK_GROUP_LEADER_OFFSET", "task_struct", "group_leader",
+                 feature="process name (the leader's comm)"),
+        BtfField("TAPIO_TASK_START_TIME_OFFSET", "task_struct", "start_time",
+                 feature="telling an OOM victim's exit from a reused pid's"),
+        BtfField("TAPIO_TASK_COMM_OFFSET", "task_struct", "comm", feature="process names"),
+        BtfField("TAPIO_TASK_TGID_OFFSET", "task_struct", "tgid", feature="OOM kills"),
+        BtfField("TAPIO_TASK_PID_OFFSET", "task_struct", "pid", feature="OOM kills"),
+        BtfField("TAPIO_TASK_MM_OFFSET", "task_struct", "mm", feature="RSS of OOM victims"),
+        BtfField("TAPIO_TASK_CGROUPS_OFFSET", "task_struct", "cgroups", feature=_CGROUP),
+        BtfField("TAPIO_CSS_SET_SUBSYS_OFFSET", "css_set", "subsys", feature="memory cgroup"),
+        BtfField("TAPIO_CSS_SET_DFL_CGRP_OFFSET", "css_set", "dfl_cgrp", feature="cgroup on cgroup v2"),
+        BtfField("TAPIO_CSS_CGROUP_OFFSET", "cgroup_subsys_state", "cgroup", feature="cgroup on cgroup v1"),
+        BtfField("TAPIO_CGROUP_KN_OFFSET", "cgroup", "kn", feature=_CGROUP),
+        BtfField("TAPIO_KERNFS_NODE_ID_OFFSET", "kernfs_node", "id", feature=_CGROUP),
+        BtfField("TAPIO_KERNFS_NODE_NAME_OFFSET", "kernfs_node", "name", feature="cgroup path"),
+        BtfField("TAPIO_MEMCG_CSS_OFFSET", "mem_cgroup", "css", feature=_MEMORY),
+        BtfField("TAPIO_MEMCG_MAX_OFFSET", "mem_cgroup", "memory.max", feature=_MEMORY),
+        BtfField("TAPIO_MEMCG_USAGE_OFFSET", "mem_cgroup", "memory.usage", feature=_MEMORY),
+    ),
+    description="OOM kills with their memory cgroup and limit; abnormal process exits",
+    config_type=ContainerSettings,
+)
+
+
+@hookimpl
+def tapio_register_observers(register):
+    register(OBSERVER)
+
+
+def bitmap(values: tuple[int, ...], words: int) -> list[int]:
+    """Bit n of the words set for each n: the BPF side's ignore sets."""
+    out = [0] * words
+    for value in values:
+        out[value >> 6] |= 1 << (value & 63)
+    return out
+
+
+def write_settings(bpf, layout: KernelLayout, settings: ContainerSettings) -> None:
+    """Filters first, the layout (with ``configured``) last: the BPF side reports nothing before."""
+    filters = bpf[b"exit_filter"]
+    leaf = filters.Leaf()
+    for index, word in enumerate(bitmap(settings.ignore_exit_codes, 4)):
+        leaf.ignored_exit_codes[index] = word
+    for index, word in enumerate(bitmap(settings.ignore_signals, 2)):
+        leaf.ignored_signals[index] = word
+    filters[filters.Key(0)] = leaf
+    names = bpf[b"ignored_process_names"]
+    names.clear()
+    for name in settings.ignore_process_names:
+        key = names.Key()
+        key.comm = name.encode()
+        names[key] = names.Leaf(1)
+    table = bpf[b"container_layout"]
+    leaf = table.Leaf()
+    for field, value in attrs.asdict(layout).items():
+        setattr(leaf, field, value)
+    leaf.configured = 1
+    table[table.Key(0)] = leaf
+
+
+@hookimpl
+def tapio_observer_started(observer):
+    settings = observer.config or ContainerSettings()
+    try:
+        btf = Btf.load()
+    except BtfError as exc:
+        log.warning("container: %s; memory cgroups, cgroup paths and RSS disabled", exc)
+        btf = None
+    mode = detect_cgroup_mode(settings.cgroup_mode)
+    layout = kernel_layout(btf, mode)
+    try:
+        write_settings(observer.bpf, layout, settings)
+    except (KeyError, TypeError, ValueError) as exc:  # a --ebpf-dir source without our maps
+        raise ObserverLoadError(f"container: cannot write settings into the BPF maps: {exc}") from None
+    log.info("container: containers named by their cgroup v%d %s", mode,
+             "memory cgroup" if mode == CGROUP_V1 else "(unified) cgroup")
+
+
+@hookimpl
+def tapio_detect_anomalies(observer, events):
+    return container_anomalies(events)

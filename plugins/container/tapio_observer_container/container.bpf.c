@@ -1,0 +1,408 @@
+/* Tapio container observer: OOM kills and abnormal process exits.
+ *
+ * sched_process_exit fires once per thread; group_dead marks the last thread
+ * of a process, so that is where a process exit is judged, with the status
+ * its parent's wait() sees. Exits the user declared normal (exit codes,
+ * signals, process names) and successful ones are dropped here: they never
+ * cross the ring buffer.
+ *
+ * oom/mark_victim runs in the context of whoever triggered the OOM, not the
+ * victim: the raw tracepoint hands us the victim's task_struct, and its memory
+ * cgroup, limit, usage and RSS are read from it at BTF offsets. Its exit
+ * (SIGKILL) is then not reported a second time.
+ *
+ * Nothing is reported until tapio_observer_started has written the kernel
+ * facts and the user's filters into container_layout / exit_filter.
+ */
+#include <tapio.h>  /* the agent puts events, tapio_lost and tapio_submit() before this */
+
+#define KIND_ABNORMAL_EXIT 1
+#define KIND_OOM_KILL      2
+
+/* Which facts the kernel gave us; mirrors FLAG_* in records.py. */
+#define FLAG_CGROUP         (1 << 0)
+#define FLAG_MEMORY         (1 << 1)
+#define FLAG_LIMITED        (1 << 2)
+#define FLAG_RSS            (1 << 3)
+#define FLAG_OOM_SCORE_ADJ  (1 << 4)
+#define FLAG_PATH_TRUNCATED (1 << 5)
+
+#define CGROUP_V1 1
+#define CGROUP_V2 2
+
+#define SIGKILL 9
+#define SIGNAL_GROUP_EXIT 0x00000004  /* include/linux/sched/signal.h, unchanged since 2.6 */
+#define CGROUP_SUBSYS_MAX 64          /* only bounds a map-supplied index */
+#define CGROUP_PATH_LEN   256         /* a power of two: the path builder masks with it */
+#define CGROUP_PATH_DEPTH 16
+
+/* Mirrors CONTAINER_RECORD in tapio_observer_container/records.py. */
+struct container_record {
+    u64 timestamp_ns;
+    struct tapio_task task;      /* the process: pid, last/victim thread, its cgroup, the leader's comm */
+    u64 memory_limit_bytes;
+    u64 memory_usage_bytes;
+    u64 file_rss_bytes;
+    u64 anon_rss_bytes;
+    u64 shmem_rss_bytes;
+    u32 kind;
+    u32 exit_status;             /* as wait() reports it: code << 8 | 0x80 if core dumped | signal */
+    u32 trigger_pid;             /* OOM: the task whose allocation invoked the OOM killer */
+    s16 oom_score_adj;
+    u8 flags;
+    u8 cgroup_mode;
+    char trigger_comm[16];
+    char cgroup_path[CGROUP_PATH_LEN];
+};
+
+/* Kernel facts that cannot come as -D macros (an enum value, a renamed member,
+ * array strides); written by tapio_observer_started from BTF. Offsets are -1
+ * when this kernel lacks them. Mirrors KernelLayout in layout.py. */
+struct kernel_layout {
+    u64 page_size;
+    u64 unlimited_pages;         /* PAGE_COUNTER_MAX: a memory.max of "max" */
+    s64 memory_cgrp_id;
+    s64 kn_parent_offset;
+    s64 rss_file_offset;
+    s64 rss_anon_offset;
+    s64 rss_shmem_offset;
+    u32 cgroup_mode;
+    u32 configured;
+};
+
+/* The user's "normal exits"; bit n of a bitmap set = ignore n. */
+struct exit_filter {
+    u64 ignored_exit_codes[4];   /* 0..255 */
+    u64 ignored_signals[2];      /* 1..127 */
+};
+
+struct comm_key {
+    char comm[16];
+};
+
+struct oom_victim {
+    u64 start_time;              /* the group leader's: tells a reused pid apart */
+    u64 timestamp_ns;
+};
+
+struct path_scratch {
+    char buf[2 * CGROUP_PATH_LEN];
+    u64 nodes[CGROUP_PATH_DEPTH];
+};
+
+BPF_ARRAY(container_layout, struct kernel_layout, 1);
+BPF_ARRAY(exit_filter, struct exit_filter, 1);
+BPF_HASH(ignored_process_names, struct comm_key, u8, 1024);
+/* Victims whose exit must not be reported again as a SIGKILL exit. */
+BPF_TABLE("lru_hash", u32, struct oom_victim, oom_victims, 4096);
+/* Records and paths are too big for the 512-byte BPF stack. */
+BPF_PERCPU_ARRAY(record_scratch, struct container_record, 1);
+BPF_PERCPU_ARRAY(path_scratch, struct path_scratch, 1);
+
+static __always_inline int bit_is_set(const u64 *words, u32 n, u32 nwords)
+{
+    u32 word = n >> 6;
+    if (word >= nwords)
+        return 0;
+    return (words[word] >> (n & 63)) & 1;
+}
+
+static __always_inline const void *read_ptr(const void *base, s64 offset)
+{
+    const void *ptr = NULL;
+    if (base && offset >= 0)
+        bpf_probe_read_kernel(&ptr, sizeof(ptr), (const char *)base + offset);
+    return ptr;
+}
+
+/* tgid plus the leader's start time names one process, whatever pids get reused. */
+static __always_inline u64 process_start_time(const void *task)
+{
+    u64 start_time = 0;
+#if defined(TAPIO_TASK_GROUP_LEADER_OFFSET) && defined(TAPIO_TASK_START_TIME_OFFSET)
+    const void *leader = read_ptr(task, TAPIO_TASK_GROUP_LEADER_OFFSET);
+    if (leader)
+        TAPIO_READ_AT(start_time, leader, TAPIO_TASK_START_TIME_OFFSET);
+#endif
+    return start_time;
+}
+
+/* The status a parent's wait() gets: the group's exit code once a group exit
+ * (exit_group, fatal signal, core dump) began, else the leader's own. */
+static __always_inline u32 process_exit_status(const void *task)
+{
+    u32 status = 0;
+#if defined(TAPIO_TASK_SIGNAL_OFFSET) && defined(TAPIO_SIGNAL_FLAGS_OFFSET) && defined(TAPIO_SIGNAL_GROUP_EXIT_CODE_OFFSET)
+    const void *signal = read_ptr(task, TAPIO_TASK_SIGNAL_OFFSET);
+    if (signal) {
+        u32 flags = 0;
+        TAPIO_READ_AT(flags, signal, TAPIO_SIGNAL_FLAGS_OFFSET);
+        if (flags & SIGNAL_GROUP_EXIT) {
+            TAPIO_READ_AT(status, signal, TAPIO_SIGNAL_GROUP_EXIT_CODE_OFFSET);
+            return status;
+        }
+    }
+#endif
+#ifdef TAPIO_TASK_EXIT_CODE_OFFSET
+    const void *leader = task;
+#ifdef TAPIO_TASK_GROUP_LEADER_OFFSET
+    leader = read_ptr(task, TAPIO_TASK_GROUP_LEADER_OFFSET);
+    if (!leader)
+        leader = task;
+#endif
+    TAPIO_READ_AT(status, leader, TAPIO_TASK_EXIT_CODE_OFFSET);
+#endif
+    return status;
+}
+
+/* The process name: the leader's comm (the last thread's may be a worker's). */
+static __always_inline void read_process_name(const void *task, struct container_record *rec)
+{
+#if defined(TAPIO_TASK_GROUP_LEADER_OFFSET) && defined(TAPIO_TASK_COMM_OFFSET)
+    const void *leader = read_ptr(task, TAPIO_TASK_GROUP_LEADER_OFFSET);
+    if (leader && bpf_probe_read_kernel_str(rec->task.comm, sizeof(rec->task.comm),
+                                            (const char *)leader + TAPIO_TASK_COMM_OFFSET) > 0)
+        return;
+#endif
+#ifdef TAPIO_TASK_COMM_OFFSET
+    bpf_probe_read_kernel_str(rec->task.comm, sizeof(rec->task.comm), (const char *)task + TAPIO_TASK_COMM_OFFSET);
+#endif
+}
+
+/* "/a/b/c" from a kernfs node, walking up to (not including) the hierarchy's root. */
+static __always_inline void read_cgroup_path(const void *kn, const struct kernel_layout *layout,
+                                             struct container_record *rec)
+{
+#ifdef TAPIO_KERNFS_NODE_NAME_OFFSET
+    int zero = 0;
+    struct path_scratch *scratch = path_scratch.lookup(&zero);
+    if (!scratch || layout->kn_parent_offset < 0)
+        return;
+    u32 depth = 0;
+    int reached_root = 0;
+    for (int i = 0; i < CGROUP_PATH_DEPTH; i++) {
+        const void *parent = read_ptr(kn, layout->kn_parent_offset);
+        if (!parent) {
+            reached_root = 1;
+            break;
+        }
+        scratch->nodes[i] = (u64)kn;
+        depth = i + 1;
+        kn = parent;
+    }
+    if (!reached_root) {
+        const void *parent = read_ptr(kn, layout->kn_parent_offset);
+        reached_root = parent == NULL;
+    }
+    u32 off = 0;
+    scratch->buf[0] = '/';
+    scratch->buf[1] = 0;
+    int truncated = !reached_root;
+    for (int i = CGROUP_PATH_DEPTH - 1; i >= 0; i--) {
+        if ((u32)i >= depth)
+            continue;
+        if (off >= CGROUP_PATH_LEN - 1) {
+            truncated = 1;
+            break;
+        }
+        const char *name = read_ptr((const void *)scratch->nodes[i], TAPIO_KERNFS_NODE_NAME_OFFSET);
+        /* off < CGROUP_PATH_LEN: the masks change nothing but prove it to the verifier; the
+         * empty asm keeps the compiler from dropping them as redundant. */
+        asm volatile("" : "+r"(off));
+        scratch->buf[off & (CGROUP_PATH_LEN - 1)] = '/';
+        off++;
+        asm volatile("" : "+r"(off));
+        long n = bpf_probe_read_kernel_str(&scratch->buf[off & (CGROUP_PATH_LEN - 1)], CGROUP_PATH_LEN, name);
+        if (n > 0)
+            off += n - 1;
+    }
+    if (off >= CGROUP_PATH_LEN)
+        truncated = 1;
+    bpf_probe_read_kernel_str(rec->cgroup_path, CGROUP_PATH_LEN, scratch->buf);
+    if (truncated)
+        rec->flags |= FLAG_PATH_TRUNCATED;
+#endif
+}
+
+static __always_inline const void *memory_css(const void *cset, const struct kernel_layout *layout)
+{
+#ifdef TAPIO_CSS_SET_SUBSYS_OFFSET
+    s64 id = layout->memory_cgrp_id;
+    if (cset && id >= 0 && id < CGROUP_SUBSYS_MAX)
+        return read_ptr(cset, TAPIO_CSS_SET_SUBSYS_OFFSET + id * sizeof(void *));
+#endif
+    return NULL;
+}
+
+/* The cgroup that names the container: the memory cgroup on cgroup v1, the
+ * task's default (unified) cgroup on v2. Its kernfs id is the inode of its
+ * directory, and what bpf_get_current_cgroup_id() returns on v2. */
+static __always_inline void read_cgroup(const void *task, const struct kernel_layout *layout,
+                                        struct container_record *rec)
+{
+    rec->cgroup_mode = layout->cgroup_mode;
+#if defined(TAPIO_TASK_CGROUPS_OFFSET) && defined(TAPIO_CGROUP_KN_OFFSET) && defined(TAPIO_KERNFS_NODE_ID_OFFSET)
+    const void *cset = read_ptr(task, TAPIO_TASK_CGROUPS_OFFSET);
+    const void *cgrp = NULL;
+    if (layout->cgroup_mode == CGROUP_V1) {
+#ifdef TAPIO_CSS_CGROUP_OFFSET
+        cgrp = read_ptr(memory_css(cset, layout), TAPIO_CSS_CGROUP_OFFSET);
+#endif
+    } else {
+#ifdef TAPIO_CSS_SET_DFL_CGRP_OFFSET
+        cgrp = read_ptr(cset, TAPIO_CSS_SET_DFL_CGRP_OFFSET);
+#endif
+    }
+    const void *kn = read_ptr(cgrp, TAPIO_CGROUP_KN_OFFSET);
+    if (!kn)
+        return;
+    TAPIO_READ_AT(rec->task.cgroup_id, kn, TAPIO_KERNFS_NODE_ID_OFFSET);
+    rec->flags |= FLAG_CGROUP;
+    read_cgroup_path(kn, layout, rec);
+#endif
+}
+
+/* Limit and usage of the task's memory cgroup (the nearest with the controller on v2). */
+static __always_inline void read_memory(const void *task, const struct kernel_layout *layout,
+                                        struct container_record *rec)
+{
+#if defined(TAPIO_TASK_CGROUPS_OFFSET) && defined(TAPIO_MEMCG_CSS_OFFSET) && defined(TAPIO_MEMCG_MAX_OFFSET) && \
+    defined(TAPIO_MEMCG_USAGE_OFFSET)
+    const char *css = memory_css(read_ptr(task, TAPIO_TASK_CGROUPS_OFFSET), layout);
+    if (!css)
+        return;
+    const char *memcg = css - TAPIO_MEMCG_CSS_OFFSET;
+    u64 max_pages = 0, usage_pages = 0;
+    if (TAPIO_READ_AT(max_pages, memcg, TAPIO_MEMCG_MAX_OFFSET) || TAPIO_READ_AT(usage_pages, memcg, TAPIO_MEMCG_USAGE_OFFSET))
+        return;
+    rec->memory_usage_bytes = usage_pages * layout->page_size;
+    rec->flags |= FLAG_MEMORY;
+    if (max_pages < layout->unlimited_pages) {
+        rec->memory_limit_bytes = max_pages * layout->page_size;
+        rec->flags |= FLAG_LIMITED;
+    }
+#endif
+}
+
+/* What the kernel's own OOM report prints (get_mm_counter: the counters' shared part). */
+static __always_inline void read_rss(const void *task, const struct kernel_layout *layout,
+                                     struct container_record *rec)
+{
+#ifdef TAPIO_TASK_MM_OFFSET
+    const char *mm = read_ptr(task, TAPIO_TASK_MM_OFFSET);
+    if (!mm || layout->rss_file_offset < 0 || layout->rss_anon_offset < 0 || layout->rss_shmem_offset < 0)
+        return;
+    s64 file = 0, anon = 0, shmem = 0;
+    bpf_probe_read_kernel(&file, sizeof(file), mm + layout->rss_file_offset);
+    bpf_probe_read_kernel(&anon, sizeof(anon), mm + layout->rss_anon_offset);
+    bpf_probe_read_kernel(&shmem, sizeof(shmem), mm + layout->rss_shmem_offset);
+    rec->file_rss_bytes = (file > 0 ? file : 0) * layout->page_size;
+    rec->anon_rss_bytes = (anon > 0 ? anon : 0) * layout->page_size;
+    rec->shmem_rss_bytes = (shmem > 0 ? shmem : 0) * layout->page_size;
+    rec->flags |= FLAG_RSS;
+#endif
+}
+
+static __always_inline struct container_record *fresh_record(u32 kind)
+{
+    int zero = 0;
+    struct container_record *rec = record_scratch.lookup(&zero);
+    if (!rec)
+        return NULL;
+    __builtin_memset(rec, 0, sizeof(*rec));
+    rec->timestamp_ns = bpf_ktime_get_ns();
+    rec->kind = kind;
+    return rec;
+}
+
+static __always_inline const struct kernel_layout *configured_layout(void)
+{
+    int zero = 0;
+    struct kernel_layout *layout = container_layout.lookup(&zero);
+    return layout && layout->configured ? layout : NULL;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    if (!args->group_dead)
+        return 0;  /* not the process's last thread */
+    const void *task = (const void *)bpf_get_current_task();
+    u32 status = process_exit_status(task);
+    if (status == 0)
+        return 0;
+    u32 signal = status & 0x7f;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (signal == SIGKILL) {
+        struct oom_victim *victim = oom_victims.lookup(&tgid);
+        if (victim) {
+            int same_process = victim->start_time == process_start_time(task);
+            oom_victims.delete(&tgid);
+            if (same_process)
+                return 0;  /* already reported as its oom_kill */
+        }
+    }
+    const struct kernel_layout *layout = configured_layout();
+    int zero = 0;
+    struct exit_filter *filter = exit_filter.lookup(&zero);
+    if (!layout || !filter)
+        return 0;
+    if (signal ? bit_is_set(filter->ignored_signals, signal, 2)
+               : bit_is_set(filter->ignored_exit_codes, (status >> 8) & 0xff, 4))
+        return 0;
+    struct container_record *rec = fresh_record(KIND_ABNORMAL_EXIT);
+    if (!rec)
+        return 0;
+    read_process_name(task, rec);
+    if (ignored_process_names.lookup((struct comm_key *)rec->task.comm))
+        return 0;
+    rec->task.pid = tgid;
+    rec->task.tid = (u32)pid_tgid;
+    rec->exit_status = status;
+    read_cgroup(task, layout, rec);
+    tapio_submit(rec, sizeof(*rec));
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(mark_victim)
+{
+    /* TP_PROTO(struct task_struct *task, uid_t uid) */
+    const void *victim = (const void *)ctx->args[0];
+    const struct kernel_layout *layout = configured_layout();
+    if (!layout || !victim)
+        return 0;
+#if defined(TAPIO_TASK_TGID_OFFSET) && defined(TAPIO_TASK_PID_OFFSET)
+    u32 tgid = 0, tid = 0;
+    TAPIO_READ_AT(tgid, victim, TAPIO_TASK_TGID_OFFSET);
+    TAPIO_READ_AT(tid, victim, TAPIO_TASK_PID_OFFSET);
+    struct oom_victim entry = {};
+    entry.timestamp_ns = bpf_ktime_get_ns();
+    entry.start_time = process_start_time(victim);
+    /* Another thread of a process already marked: one OOM kill per process. */
+    struct oom_victim *known = oom_victims.lookup(&tgid);
+    if (known && known->start_time == entry.start_time)
+        return 0;
+    oom_victims.update(&tgid, &entry);
+
+    struct container_record *rec = fresh_record(KIND_OOM_KILL);
+    if (!rec)
+        return 0;
+    rec->timestamp_ns = entry.timestamp_ns;
+    rec->task.pid = tgid;
+    rec->task.tid = tid;
+    read_process_name(victim, rec);
+    u64 current = bpf_get_current_pid_tgid();
+    rec->trigger_pid = current >> 32;
+    bpf_get_current_comm(rec->trigger_comm, sizeof(rec->trigger_comm));
+#if defined(TAPIO_TASK_SIGNAL_OFFSET) && defined(TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET)
+    const void *signal = read_ptr(victim, TAPIO_TASK_SIGNAL_OFFSET);
+    if (signal && TAPIO_READ_AT(rec->oom_score_adj, signal, TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET) == 0)
+        rec->flags |= FLAG_OOM_SCORE_ADJ;
+#endif
+    read_cgroup(victim, layout, rec);
+    read_memory(victim, layout, rec);
+    read_rss(victim, layout, rec);
+    tapio_submit(rec, sizeof(*rec));
+#endif
+    return 0;
+}

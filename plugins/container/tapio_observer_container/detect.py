@@ -1,0 +1,107 @@
+"""Turning container records into anomalies.
+
+The kernel sends only what is abnormal (one record per OOM victim, one per
+abnormal process exit, nothing for the rest), so detection is classification:
+pick the rows of each kind and name the facts. A fact the kernel could not give
+(its flag is clear) is null, never a made-up zero.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import numpy as np
+
+from tapio_core import Anomaly
+from tapio_observer_container.records import (
+    FLAG_CGROUP,
+    FLAG_LIMITED,
+    FLAG_MEMORY,
+    FLAG_OOM_SCORE_ADJ,
+    FLAG_PATH_TRUNCATED,
+    FLAG_RSS,
+    KIND_ABNORMAL_EXIT,
+    KIND_OOM_KILL,
+)
+
+ABNORMAL_EXIT = "kernel.container.abnormal_exit"
+OOM_KILL = "kernel.container.oom_kill"
+CORE_DUMPED = 0x80
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        if signal.SIGRTMIN < number < signal.SIGRTMAX:
+            return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+        return f"SIG{number}"
+
+
+def text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def process_facts(row: np.void) -> dict[str, Any]:
+    """Who: the process and the cgroup that names its container."""
+    task, flags = row["task"], int(row["flags"])
+    has_cgroup = bool(flags & FLAG_CGROUP)
+    return {
+        "pid": int(task["pid"]),
+        "tid": int(task["tid"]),
+        "comm": text(task["comm"]),
+        "cgroup_id": int(task["cgroup_id"]) if has_cgroup else None,
+        "cgroup_path": (text(row["cgroup_path"]) or None) if has_cgroup else None,
+        "cgroup_path_truncated": bool(flags & FLAG_PATH_TRUNCATED),
+        "cgroup_version": int(row["cgroup_mode"]) or None,
+    }
+
+
+def abnormal_exit(row: np.void) -> Anomaly:
+    status = int(row["exit_status"])
+    number = status & 0x7F
+    facts = process_facts(row)
+    facts.update(
+        exit_status=status,
+        exit_code=None if number else status >> 8 & 0xFF,
+        signal=number or None,
+        core_dumped=bool(status & CORE_DUMPED),
+    )
+    if number:
+        name = signal_name(number)
+        dumped = " (core dumped)" if status & CORE_DUMPED else ""
+        return Anomaly(type=ABNORMAL_EXIT, timestamp_ns=int(row["timestamp_ns"]), severity="error",
+                       outcome="failure", data=facts, error_code=name, error_message=f"killed by {name}{dumped}")
+    return Anomaly(type=ABNORMAL_EXIT, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
+                   data=facts, error_code="NONZERO_EXIT", error_message=f"exited with code {facts['exit_code']}")
+
+
+def oom_kill(row: np.void) -> Anomaly:
+    flags = int(row["flags"])
+    has_rss = bool(flags & FLAG_RSS)
+    rss = {name: int(row[name]) if has_rss else None
+           for name in ("anon_rss_bytes", "file_rss_bytes", "shmem_rss_bytes")}
+    facts = process_facts(row)
+    facts.update(
+        memory_limit_bytes=int(row["memory_limit_bytes"]) if flags & FLAG_LIMITED else None,
+        memory_usage_bytes=int(row["memory_usage_bytes"]) if flags & FLAG_MEMORY else None,
+        rss_bytes=sum(rss.values()) if has_rss else None,
+        **rss,
+        oom_score_adj=int(row["oom_score_adj"]) if flags & FLAG_OOM_SCORE_ADJ else None,
+        trigger_pid=int(row["trigger_pid"]),
+        trigger_comm=text(row["trigger_comm"]),
+    )
+    return Anomaly(type=OOM_KILL, timestamp_ns=int(row["timestamp_ns"]), severity="critical", outcome="failure",
+                   data=facts, error_code="OOM_KILLED", error_message="killed by the kernel's OOM killer")
+
+
+BUILDERS = {KIND_ABNORMAL_EXIT: abnormal_exit, KIND_OOM_KILL: oom_kill}
+
+
+def container_anomalies(events: np.ndarray) -> list[Anomaly]:
+    """One anomaly per record of a known kind, in kernel time order."""
+    known = events[np.isin(events["kind"], list(BUILDERS))]
+    anomalies = [BUILDERS[int(row["kind"])](row) for row in known]
+    anomalies.sort(key=lambda anomaly: anomaly.timestamp_ns)
+    return anomalies

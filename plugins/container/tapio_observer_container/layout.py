@@ -1,0 +1,115 @@
+"""Kernel facts the BPF side reads from its ``container_layout`` map.
+
+Most struct offsets reach the BPF program as ``-D`` macros from the
+``BtfField``s in the ObserverSpec. These cannot: an enum value
+(``memory_cgrp_id``), a member renamed across kernels (``kernfs_node.parent``
+became ``__parent`` in 6.15), offsets inside an array whose stride depends on
+the kernel's config (``mm_struct.rss_stat``), and which cgroup hierarchy the
+memory controller lives on. They are worked out here from BTF and written into
+the map when the observer starts. -1 means "this kernel lacks it": only the
+feature that needs it is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import attrs
+
+from tapio_core.btf import Btf
+
+log = logging.getLogger("tapio.container")
+
+CGROUP_V1, CGROUP_V2 = 1, 2
+UNKNOWN = -1
+#: include/linux/page_counter.h: a memory.max of "max" is LONG_MAX / PAGE_SIZE pages.
+LONG_MAX = (1 << 63) - 1
+
+
+@attrs.frozen
+class KernelLayout:
+    """Mirrors ``struct kernel_layout`` in container.bpf.c (same names, same order)."""
+
+    page_size: int
+    unlimited_pages: int
+    memory_cgrp_id: int
+    kn_parent_offset: int
+    rss_file_offset: int
+    rss_anon_offset: int
+    rss_shmem_offset: int
+    cgroup_mode: int
+
+
+def memory_controller_version(proc_cgroups: str) -> int:
+    """CGROUP_V1 when /proc/cgroups puts the memory controller on a v1 hierarchy, else CGROUP_V2.
+
+    Hierarchy 0 means the unified (v2) hierarchy; a controller bound to a v1
+    mount has that mount's hierarchy id.
+    """
+    for line in proc_cgroups.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[0] == "memory":
+            return CGROUP_V1 if fields[1] != "0" and fields[3] == "1" else CGROUP_V2
+    return CGROUP_V2
+
+
+def detect_cgroup_mode(setting: str, proc_cgroups: Path = Path("/proc/cgroups")) -> int:
+    if setting == "v1":
+        return CGROUP_V1
+    if setting == "v2":
+        return CGROUP_V2
+    try:
+        return memory_controller_version(proc_cgroups.read_text())
+    except OSError:
+        return CGROUP_V2  # kernels without v1 support may lack /proc/cgroups
+
+
+def rss_counter_offsets(btf: Btf) -> tuple[int, int, int] | None:
+    """Offsets in mm_struct of the file, anon and shmem RSS counters, as get_mm_counter() reads them."""
+    base = btf.field_offset("mm_struct", "rss_stat")
+    members = [btf.enum_value("", name) for name in ("MM_FILEPAGES", "MM_ANONPAGES", "MM_SHMEMPAGES")]
+    if base is None or None in members:
+        return None
+    legacy = btf.field_offset("mm_struct", "rss_stat.count")
+    if legacy is not None:  # before 6.2: struct mm_rss_stat { atomic_long_t count[NR_MM_COUNTERS]; }
+        return tuple(legacy + 8 * index for index in members)
+    # 6.2 on: struct percpu_counter rss_stat[NR_MM_COUNTERS]; the shared part is .count
+    count = btf.field_offset("percpu_counter", "count")
+    size = btf.field_size("mm_struct", "rss_stat")
+    counters = btf.enum_value("", "NR_MM_COUNTERS")
+    if count is None or not size or not counters:
+        return None
+    stride = size // counters
+    return tuple(base + stride * index + count for index in members)
+
+
+def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = None) -> KernelLayout:
+    """What this kernel's BTF says; features whose facts are missing are logged as disabled."""
+    page_size = page_size or os.sysconf("SC_PAGE_SIZE")
+    memory_cgrp_id = kn_parent = None
+    rss = None
+    if btf is not None:
+        memory_cgrp_id = btf.enum_value("cgroup_subsys_id", "memory_cgrp_id")
+        kn_parent = btf.field_offset("kernfs_node", "__parent")
+        if kn_parent is None:
+            kn_parent = btf.field_offset("kernfs_node", "parent")  # before 6.15
+        rss = rss_counter_offsets(btf)
+    if memory_cgrp_id is None:
+        log.warning("container: kernel has no memory_cgrp_id; memory limit and usage (and the v1 cgroup) disabled")
+    if kn_parent is None:
+        log.warning("container: kernel has no kernfs_node parent link; cgroup paths disabled")
+    if rss is None:
+        log.warning("container: kernel has no readable mm_struct.rss_stat; RSS of OOM victims disabled")
+    rss = rss or (UNKNOWN, UNKNOWN, UNKNOWN)
+    return KernelLayout(
+        page_size=page_size,
+        unlimited_pages=LONG_MAX // page_size,
+        memory_cgrp_id=UNKNOWN if memory_cgrp_id is None else memory_cgrp_id,
+        kn_parent_offset=UNKNOWN if kn_parent is None else kn_parent,
+        rss_file_offset=rss[0],
+        rss_anon_offset=rss[1],
+        rss_shmem_offset=rss[2],
+        cgroup_mode=cgroup_mode,
+    )

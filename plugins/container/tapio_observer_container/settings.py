@@ -1,0 +1,76 @@
+"""The ``[container]`` settings table (documented in the plugin's README)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from attrs import validators as v
+
+#: The kernel keeps 15 bytes of a process name (TASK_COMM_LEN - 1).
+COMM_MAX_BYTES = 15
+#: Bound of the BPF hash the names are written to.
+MAX_IGNORED_NAMES = 1024
+CGROUP_MODES = ("auto", "v1", "v2")
+
+
+def exit_code(item: Any) -> int:
+    if isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= 255:
+        return item
+    raise ValueError("exit codes 1..255 (0 is never reported)")
+
+
+def signal_number(item: Any) -> int:
+    """``"SIGTERM"``, ``"TERM"``, ``15`` or ``"15"`` -> 15."""
+    text = str(item).strip().upper()
+    if text.isdigit() and 1 <= int(text) <= signal.SIGRTMAX:
+        return int(text)
+    try:
+        return int(signal.Signals[text if text.startswith("SIG") else "SIG" + text])
+    except KeyError:
+        raise ValueError(f"signals: SIGTERM, TERM or 1..{int(signal.SIGRTMAX)}") from None
+
+
+def process_name(item: Any) -> str:
+    if isinstance(item, str) and 1 <= len(item.encode()) <= COMM_MAX_BYTES:
+        return item
+    raise ValueError(f"process names of 1..{COMM_MAX_BYTES} bytes (the kernel keeps no more)")
+
+
+def list_of(key: str, item: Callable[[Any], Any], limit: int | None = None) -> Callable[[Any], tuple]:
+    """A converter from a TOML array, rejecting a bare value (a string would pass as its letters)."""
+
+    def convert(value: Any) -> tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"'{key}' must be a list, e.g. {key} = [...]: {value!r}")
+        if limit is not None and len(value) > limit:
+            raise ValueError(f"'{key}' must hold at most {limit} entries: {len(value)}")
+        converted = []
+        for entry in value:
+            try:
+                converted.append(item(entry))
+            except ValueError as exc:
+                raise ValueError(f"'{key}' must hold {exc}: {entry!r}") from None
+        return tuple(dict.fromkeys(converted))
+
+    return convert
+
+
+# The lists are typed Any for cattrs, which would otherwise split a bare string into
+# letters before our converter could refuse it; the converters produce the types below.
+@attrs.frozen
+class ContainerSettings:
+    #: tuple[int, ...]: exit codes that are normal here; such exits are dropped in the kernel.
+    ignore_exit_codes: Any = attrs.field(default=(), converter=list_of("ignore_exit_codes", exit_code))
+    #: tuple[int, ...]: signals whose deaths are normal here (given as names or numbers).
+    ignore_signals: Any = attrs.field(default=(), converter=list_of("ignore_signals", signal_number))
+    #: tuple[str, ...]: process names (the leader's comm, exact) whose abnormal exits are
+    #: normal here. OOM kills are always reported.
+    ignore_process_names: Any = attrs.field(
+        default=(), converter=list_of("ignore_process_names", process_name, MAX_IGNORED_NAMES)
+    )
+    #: Which cgroup names the container: "auto" (v1 when the memory controller is on a
+    #: v1 hierarchy, else v2), or forced.
+    cgroup_mode: str = attrs.field(default="auto", validator=v.in_(CGROUP_MODES))
