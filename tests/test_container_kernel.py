@@ -1,0 +1,520 @@
+"""The container observer on the real kernel.
+
+End to end through the real ``tapio-agent`` (a subprocess): processes the test
+starts exit with a code, kill themselves with a signal, exit from a worker
+thread, or are OOM-killed inside a memory cgroup the test creates with a known
+limit; the agent must print exactly one occurrence per process with the facts
+``wait()`` and the cgroup file system give the test. In process: what the
+kernel side keeps out of the ring buffer (successful and ignored exits), and a
+kernel member missing from BTF costing only its feature.
+
+Every other process on the node may exit abnormally while a test runs, so
+every check is taken over the occurrences of the test's own pids. "Nothing was
+sent" is proved with a marker: a later exit the kernel must report, once its
+occurrence arrived everything before it has too (one ring buffer, FIFO).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+from kernel_helpers import running_agent
+
+import tapio_observer_container
+from tapio_core import SinkSpec, hookimpl
+from tapio_core.agent import Agent
+from tapio_core.occurrence import KernelClock
+from tapio_core.pipeline import Pipeline
+from tapio_core.plugins import load_plugins
+from tapio_core.sink import SinkOptions
+from tapio_observer_container.records import CONTAINER_RECORD, KIND_ABNORMAL_EXIT
+
+pytestmark = pytest.mark.kernel
+
+EXIT = "kernel.container.abnormal_exit"
+OOM = "kernel.container.oom_kill"
+MIB = 1 << 20
+#: Settings of the shared agent: values no other process on the node is likely to use.
+IGNORED_CODE = 77
+IGNORED_SIGNAL = signal.SIGUSR1
+IGNORED_NAME = f"tapioign{secrets.token_hex(3)}"
+MARKER_CODE = 78
+SHARED_SETTINGS = [
+    "--set", f"container.ignore_exit_codes=[{IGNORED_CODE}]",
+    "--set", f'container.ignore_signals=["{IGNORED_SIGNAL.name}"]',
+    "--set", f'container.ignore_process_names=["{IGNORED_NAME}"]',
+]
+AGENT_PLUGINS = "container,stdout"
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def child_env() -> dict[str, str]:
+    """No faulthandler: a Python child must die of its signal, not print a traceback and abort."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TAPIO_", "PYTHONFAULTHANDLER"))}
+
+
+def run_to_end(argv: list[str], cwd: Path | None = None, timeout: float = 20.0) -> tuple[int, int]:
+    """Run a process and reap it ourselves: (pid, raw wait status, as the kernel's exit_status)."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=child_env(), stdin=subprocess.DEVNULL)
+    return proc.pid, reap(proc, timeout)
+
+
+def reap(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+            return status
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{proc.args} did not end within {timeout} s")
+        time.sleep(0.01)
+
+
+def python(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", code, *args]
+
+
+def process_name(path: str) -> str:
+    """The comm the kernel gives a program started from ``path``: its base name, 15 bytes at most."""
+    return Path(path).name[:15]
+
+
+def of_pid(type_: str, pid: int):
+    return lambda occ: occ["type"] == type_ and occ["data"].get("pid") == pid
+
+
+def marker_exit(agent) -> None:
+    """Exit with MARKER_CODE and wait for its occurrence: everything the kernel sent before it has arrived."""
+    pid, _ = run_to_end(["sh", "-c", f"exit {MARKER_CODE}"])
+    agent.wait_for(of_pid(EXIT, pid))
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    """One agent for the exit scenarios: only the test's own pids are looked at."""
+    with running_agent(tmp_path_factory.mktemp("agent"), plugins=AGENT_PLUGINS, extra=SHARED_SETTINGS) as running:
+        yield running
+
+
+# -- abnormal exits --------------------------------------------------------------------------------
+
+
+def test_exit_code_3_is_one_warning(agent):
+    pid, status = run_to_end(["sh", "-c", "exit 3"])
+    assert os.WEXITSTATUS(status) == 3
+    [occ] = agent.wait_for(of_pid(EXIT, pid))
+    marker_exit(agent)
+    assert agent.matching(of_pid(EXIT, pid)) == [occ]
+    assert (occ["severity"], occ["outcome"], occ["error"]["code"]) == ("warning", "failure", "NONZERO_EXIT")
+    data = occ["data"]
+    assert (data["tid"], data["comm"]) == (pid, "sh")
+    assert (data["exit_code"], data["signal"], data["core_dumped"], data["exit_status"]) == (3, None, False, status)
+    assert data["cgroup_id"] == own_container_cgroup_id(data["cgroup_version"])
+
+
+KILL_SELF = "import os, resource, signal, sys\n" \
+            "limit = int(sys.argv[2]); resource.setrlimit(resource.RLIMIT_CORE, (limit, limit))\n" \
+            "os.kill(os.getpid(), getattr(signal, sys.argv[1]))"
+
+
+@pytest.mark.parametrize("name", ["SIGSEGV", "SIGKILL"])
+def test_process_killing_itself_is_one_error_naming_the_signal(agent, name):
+    pid, status = run_to_end(python(KILL_SELF, name, "0"))
+    number = getattr(signal, name)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == number
+    [occ] = agent.wait_for(of_pid(EXIT, pid))
+    marker_exit(agent)
+    assert len(agent.matching(of_pid(EXIT, pid))) == 1
+    assert (occ["severity"], occ["error"]["code"]) == ("error", name)
+    data = occ["data"]
+    assert (data["signal"], data["exit_code"], data["core_dumped"]) == (number, None, False)
+    assert data["exit_status"] == status
+    assert data["comm"] == process_name(sys.executable)
+
+
+def test_core_dump_sets_core_dumped(agent, tmp_path):
+    core_pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
+    assert not core_pattern.startswith("|"), f"this test expects cores written to the cwd, got {core_pattern!r}"
+    pid, status = run_to_end(python(KILL_SELF, "SIGSEGV", str(resource_unlimited())), cwd=tmp_path)
+    for core in tmp_path.glob("core*"):
+        core.unlink()
+    assert os.WCOREDUMP(status)
+    [occ] = agent.wait_for(of_pid(EXIT, pid))
+    assert occ["data"]["core_dumped"] is True
+    assert occ["data"]["exit_status"] == status == signal.SIGSEGV | 0x80
+    assert occ["error"]["message"] == "killed by SIGSEGV (core dumped)"
+
+
+def resource_unlimited() -> int:
+    import resource
+
+    return resource.RLIM_INFINITY
+
+
+#: argv: leader name, mode. Nine threads; prints "ready" once all run, then waits for the test:
+#: mode "exit" -> a worker calls exit_group(6) on "go"; mode "wait" -> the test kills it.
+THREADED = r"""
+import ctypes, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_NAME = 15
+libc.prctl(PR_SET_NAME, sys.argv[1].encode(), 0, 0, 0)
+mode, workers = sys.argv[2], 8
+started = threading.Barrier(workers + 1)
+
+def worker(index):
+    libc.prctl(PR_SET_NAME, f"worker-{index}".encode(), 0, 0, 0)
+    started.wait()
+    if index == workers - 1 and mode == "exit":
+        sys.stdin.readline()
+        os._exit(6)
+    time.sleep(60)
+
+for index in range(workers):
+    threading.Thread(target=worker, args=(index,), daemon=True).start()
+started.wait()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode", ["exit", "wait"])
+def test_multi_threaded_process_is_one_occurrence_named_after_its_leader(agent, mode):
+    leader = f"tapiomt{secrets.token_hex(3)}"
+    proc = subprocess.Popen(python(THREADED, leader, mode), env=child_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert len(os.listdir(f"/proc/{proc.pid}/task")) == 9
+        if mode == "exit":
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        else:
+            proc.kill()
+        status = reap(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            reap(proc)
+    expected = (6, None) if mode == "exit" else (None, signal.SIGKILL)
+    [occ] = agent.wait_for(of_pid(EXIT, proc.pid))
+    marker_exit(agent)
+    assert len(agent.matching(of_pid(EXIT, proc.pid))) == 1
+    data = occ["data"]
+    assert (data["exit_code"], data["signal"]) == expected
+    assert data["exit_status"] == status
+    assert data["comm"] == leader  # whichever of the nine threads died last
+
+
+def test_ignore_lists_keep_exits_out_and_others_in(agent, tmp_path):
+    renamed = tmp_path / IGNORED_NAME
+    renamed.symlink_to("/bin/sh")  # the kernel names a process after the file it executes
+    ignored = [
+        run_to_end(["sh", "-c", f"exit {IGNORED_CODE}"])[0],
+        run_to_end(["sh", "-c", f"kill -{IGNORED_SIGNAL.name[3:]} $$"])[0],
+        run_to_end([str(renamed), "-c", "exit 5"])[0],
+        run_to_end([str(renamed), "-c", "kill -SEGV $$"])[0],
+    ]
+    reported, status = run_to_end(["sh", "-c", f"kill -{signal.SIGUSR2.name[3:]} $$"])
+    assert os.WTERMSIG(status) == signal.SIGUSR2
+    agent.wait_for(of_pid(EXIT, reported))
+    marker_exit(agent)
+    assert [occ for occ in agent.occurrences if occ["data"].get("pid") in ignored] == []
+
+
+# -- OOM kills -------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ScratchCgroup:
+    path: Path
+    mount: Path
+    version: int
+
+    @property
+    def procs(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    @property
+    def cgroup_id(self) -> int:
+        return self.path.stat().st_ino  # the kernfs node id is the directory's inode
+
+    @property
+    def cgroup_path(self) -> str:
+        return "/" + str(self.path.relative_to(self.mount))
+
+
+def cgroup_mounts() -> tuple[Path | None, Path | None]:
+    """(v1 memory controller mount, cgroup2 mount) from /proc/self/mounts."""
+    memory_v1 = unified = None
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, where, fstype, options = line.split()[:4]
+        if fstype == "cgroup" and "memory" in options.split(","):
+            memory_v1 = Path(where)
+        elif fstype == "cgroup2" and unified is None:
+            unified = Path(where)
+    return memory_v1, unified
+
+
+@contextmanager
+def scratch_cgroup(mount: Path, version: int, memory_limit: int | None = None) -> Iterator[ScratchCgroup]:
+    """A fresh cgroup under ``mount``; its processes are killed and it is removed on the way out."""
+    cgroup = ScratchCgroup(mount / f"tapio-test-{secrets.token_hex(4)}", mount, version)
+    cgroup.path.mkdir()
+    try:
+        if memory_limit is not None:
+            limit_file = "memory.limit_in_bytes" if version == 1 else "memory.max"
+            (cgroup.path / limit_file).write_text(str(memory_limit))
+        yield cgroup
+    finally:
+        remove_cgroup(cgroup)
+
+
+def remove_cgroup(cgroup: ScratchCgroup, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in cgroup.procs.read_text().split():
+            with suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        try:
+            cgroup.path.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # killed tasks leave the cgroup once reaped
+
+
+@contextmanager
+def memory_cgroup(limit: int) -> Iterator[ScratchCgroup]:
+    """A memory cgroup with ``limit``: on the v1 memory mount when there is one (this machine), else cgroup v2."""
+    memory_v1, unified = cgroup_mounts()
+    if memory_v1 is not None:
+        with scratch_cgroup(memory_v1, 1, limit) as cgroup:
+            yield cgroup
+    else:
+        assert unified is not None, "neither a v1 memory controller nor cgroup v2 is mounted"
+        assert "memory" in (unified / "cgroup.controllers").read_text().split(), "cgroup v2 without memory"
+        with scratch_cgroup(unified, 2, limit) as cgroup:
+            yield cgroup
+
+
+def own_container_cgroup_id(version: int) -> int:
+    """The cgroup the observer names for this test's children: the memory cgroup on v1, else the unified one."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, relative = line.split(":", 2)
+        if (version == 1 and "memory" in controllers.split(",")) or (version == 2 and controllers == ""):
+            mount = cgroup_mounts()[0 if version == 1 else 1]
+            return (mount / relative.lstrip("/")).stat().st_ino
+    raise AssertionError(f"no cgroup v{version} line for memory in /proc/self/cgroup")
+
+
+def in_cgroups(cgroups: list[ScratchCgroup], argv: list[str]) -> list[str]:
+    """``argv`` run by a shell that first moves itself into each cgroup (exec keeps the pid)."""
+    moves = "".join(f'echo $$ > "{cgroup.procs}" || exit 99; ' for cgroup in cgroups)
+    return ["sh", "-c", moves + 'exec "$@"', "sh", *argv]
+
+
+#: Holds argv[1] MiB, makes itself the OOM killer's first choice, prints "ready", waits.
+HOLDER = r"""
+import sys, time
+held = b"h" * (int(sys.argv[1]) << 20)
+with open("/proc/self/oom_score_adj", "w") as f:
+    f.write("1000")
+print("ready", flush=True)
+time.sleep(60)
+"""
+#: Allocates argv[1] MiB in 4 MiB steps, touching every page.
+ALLOCATOR = r"""
+import sys
+chunks = [b"a" * (4 << 20) for _ in range(int(sys.argv[1]) // 4)]
+print("allocated", len(chunks) * 4, flush=True)
+"""
+
+
+def test_oom_kill_reports_the_victim_not_the_trigger_with_its_cgroup_and_limit(agent):
+    limit = 64 * MIB
+    with memory_cgroup(limit) as cgroup:
+        holder = subprocess.Popen(in_cgroups([cgroup], python(HOLDER, "20")), env=child_env(),
+                                  stdout=subprocess.PIPE, text=True)
+        allocator = None
+        try:
+            assert holder.stdout.readline().strip() == "ready"
+            # 20 MiB held + 40 MiB more + two interpreters is over 64 MiB; 40 MiB + one interpreter is not.
+            allocator = subprocess.Popen(in_cgroups([cgroup], python(ALLOCATOR, "40")), env=child_env(),
+                                         stdout=subprocess.PIPE, text=True)
+            allocator_status = reap(allocator)
+            holder_status = reap(holder)
+        finally:
+            for proc in (holder, allocator):
+                if proc is not None and proc.returncode is None:
+                    proc.kill()
+                    reap(proc)
+        assert os.WIFSIGNALED(holder_status) and os.WTERMSIG(holder_status) == signal.SIGKILL
+        assert os.WIFEXITED(allocator_status) and os.WEXITSTATUS(allocator_status) == 0
+        [occ] = agent.wait_for(of_pid(OOM, holder.pid))
+        marker_exit(agent)
+        assert len(agent.matching(of_pid(OOM, holder.pid))) == 1
+        assert agent.matching(of_pid(EXIT, holder.pid)) == []  # its SIGKILL is the OOM kill, not a second report
+        assert (occ["severity"], occ["outcome"], occ["error"]["code"]) == ("critical", "failure", "OOM_KILLED")
+        data = occ["data"]
+        assert (data["pid"], data["comm"]) == (holder.pid, process_name(sys.executable))
+        assert data["trigger_pid"] == allocator.pid  # the allocation that hit the limit was the allocator's
+        assert (data["cgroup_id"], data["cgroup_path"], data["cgroup_version"]) == (
+            cgroup.cgroup_id, cgroup.cgroup_path, cgroup.version)
+        assert data["memory_limit_bytes"] == limit
+        assert limit - 4 * MIB <= data["memory_usage_bytes"] <= limit
+        assert data["oom_score_adj"] == 1000
+        assert data["anon_rss_bytes"] >= 20 * MIB
+        assert data["rss_bytes"] == data["anon_rss_bytes"] + data["file_rss_bytes"] + data["shmem_rss_bytes"]
+
+
+def test_cgroup_mode_v2_names_the_unified_cgroup_and_keeps_the_memory_limit(tmp_path):
+    """Forced v2 on this v1-memory machine: the id and path are the unified cgroup's, the limit the memcg's."""
+    limit = 64 * MIB
+    with ExitStack() as stack:
+        memory = stack.enter_context(memory_cgroup(limit))
+        if memory.version == 2:
+            unified = memory
+        else:
+            unified_mount = cgroup_mounts()[1]
+            assert unified_mount is not None, "no cgroup2 mount next to the v1 memory controller"
+            unified = stack.enter_context(scratch_cgroup(unified_mount, 2))
+        agent = stack.enter_context(running_agent(tmp_path, plugins=AGENT_PLUGINS,
+                                                  extra=["--set", "container.cgroup_mode=v2"]))
+        victim, status = run_to_end(in_cgroups(list(dict.fromkeys([memory, unified])), python(ALLOCATOR, "512")))
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        [occ] = agent.wait_for(of_pid(OOM, victim))
+        data = occ["data"]
+        assert (data["cgroup_id"], data["cgroup_path"], data["cgroup_version"]) == (
+            unified.cgroup_id, unified.cgroup_path, 2)
+        assert data["memory_limit_bytes"] == limit
+        assert data["trigger_pid"] == victim
+
+
+# -- in process: what never crosses the ring buffer -------------------------------------------------
+
+
+class Collect:
+    def __init__(self):
+        self.received = []
+
+    @hookimpl
+    def tapio_register_sinks(self, register):
+        register(SinkSpec(name="collect"))
+
+    @hookimpl
+    def tapio_sink_emit(self, sink, occurrences):
+        self.received.extend(occurrences)
+
+
+class ContainerWithout:
+    """The container plugin with some BtfFields pointing at members no kernel has."""
+
+    def __init__(self, macros: set[str]):
+        fields = tuple(attrs.evolve(field, path="no_such_member") if field.macro in macros else field
+                       for field in tapio_observer_container.OBSERVER.btf_fields)
+        self.spec = attrs.evolve(tapio_observer_container.OBSERVER, btf_fields=fields)
+
+    @hookimpl
+    def tapio_register_observers(self, register):
+        register(self.spec)
+
+    @hookimpl
+    def tapio_observer_started(self, observer):
+        tapio_observer_container.tapio_observer_started(observer)
+
+    @hookimpl
+    def tapio_detect_anomalies(self, observer, events):
+        return tapio_observer_container.tapio_detect_anomalies(observer, events)
+
+
+@contextmanager
+def agent_in_process(settings: dict, plugin=None) -> Iterator[Agent]:
+    allow = set() if plugin is not None else {"container"}
+    extra = [("collect", Collect())] + ([("container", plugin)] if plugin is not None else [])
+    loaded = load_plugins(allow, extra=extra)
+    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), settings, KernelClock())
+    agent = Agent(loaded, pipeline, recorder=None)
+    agent.load(ebpf_dir=None)
+    try:
+        assert pipeline.observers["container"].status == "running", pipeline.observers["container"].status_reason
+        yield agent
+    finally:
+        agent.shutdown()
+
+
+def raw_records_until(agent: Agent, pid: int, timeout: float = 5.0) -> np.ndarray:
+    """Every record in the ring up to and including the first from ``pid``."""
+    reader = agent.readers["container"]
+    batches, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = reader.read_batch()
+        if data:
+            batches.append(np.frombuffer(data, CONTAINER_RECORD))
+            if (batches[-1]["task"]["pid"] == pid).any():
+                return np.concatenate(batches)
+        else:
+            time.sleep(0.01)
+    raise AssertionError(f"no record for pid {pid} within {timeout} s")
+
+
+def occurrences_until(agent: Agent, predicate, timeout: float = 5.0) -> list:
+    """Drain the ring through the pipeline until the collecting sink got an occurrence matching ``predicate``."""
+    sink = agent.plugins.pm.get_plugin("collect")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        agent.drain("container")
+        found = [occ for occ in sink.received if predicate(occ)]
+        if found:
+            return found
+        time.sleep(0.01)
+    raise AssertionError(f"no matching occurrence within {timeout} s")
+
+
+def test_successful_and_ignored_exits_never_reach_the_ring_buffer(tmp_path):
+    renamed = tmp_path / IGNORED_NAME
+    renamed.symlink_to("/bin/sh")
+    settings = {"container": {"ignore_exit_codes": [IGNORED_CODE], "ignore_signals": ["USR1"],
+                              "ignore_process_names": [IGNORED_NAME]}}
+    with agent_in_process(settings) as agent:
+        layout = agent.pipeline.observers["container"].bpf[b"container_layout"][0]
+        assert layout.configured == 1 and layout.page_size == os.sysconf("SC_PAGE_SIZE")
+        quiet = [
+            run_to_end(["true"])[0],
+            run_to_end(python("import threading; [threading.Thread(target=len, args=('',)).start() "
+                              "for _ in range(4)]"))[0],
+            run_to_end(["sh", "-c", f"exit {IGNORED_CODE}"])[0],
+            run_to_end(["sh", "-c", "kill -USR1 $$"])[0],
+            run_to_end([str(renamed), "-c", "exit 9"])[0],
+        ]
+        marker, _ = run_to_end(["sh", "-c", f"exit {MARKER_CODE}"])
+        records = raw_records_until(agent, marker)
+    assert set(records["task"]["pid"].tolist()) & set(quiet) == set()
+    [mark] = records[records["task"]["pid"] == marker]
+    assert (mark["kind"], mark["exit_status"]) == (KIND_ABNORMAL_EXIT, MARKER_CODE << 8)
+
+
+def test_a_member_missing_from_btf_costs_only_its_feature():
+    plugin = ContainerWithout({"TAPIO_CGROUP_KN_OFFSET", "TAPIO_TASK_GROUP_LEADER_OFFSET"})
+    with agent_in_process({}, plugin) as agent:
+        reason = agent.pipeline.observers["container"].status_reason
+        assert "cgroup id and path" in reason and "process name (the leader's comm)" in reason
+        pid, _ = run_to_end(["sh", "-c", "exit 4"])
+        [occ] = occurrences_until(agent, lambda o: o.type == EXIT and o.data["pid"] == pid)
+    assert (occ.data["exit_code"], occ.data["comm"]) == (4, "sh")  # the thread's own comm: the same here
+    assert (occ.data["cgroup_id"], occ.data["cgroup_path"]) == (None, None)
