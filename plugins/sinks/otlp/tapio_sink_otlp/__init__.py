@@ -1,0 +1,45 @@
+"""Tapio sink: occurrences as OTLP/HTTP log records (Grafana, any OpenTelemetry backend).
+
+Queueing, batching, retries and counts are ``tapio_core.delivery``'s; this
+plugin only builds ``ExportLogsServiceRequest`` bodies and reads partial successes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from tapio_core import SinkSpec, hookimpl
+from tapio_core.delivery import DeliverySettings, start_delivery
+from tapio_sink_otlp.encode import OtlpLogs
+
+
+@attrs.define(kw_only=True)
+class OtlpSettings(DeliverySettings):
+    """``endpoint`` is the OTLP/HTTP base URL; logs go to ``{endpoint}/v1/logs``."""
+
+    gzip: bool = True
+    #: The resource's host.name (default: $NODE_NAME, else this machine's host name).
+    host_name: str = attrs.field(factory=lambda: os.environ.get("NODE_NAME") or os.uname().nodename)
+
+
+@hookimpl
+def tapio_register_sinks(register):
+    register(SinkSpec(name="otlp", description="OTLP/HTTP log records (Grafana, any OpenTelemetry backend)",
+                      config_type=OtlpSettings))
+
+
+@hookimpl
+def tapio_sink_open(sink):
+    start_delivery(sink, sink.config.endpoint.rstrip("/") + "/v1/logs", OtlpLogs(sink.config.host_name))
+
+
+@hookimpl
+def tapio_sink_emit(sink, occurrences):
+    sink.state["delivery"].put(occurrences)
+
+
+@hookimpl
+def tapio_sink_close(sink):
+    sink.state["delivery"].close()
