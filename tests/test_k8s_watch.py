@@ -390,7 +390,7 @@ def test_enricher_names_pod_container_and_workload_from_local_caches_only(api, t
     host = tmp_path / "cg" / "system.slice"
     host.mkdir()
     settings = settings_for(write_kubeconfig(tmp_path / "kc", api.url))
-    cgroups = CgroupMap(tmp_path / "cg")
+    cgroups = CgroupMap(tmp_path / "cg", clock=lambda: 0.0)  # a frozen clock: misses never rescan here
     cgroups.scan()
     cache = PodCache()
     enricher = KubernetesEnricher(settings, cache, cgroups)
@@ -417,8 +417,10 @@ def test_enricher_names_pod_container_and_workload_from_local_caches_only(api, t
 
         unknown_pod = occurrence(cgroup_path=f"/kubepods/besteffort/pod{uuid.uuid4()}/{cid(5)}")
         on_host = occurrence(cgroup_id=os.stat(host).st_ino)
+        # a v1 memory cgroup's id numbers another hierarchy: even equal to a pod's v2 id it names nothing
+        v1_host = occurrence(cgroup_id=os.stat(container).st_ino, cgroup_path="/system.slice", cgroup_version=1)
         no_cgroup = occurrence(pid=1)
-        for occ in (unknown_pod, on_host, no_cgroup):
+        for occ in (unknown_pod, on_host, v1_host, no_cgroup):
             enricher.enrich(occ)
             assert (occ.context.node, occ.context.namespace, occ.context.entities) == (NODE, None, [])
         assert len(api.requests) == requests, "enrichment made API calls"
@@ -438,7 +440,7 @@ def test_enricher_names_pod_container_and_workload_from_local_caches_only(api, t
         status = enricher.status()
     assert status["api"]["state"] == "synced"
     assert status["pods"] == {"known": 1, "ended_kept": 0, "workloads_resolved": 1}
-    assert status["occurrences"] == {"enriched": 4, "pod_unknown": 1, "outside_pods": 1, "no_cgroup": 1,
+    assert status["occurrences"] == {"enriched": 4, "pod_unknown": 1, "outside_pods": 2, "no_cgroup": 1,
                                      "container_unknown": 1}
     assert status["cgroups"]["resolve_by"] == "rescan"
 

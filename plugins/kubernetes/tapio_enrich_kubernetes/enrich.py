@@ -78,15 +78,21 @@ class KubernetesEnricher:
                 Entity(kind=workload.kind.lower(), id=workload.uid, name=f"{pod.namespace}/{workload.name}"))
 
     def cgroup_ref(self, data: dict[str, Any]) -> CgroupRef | None:
-        """The pod/container of the occurrence's ``cgroup_path`` if it names one, else of its ``cgroup_id``."""
+        """The pod/container of the occurrence's ``cgroup_path`` if it names one, else of its ``cgroup_id``.
+
+        An id is looked up only when it is a v2 one: ``cgroup_version: 1`` (the
+        container observer on a v1 memory controller) means it numbers another
+        hierarchy, whose ids collide with the unified one's.
+        """
         path = data.get("cgroup_path")
         if isinstance(path, str) and path:
             ref = parse_cgroup_path(path)
             if ref is not None:
                 return ref
         cgroup_id = data.get("cgroup_id")
-        if not isinstance(cgroup_id, int) or isinstance(cgroup_id, bool) or cgroup_id <= 0:
-            self.counters["outside_pods" if path else "no_cgroup"] += 1
+        usable = isinstance(cgroup_id, int) and not isinstance(cgroup_id, bool) and cgroup_id > 0
+        if not usable or data.get("cgroup_version", 2) != 2:
+            self.counters["outside_pods" if path or usable else "no_cgroup"] += 1
             return None
         ref = self.cgroups.lookup(cgroup_id) if self.cgroups is not None else None
         if ref is None:

@@ -143,6 +143,8 @@ class PodWatcher:
         pods = client.CoreV1Api(self._api).list_pod_for_all_namespaces(
             field_selector=self.selector, _request_timeout=self.settings.request_timeout_s)
         infos = [pod_info(pod) for pod in pods.items]
+        for info in infos:  # before the pods are published, so none is seen with its ReplicaSet only
+            self.resolve_owner(info)
         new_containers = self.cache.replace(infos)
         self.resource_version = pods.metadata.resource_version
         self.counters["lists"] += 1
@@ -150,8 +152,6 @@ class PodWatcher:
         self._set_state("synced")
         log.info("kubernetes: %d pod(s) on node %s at resource version %s",
                  len(infos), self.settings.node_name, self.resource_version)
-        for info in infos:
-            self.resolve_owner(info)
         self.on_new_containers({uid: ids for uid, ids in new_containers.items() if ids})
 
     def watch_pods(self) -> None:
@@ -204,11 +204,11 @@ class PodWatcher:
             self.resource_version = raw["metadata"]["resourceVersion"]
             return
         info = pod_info(event["object"])
+        if kind != "DELETED":
+            self.resolve_owner(info)
         new_ids = self.cache.upsert(info)
         if kind == "DELETED":
             self.cache.mark_ended(info.uid)
-        else:
-            self.resolve_owner(info)
         if info.resource_version:
             self.resource_version = info.resource_version
         if new_ids:
