@@ -215,6 +215,24 @@ def test_410_gone_lists_again_and_reconciles_what_changed_meanwhile(api, tmp_pat
         assert api.requests_of("watch")[-1]["query"]["resourceVersion"] == "104"
 
 
+def test_an_event_the_client_cannot_read_is_skipped_without_stalling_the_watch(api, tmp_path):
+    pod = make_pod("web-1", node=NODE)
+    api.add_pod(pod)
+    cache = PodCache()
+    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url)), cache) as watcher:
+        synced(watcher, api)
+        broken = make_pod("broken", node=NODE)
+        broken["status"]["containerStatuses"] = "not a list"
+        api.add_pod(broken)
+        later = make_pod("later", node=NODE)
+        api.add_pod(later)
+        eventually(lambda: cache.get(later["metadata"]["uid"]) is not None)
+        assert watcher.counters["malformed_events"] == 1
+        assert watcher.resource_version == "103"
+        assert cache.get(broken["metadata"]["uid"]) is None
+    assert len(api.requests_of("watch")) == 1, "no reconnect"
+
+
 def test_api_unreachable_at_start_then_reachable(tmp_path):
     port = free_port()
     cache = PodCache()

@@ -12,6 +12,7 @@ owner, never per kernel event.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -96,10 +97,12 @@ class PodWatcher:
         self.last_error = ""
         self.synced_once = False
         self.counters = {"lists": 0, "watches": 0, "relists_after_gone": 0, "failures": 0, "watch_events": 0,
-                         "bookmarks": 0, "owner_lookups": 0, "owner_lookup_failures": 0}
+                         "bookmarks": 0, "malformed_events": 0, "owner_lookups": 0,
+                         "owner_lookup_failures": 0}
         self._owner_retry_at: dict[tuple[str, str, str], float] = {}
         self._api: Any = None
         self._response: Any = None
+        self._decoder: Any = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -171,9 +174,13 @@ class PodWatcher:
                 raise _api_exception(response)
             self.counters["watches"] += 1
             self._set_state("synced")
-            decoder = watch.Watch()
+            self._decoder = self._decoder or watch.Watch()
             for line in watch.watch.iter_resp_lines(response):
-                event = decoder.unmarshal_event(line, "V1Pod")
+                try:
+                    event = self._decoder.unmarshal_event(line, "V1Pod")
+                except Exception as exc:  # one pod the client's models reject must not stall the watch
+                    self._malformed(line, exc)
+                    continue
                 if event is None:
                     continue
                 self.apply_event(event)
@@ -214,6 +221,13 @@ class PodWatcher:
         if new_ids:
             self.on_new_containers({info.uid: new_ids})
         self._prune()
+
+    def _malformed(self, line: str, exc: Exception) -> None:
+        """Skip the event but not its resource version, so a reconnect does not bring it back."""
+        self.counters["malformed_events"] += 1
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            self.resource_version = str(json.loads(line)["object"]["metadata"]["resourceVersion"])
+        log.warning("kubernetes: skipped a pod watch event the client cannot read (%s)", _describe(exc))
 
     # -- owners ---------------------------------------------------------------------------
 
