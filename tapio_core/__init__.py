@@ -4,6 +4,7 @@ Plugin authors need only this package's root: ``from tapio_core import hookimpl`
 plus the declaration types re-exported below.
 """
 
+from tapio_core.enricher import EnricherSpec, RunningEnricher
 from tapio_core.hookspecs import hookimpl
 from tapio_core.observer import Anomaly, BtfField, ObserverSpec, RunningObserver, record_dtype
 from tapio_core.occurrence import Context, Entity, Error, Occurrence
@@ -15,10 +16,12 @@ __all__ = [
     "Anomaly",
     "BtfField",
     "Context",
+    "EnricherSpec",
     "Entity",
     "Error",
     "ObserverSpec",
     "Occurrence",
+    "RunningEnricher",
     "RunningObserver",
     "RunningSink",
     "SinkSpec",

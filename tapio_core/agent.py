@@ -201,7 +201,19 @@ class Agent:
             "observers": observers,
             "sinks": {s.name: {"plugin": s.plugin_name, "delivered": s.delivered, "failed": s.failed,
                                "counters": dict(s.counters)} for s in self.pipeline.sinks},
+            "enrichers": {e.name: self._enricher_state(e) for e in self.pipeline.enrichers},
         }
+
+    @staticmethod
+    def _enricher_state(enricher) -> dict:
+        state = {"plugin": enricher.plugin_name, "status": enricher.status, "reason": enricher.status_reason,
+                 "counters": dict(enricher.counters)}
+        if enricher.report is not None:
+            try:
+                state["details"] = enricher.report()
+            except Exception as exc:
+                state["details"] = {"error": f"{type(exc).__name__}: {exc}"}
+        return state
 
     def write_state(self, running: bool = True) -> None:
         try:
@@ -213,6 +225,7 @@ class Agent:
         for name in self.readers:
             self.drain(name)  # what arrived before the signal still counts
             self.pipeline.finish(name)
+        self.pipeline.stop_enrichers()
         self.pipeline.close()
         if self.recorder is not None:
             self.recorder.close()
@@ -284,9 +297,15 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, conf
     agent = Agent(plugins, pipeline, recorder, data_dir=data_dir, settings=settings)
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
+    try:
+        pipeline.start_enrichers()
+    except ConfigError as exc:
+        pipeline.close()
+        fail(str(exc))
     agent.load(ebpf_dir)
     agent.write_state(running=bool(agent.readers))
     if not agent.readers:
+        pipeline.stop_enrichers()
         pipeline.close()
         fail("no observer could be loaded; see the errors above", code=1)
     click.echo(f"tapio-agent: running observers {', '.join(agent.readers)}; "

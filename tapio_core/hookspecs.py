@@ -4,18 +4,21 @@ A plugin is a module (or object) with functions named after the hooks below,
 decorated with ``@tapio_core.hookimpl``, published under the ``tapio`` entry
 point group. The agent calls them in this order:
 
-1. ``tapio_register_observers`` / ``tapio_register_sinks`` once at start-up:
-   plugins declare what they provide.
-2. ``tapio_sink_open`` once per sink the user chose, and
-   ``tapio_observer_started`` once per observer whose BPF program loaded.
+1. ``tapio_register_observers`` / ``tapio_register_enrichers`` /
+   ``tapio_register_sinks`` once at start-up: plugins declare what they provide.
+2. ``tapio_sink_open`` once per sink the user chose, ``tapio_enricher_start``
+   once per enricher, and ``tapio_observer_started`` once per observer whose
+   BPF program loaded.
 3. Per batch of raw ring-buffer records drained from one observer:
    ``tapio_parse_records`` then ``tapio_detect_anomalies`` -- called **only on
    the plugin that registered that observer**, never on every plugin.
 4. Per anomaly found: the agent builds an :class:`~tapio_core.Occurrence`, calls
-   ``tapio_enrich_occurrence`` on every plugin, then ``tapio_sink_emit`` once
-   per sink with the batch's occurrences (each sink only on its own plugin).
+   ``tapio_enrich_occurrence`` once per running enricher, then
+   ``tapio_sink_emit`` once per sink with the batch's occurrences (each
+   enricher and sink only on its own plugin).
 5. At shutdown: ``tapio_observer_stopping`` once per observer (pending
-   anomalies still go out), then ``tapio_sink_close`` once per sink.
+   anomalies still go out), ``tapio_enricher_stop`` once per enricher, then
+   ``tapio_sink_close`` once per sink.
 
 The same path runs without BPF in ``tapio replay``, so parse and detect must
 depend on nothing but their arguments and ``observer.state``.
@@ -31,6 +34,7 @@ import pluggy
 if TYPE_CHECKING:
     import numpy as np
 
+    from tapio_core.enricher import EnricherSpec, RunningEnricher
     from tapio_core.observer import Anomaly, ObserverSpec, RunningObserver
     from tapio_core.occurrence import Occurrence
     from tapio_core.sink import RunningSink, SinkSpec
@@ -117,14 +121,47 @@ def tapio_observer_stopping(observer: RunningObserver) -> list[Anomaly] | None:
 
 
 @hookspec
-def tapio_enrich_occurrence(occurrence: Occurrence) -> None:
+def tapio_register_enrichers(register: Callable[[EnricherSpec], None]) -> None:
+    """Declare the enrichers this plugin provides.
+
+    Called once at start-up. Call ``register(spec)`` once per enricher. A name
+    another plugin already registered is rejected with an error naming both.
+    """
+
+
+@hookspec
+def tapio_enricher_start(enricher: RunningEnricher) -> None:
+    """Start an enricher: open its caches, start its background threads.
+
+    Called once by the agent (never by replay or the CLI, so a replay shows
+    the kernel's facts alone), only on the plugin that registered it. Set
+    ``enricher.status = "disabled"`` (with ``status_reason``) when it should
+    not run here, e.g. outside Kubernetes. Must return quickly: an API that
+    is unreachable is the background thread's problem, not start-up's. Raise
+    ``tapio_core.config.ConfigError`` for a setting the user must fix: the
+    agent stops with that one line before attaching anything.
+    """
+
+
+@hookspec
+def tapio_enrich_occurrence(enricher: RunningEnricher, occurrence: Occurrence) -> None:
     """Add context to an occurrence before any sink sees it.
 
-    Called once per occurrence on every plugin that implements it, in plugin
-    order. Mutate ``occurrence.context`` (node, namespace, entities) or add
-    keys to ``occurrence.data``; never change ``type``, ``id`` or existing kernel
-    facts. Must not block: use a local cache, not a remote call per occurrence.
-    An exception is logged and the occurrence goes on without that enrichment.
+    Called once per occurrence for each started, not disabled enricher, only on
+    its own plugin. Mutate ``occurrence.context`` (node, namespace, entities)
+    or add keys to ``occurrence.data``; never change ``type``, ``id`` or kernel
+    facts. Must not block: answer from a local cache, never a remote call per
+    occurrence. An exception is logged and the occurrence goes on without
+    that enrichment.
+    """
+
+
+@hookspec
+def tapio_enricher_stop(enricher: RunningEnricher) -> None:
+    """Stop an enricher's threads and release what it holds.
+
+    Called once at agent shutdown for each enricher ``tapio_enricher_start``
+    was called on, only on its own plugin.
     """
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from tapio_core.config import ConfigError, build_settings
+from tapio_core.enricher import RunningEnricher
 from tapio_core.observer import Anomaly, RunningObserver
 from tapio_core.occurrence import Error, KernelClock, Occurrence, occurrence_id
 from tapio_core.plugins import LoadedPlugins
@@ -33,19 +34,20 @@ class Pipeline:
         observers: Iterable[RunningObserver],
         sinks: Iterable[RunningSink],
         clock: KernelClock,
+        enrichers: Iterable[RunningEnricher] = (),
     ) -> None:
         self.plugins = plugins
         self.clock = clock
         self.observers = {obs.name: obs for obs in observers}
         self.sinks = list(sinks)
+        self.enrichers = list(enrichers)
         self._parse = {}
         self._detect = {}
         for obs in self.observers.values():
             self._parse[obs.name] = plugins.hook_for("tapio_parse_records", obs.plugin_name)
             self._detect[obs.name] = plugins.hook_for("tapio_detect_anomalies", obs.plugin_name)
         self._emit = {id(s): plugins.hook_for("tapio_sink_emit", s.plugin_name) for s in self.sinks}
-        self._enrich = plugins.pm.hook.tapio_enrich_occurrence
-        self._has_enrichers = bool(self._enrich.get_hookimpls())
+        self._enrich = {id(e): plugins.hook_for("tapio_enrich_occurrence", e.plugin_name) for e in self.enrichers}
 
     @classmethod
     def build(
@@ -55,19 +57,52 @@ class Pipeline:
         options: SinkOptions,
         settings: dict[str, Any],
         clock: KernelClock,
+        with_enrichers: bool = True,
     ) -> Pipeline:
-        """Every loaded observer and the chosen sinks, configured from ``settings`` and opened.
+        """Every loaded observer and enricher and the chosen sinks, configured from ``settings``; sinks opened.
 
+        Enrichers are configured here but started by the agent (``start_enrichers``).
         Raises ConfigError or SinkError with one line for the user.
         """
-        unknown = sorted(set(settings) - set(plugins.observers) - set(plugins.sinks))
+        unknown = sorted(set(settings) - set(plugins.observers) - set(plugins.sinks) - set(plugins.enrichers))
         if unknown:
-            raise ConfigError(f"config [{unknown[0]}]: no loaded observer or sink has that name")
+            raise ConfigError(f"config [{unknown[0]}]: no loaded observer, enricher or sink has that name")
         observers = [
             RunningObserver(spec=spec, plugin_name=plugin, config=build_settings(spec.config_type, name, settings))
             for name, (plugin, spec) in plugins.observers.items()
         ]
-        return cls(plugins, observers, cls.open_sinks(plugins, sink_names, options, settings), clock)
+        enrichers = [
+            RunningEnricher(spec=spec, plugin_name=plugin, config=build_settings(spec.config_type, name, settings))
+            for name, (plugin, spec) in plugins.enrichers.items()
+        ] if with_enrichers else []
+        sinks = cls.open_sinks(plugins, sink_names, options, settings)
+        return cls(plugins, observers, sinks, clock, enrichers)
+
+    def start_enrichers(self) -> None:
+        """Start every enricher; one that fails is reported and left out, the others run.
+
+        A ConfigError (a setting the user must fix) is raised, to stop start-up with one line.
+        """
+        for enricher in self.enrichers:
+            try:
+                self.plugins.hook_for("tapio_enricher_start", enricher.plugin_name)(enricher=enricher)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                enricher.status, enricher.status_reason = "failed", f"{type(exc).__name__}: {exc}"
+                log.error("enricher %s failed to start: %s", enricher.name, enricher.status_reason)
+            else:
+                if enricher.status == "starting":
+                    enricher.status = "running"
+
+    def stop_enrichers(self) -> None:
+        for enricher in self.enrichers:
+            if enricher.status in ("starting", "failed"):
+                continue
+            try:
+                self.plugins.hook_for("tapio_enricher_stop", enricher.plugin_name)(enricher=enricher)
+            except Exception as exc:
+                log.error("enricher %s failed to stop cleanly: %s", enricher.name, exc)
 
     @staticmethod
     def open_sinks(
@@ -100,9 +135,10 @@ class Pipeline:
             return []
         observer.anomalies += len(anomalies)
         occurrences = [self.occurrence(a) for a in anomalies]
-        if self._has_enrichers:
+        active = [e for e in self.enrichers if e.status not in ("starting", "failed", "disabled")]
+        for enricher in active:
             for occurrence in occurrences:
-                self.enrich(occurrence)
+                self.enrich(enricher, occurrence)
         self.emit(occurrences)
         return occurrences
 
@@ -149,11 +185,12 @@ class Pipeline:
             data=dict(anomaly.data, timestamp_ns=anomaly.timestamp_ns),
         )
 
-    def enrich(self, occurrence: Occurrence) -> None:
+    def enrich(self, enricher: RunningEnricher, occurrence: Occurrence) -> None:
         try:
-            self._enrich(occurrence=occurrence)
+            self._enrich[id(enricher)](enricher=enricher, occurrence=occurrence)
         except Exception:
-            log.exception("enrichment failed for %s; emitting it without", occurrence.id)
+            enricher.counters["errors"] = enricher.counters.get("errors", 0) + 1
+            log.exception("enricher %s failed on %s; emitting it without", enricher.name, occurrence.id)
 
     def emit(self, occurrences: list[Occurrence]) -> None:
         for sink in self.sinks:

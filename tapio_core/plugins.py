@@ -16,6 +16,7 @@ import attrs
 import pluggy
 
 from tapio_core import hookspecs
+from tapio_core.enricher import EnricherSpec
 from tapio_core.observer import ObserverSpec
 from tapio_core.sink import SinkSpec
 
@@ -35,6 +36,7 @@ class PluginInfo:
     hooks: list[str]
     observers: list[str] = attrs.field(factory=list)
     sinks: list[str] = attrs.field(factory=list)
+    enrichers: list[str] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -44,6 +46,7 @@ class LoadedPlugins:
     pm: pluggy.PluginManager
     observers: dict[str, tuple[str, ObserverSpec]]
     sinks: dict[str, tuple[str, SinkSpec]]
+    enrichers: dict[str, tuple[str, EnricherSpec]]
     failed: dict[str, str]
     distributions: dict[str, importlib.metadata.Distribution | None]
 
@@ -70,6 +73,7 @@ class LoadedPlugins:
                     hooks=hooks,
                     observers=sorted(o for o, (p, _) in self.observers.items() if p == name),
                     sinks=sorted(s for s, (p, _) in self.sinks.items() if p == name),
+                    enrichers=sorted(e for e, (p, _) in self.enrichers.items() if p == name),
                 )
             )
         return result
@@ -138,7 +142,8 @@ def load_plugins(
         raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from None
     observers = _collect(pm, "tapio_register_observers", "observer")
     sinks = _collect(pm, "tapio_register_sinks", "sink")
-    return LoadedPlugins(pm, observers, sinks, failed, distributions)
+    enrichers = _collect(pm, "tapio_register_enrichers", "enricher")
+    return LoadedPlugins(pm, observers, sinks, enrichers, failed, distributions)
 
 
 def _collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict[str, tuple[str, Any]]:

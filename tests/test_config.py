@@ -41,4 +41,4 @@ def test_replay_rejects_a_setting_for_nothing_loaded(tmp_path):
     recording.write_bytes(b"TAPIOREC\x01\x00")
     result = CliRunner().invoke(cli, ["replay", str(recording), "--set", "martian.x=1"])
     assert result.exit_code == 1
-    assert "config [martian]: no loaded observer or sink has that name" in result.output
+    assert "config [martian]: no loaded observer, enricher or sink has that name" in result.output

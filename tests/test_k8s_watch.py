@@ -30,9 +30,12 @@ from k8s_api_server import (
     write_kubeconfig,
 )
 
-import tapio_enrich_kubernetes as plugin
 from tapio_core import Occurrence
-from tapio_core.plugins import PluginError, load_plugins
+from tapio_core.config import ConfigError
+from tapio_core.occurrence import KernelClock
+from tapio_core.pipeline import Pipeline
+from tapio_core.plugins import load_plugins
+from tapio_core.sink import SinkOptions
 from tapio_enrich_kubernetes.cgroups import CgroupMap
 from tapio_enrich_kubernetes.enrich import KubernetesEnricher
 from tapio_enrich_kubernetes.pods import PodCache, Workload
@@ -471,11 +474,15 @@ def fresh_plugin(monkeypatch):
     for name in list(os.environ):
         if name == "NODE_NAME" or name.startswith("TAPIO_K8S_"):
             monkeypatch.delenv(name)
-    plugin.stop()
-    try:
-        yield monkeypatch
-    finally:
-        plugin.stop()
+    return monkeypatch
+
+
+def started_pipeline():
+    """The kubernetes plugin through its entry point, built and started as the agent does."""
+    plugins = load_plugins(["kubernetes"])
+    pipeline = Pipeline.build(plugins, [], SinkOptions(data_dir=Path(".")), {}, KernelClock(0))
+    pipeline.start_enrichers()
+    return plugins, pipeline
 
 
 def test_settings_from_the_environment():
@@ -495,34 +502,43 @@ def test_settings_from_the_environment():
         assert str(raised.value) == message
 
 
-def test_bad_setting_stops_plugin_loading_with_one_line(fresh_plugin):
+def test_bad_setting_stops_start_up_with_one_line(fresh_plugin):
     fresh_plugin.setenv("NODE_NAME", NODE)
     fresh_plugin.setenv("TAPIO_K8S_ENDED_POD_GRACE_S", "soon")
-    with pytest.raises(PluginError) as raised:
-        load_plugins(["kubernetes"])
+    with pytest.raises(ConfigError) as raised:
+        started_pipeline()
     assert str(raised.value) == (
         "kubernetes enrichment: TAPIO_K8S_ENDED_POD_GRACE_S must be a number of seconds, got 'soon'")
 
 
 def test_without_node_name_the_plugin_is_off(fresh_plugin):
-    plugins = load_plugins(["kubernetes"])
-    occ = occurrence(cgroup_id=1)
-    plugins.pm.hook.tapio_enrich_occurrence(occurrence=occ)
-    assert occ.context is None
-    assert plugin.status()["enabled"] is False
+    _, pipeline = started_pipeline()
+    [enricher] = pipeline.enrichers
+    assert (enricher.status, enricher.status_reason) == (
+        "disabled", "NODE_NAME is not set (and TAPIO_K8S_ENABLED is not 1)")
     assert not [t for t in threading.enumerate() if t.name == "tapio-k8s-watch"]
 
 
-def test_loaded_through_its_entry_point_it_watches_and_enriches(fresh_plugin, api, tmp_path):
+def test_loading_the_plugin_starts_nothing(fresh_plugin):
+    fresh_plugin.setenv("NODE_NAME", NODE)
+    plugins = load_plugins(["kubernetes"])  # what `tapio plugins` and `tapio replay` do
+    assert set(plugins.enrichers) == {"kubernetes"}
+    assert not [t for t in threading.enumerate() if t.name == "tapio-k8s-watch"]
+
+
+def test_started_through_its_entry_point_it_watches_and_enriches(fresh_plugin, api, tmp_path):
     uid = str(uuid.uuid4())
     api.add_pod(make_pod("web-1", node=NODE, namespace="shop", uid=uid, containers=[("app", cid(1))]))
     fresh_plugin.setenv("NODE_NAME", NODE)
     fresh_plugin.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kc", api.url)))
-    plugins = load_plugins(["kubernetes"])
-    assert plugins.observers == {}
-    eventually(lambda: plugin.status()["api"]["state"] == "synced" and plugin.status()["pods"]["known"] == 1)
-    occ = occurrence(cgroup_path=f"/kubepods/besteffort/pod{uid}/{cid(1)}")
-    plugins.pm.hook.tapio_enrich_occurrence(occurrence=occ)
-    assert entities(occ) == [("pod", uid, "shop/web-1"), ("container", cid(1), "app")]
-    load_plugins(["kubernetes"])  # loading again must not start a second watch
-    assert len([t for t in threading.enumerate() if t.name == "tapio-k8s-watch"]) == 1
+    _, pipeline = started_pipeline()
+    try:
+        [enricher] = pipeline.enrichers
+        assert enricher.status == "running"
+        eventually(lambda: enricher.report()["api"]["state"] == "synced" and enricher.report()["pods"]["known"] == 1)
+        occ = occurrence(cgroup_path=f"/kubepods/besteffort/pod{uid}/{cid(1)}")
+        pipeline.enrich(enricher, occ)
+        assert entities(occ) == [("pod", uid, "shop/web-1"), ("container", cid(1), "app")]
+    finally:
+        pipeline.stop_enrichers()
+    eventually(lambda: not [t for t in threading.enumerate() if t.name == "tapio-k8s-watch"])

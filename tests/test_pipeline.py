@@ -6,7 +6,7 @@ import attrs
 import numpy as np
 import pytest
 
-from tapio_core import Anomaly, Context, ObserverSpec, RunningObserver, SinkSpec, hookimpl
+from tapio_core import Anomaly, Context, EnricherSpec, ObserverSpec, RunningObserver, SinkSpec, hookimpl
 from tapio_core.config import ConfigError
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
@@ -130,24 +130,55 @@ def test_tapio_parse_records_can_replace_the_default_view():
     assert [o.data["value"] for o in pipeline.ingest("toy", records((1, 6)))] == [12]
 
 
-def test_tapio_enrich_occurrence_adds_context_and_a_failing_enricher_loses_nothing(caplog):
-    class Enricher:
-        @hookimpl
-        def tapio_enrich_occurrence(self, occurrence):
-            occurrence.context = Context(node="node-7")
+class NodeEnricher:
+    """Names the node; ``fail`` makes it raise, ``disable`` makes it opt out at start."""
 
-    class Broken:
-        @hookimpl
-        def tapio_enrich_occurrence(self, occurrence):
+    def __init__(self, name, fail=False, disable=False):
+        self.name, self.fail, self.disable, self.calls = name, fail, disable, []
+
+    @hookimpl
+    def tapio_register_enrichers(self, register):
+        register(EnricherSpec(name=self.name))
+
+    @hookimpl
+    def tapio_enricher_start(self, enricher):
+        self.calls.append("start")
+        if self.disable:
+            enricher.status, enricher.status_reason = "disabled", "not on a cluster"
+
+    @hookimpl
+    def tapio_enrich_occurrence(self, enricher, occurrence):
+        if self.fail:
             raise RuntimeError("api down")
+        occurrence.context = Context(node=f"node-of-{enricher.name}")
 
+    @hookimpl
+    def tapio_enricher_stop(self, enricher):
+        self.calls.append("stop")
+
+
+def test_tapio_enrich_occurrence_adds_context_once_started(caplog):
+    toy, sink, node = ToyObserver("toy"), ListSink("list"), NodeEnricher("k8s")
+    pipeline = build([("toy", toy), ("list", sink), ("k8s", node)], ["list"])
+    [unenriched] = pipeline.ingest("toy", records((1, 100)))  # not started (as in replay): no context
+    assert unenriched.context is None
+    pipeline.start_enrichers()
+    [occurrence] = pipeline.ingest("toy", records((2, 100)))
+    assert occurrence.context == Context(node="node-of-k8s")
+    pipeline.stop_enrichers()
+    assert node.calls == ["start", "stop"]
+
+
+def test_tapio_enricher_start_may_disable_and_a_failing_enricher_loses_nothing(caplog):
     toy, sink = ToyObserver("toy"), ListSink("list")
-    pipeline = build([("toy", toy), ("list", sink), ("enricher", Enricher())], ["list"])
+    off, broken = NodeEnricher("off", disable=True), NodeEnricher("broken", fail=True)
+    pipeline = build([("toy", toy), ("list", sink), ("off", off), ("broken", broken)], ["list"])
+    pipeline.start_enrichers()
+    assert {e.name: e.status for e in pipeline.enrichers} == {"off": "disabled", "broken": "running"}
     [occurrence] = pipeline.ingest("toy", records((1, 100)))
-    assert occurrence.context == Context(node="node-7")
-    pipeline = build([("toy", toy), ("list", sink), ("broken", Broken())], ["list"])
-    assert len(pipeline.ingest("toy", records((1, 100)))) == 1
-    assert "enrichment failed" in caplog.text
+    assert occurrence.context is None  # "off" never ran; "broken" raised
+    assert "enricher broken failed" in caplog.text
+    assert pipeline.enrichers[1].counters == {"errors": 1}
 
 
 def test_tapio_sink_emit_failure_is_isolated_to_that_sink(caplog):
@@ -174,7 +205,7 @@ def test_settings_reach_the_observer_and_bad_ones_name_the_key():
         build([("toy", toy), ("list", sink)], ["list"], settings={"toy": {"limt": 1}})
     with pytest.raises(ConfigError, match=r"config \[list\]: this plugin takes no settings"):
         build([("toy", toy), ("list", sink)], ["list"], settings={"list": {"x": 1}})
-    with pytest.raises(ConfigError, match=r"config \[tyo\]: no loaded observer or sink has that name"):
+    with pytest.raises(ConfigError, match=r"config \[tyo\]: no loaded observer, enricher or sink has that name"):
         build([("toy", toy), ("list", sink)], ["list"], settings={"tyo": {}})
 
 
