@@ -17,6 +17,23 @@ from tapio_observer_container.settings import ContainerSettings
 
 log = logging.getLogger("tapio.container")
 
+EXIT_FORMAT = Path("/sys/kernel/tracing/events/sched/sched_process_exit/format")
+
+
+def exit_tracepoint_cflags(format_file: Path = EXIT_FORMAT) -> tuple[str, ...]:
+    """``-DTAPIO_EXIT_HAS_GROUP_DEAD`` where sched_process_exit carries ``group_dead`` (newer kernels).
+
+    bcc builds the tracepoint's argument struct from this file, so the BPF source
+    may name the field only where it exists; elsewhere it finds the last thread
+    through ``signal_struct.live``.
+    """
+    try:
+        fields = format_file.read_text()
+    except OSError:
+        return ()  # not root, or no tracefs: the agent would not load the program anyway
+    return ("-DTAPIO_EXIT_HAS_GROUP_DEAD",) if "group_dead;" in fields else ()
+
+
 _CGROUP = "cgroup id and path"
 _MEMORY = "memory limit and usage of OOM victims"
 OBSERVER = ObserverSpec(
@@ -31,6 +48,8 @@ OBSERVER = ObserverSpec(
         BtfField("TAPIO_SIGNAL_FLAGS_OFFSET", "signal_struct", "flags", feature="group exit status"),
         BtfField("TAPIO_SIGNAL_GROUP_EXIT_CODE_OFFSET", "signal_struct", "group_exit_code",
                  feature="group exit status"),
+        BtfField("TAPIO_SIGNAL_LIVE_OFFSET", "signal_struct", "live",
+                 feature="telling a process's last thread without the tracepoint's group_dead"),
         BtfField("TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET", "signal_struct", "oom_score_adj",
                  feature="oom_score_adj of OOM victims"),
         BtfField("TAPIO_TASK_GROUP_LEADER_OFFSET", "task_struct", "group_leader",
@@ -54,6 +73,7 @@ OBSERVER = ObserverSpec(
     ),
     description="OOM kills with their memory cgroup and limit; abnormal process exits",
     config_type=ContainerSettings,
+    cflags=exit_tracepoint_cflags(),
 )
 
 
@@ -99,14 +119,16 @@ def tapio_observer_started(observer):
     try:
         btf = Btf.load()
     except BtfError as exc:
-        log.warning("container: %s; memory cgroups, cgroup paths and RSS disabled", exc)
-        btf = None
+        log.warning("container: %s", exc)
+        btf = None  # kernel_layout names what that disables
     mode = detect_cgroup_mode(settings.cgroup_mode)
-    layout = kernel_layout(btf, mode)
+    layout, lost = kernel_layout(btf, mode)
     try:
         write_settings(observer.bpf, layout, settings)
     except (KeyError, TypeError, ValueError) as exc:  # a --ebpf-dir source without our maps
         raise ObserverLoadError(f"container: cannot write settings into the BPF maps: {exc}") from None
+    if lost:
+        observer.status_reason = "disabled: " + ", ".join(lost)
     log.info("container: containers named by their cgroup v%d %s", mode,
              "memory cgroup" if mode == CGROUP_V1 else "(unified) cgroup")
 

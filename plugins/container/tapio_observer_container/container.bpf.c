@@ -1,8 +1,8 @@
 /* Tapio container observer: OOM kills and abnormal process exits.
  *
  * sched_process_exit fires once per thread; group_dead marks the last thread
- * of a process, so that is where a process exit is judged, with the status
- * its parent's wait() sees. Exits the user declared normal (exit codes,
+ * of a process (older kernels lack it: see last_thread_first_claim), so that
+ * is where a process exit is judged, with the status its parent's wait() sees. Exits the user declared normal (exit codes,
  * signals, process names) and successful ones are dropped here: they never
  * cross the ring buffer.
  *
@@ -50,7 +50,7 @@ struct container_record {
     u32 trigger_pid;             /* OOM: the task whose allocation invoked the OOM killer */
     s16 oom_score_adj;
     u8 flags;
-    u8 cgroup_mode;
+    u8 cgroup_mode;              /* which hierarchy task.cgroup_id numbers */
     char trigger_comm[16];
     char cgroup_path[CGROUP_PATH_LEN];
 };
@@ -128,10 +128,19 @@ static __always_inline u64 process_start_time(const void *task)
 }
 
 /* The status a parent's wait() gets: the group's exit code once a group exit
- * (exit_group, fatal signal, core dump) began, else the leader's own. */
-static __always_inline u32 process_exit_status(const void *task)
+ * (exit_group, fatal signal, core dump) began, else the leader's own.
+ *
+ * Fast path for the common case, a leader exiting with 0: one read. Its 0 is
+ * the group's too -- a group exit gives every thread the group code of the
+ * moment, and that code only changes from 0 by a core dump, which cannot
+ * start once a group exit has. */
+static __always_inline u32 process_exit_status(const void *task, int is_leader)
 {
     u32 status = 0;
+#ifdef TAPIO_TASK_EXIT_CODE_OFFSET
+    if (is_leader && TAPIO_READ_AT(status, task, TAPIO_TASK_EXIT_CODE_OFFSET) == 0 && status == 0)
+        return 0;
+#endif
 #if defined(TAPIO_TASK_SIGNAL_OFFSET) && defined(TAPIO_SIGNAL_FLAGS_OFFSET) && defined(TAPIO_SIGNAL_GROUP_EXIT_CODE_OFFSET)
     const void *signal = read_ptr(task, TAPIO_TASK_SIGNAL_OFFSET);
     if (signal) {
@@ -146,10 +155,12 @@ static __always_inline u32 process_exit_status(const void *task)
 #ifdef TAPIO_TASK_EXIT_CODE_OFFSET
     const void *leader = task;
 #ifdef TAPIO_TASK_GROUP_LEADER_OFFSET
-    leader = read_ptr(task, TAPIO_TASK_GROUP_LEADER_OFFSET);
+    if (!is_leader)
+        leader = read_ptr(task, TAPIO_TASK_GROUP_LEADER_OFFSET);
     if (!leader)
         leader = task;
 #endif
+    status = 0;
     TAPIO_READ_AT(status, leader, TAPIO_TASK_EXIT_CODE_OFFSET);
 #endif
     return status;
@@ -235,24 +246,27 @@ static __always_inline const void *memory_css(const void *cset, const struct ker
 }
 
 /* The cgroup that names the container: the memory cgroup on cgroup v1, the
- * task's default (unified) cgroup on v2. Its kernfs id is the inode of its
- * directory, and what bpf_get_current_cgroup_id() returns on v2. */
+ * task's default (unified) cgroup on v2 -- and on v1 when the memory cgroup
+ * cannot be read. Its kernfs id is the inode of its directory, and what
+ * bpf_get_current_cgroup_id() returns for the unified one. */
 static __always_inline void read_cgroup(const void *task, const struct kernel_layout *layout,
                                         struct container_record *rec)
 {
-    rec->cgroup_mode = layout->cgroup_mode;
+    rec->cgroup_mode = CGROUP_V2;
 #if defined(TAPIO_TASK_CGROUPS_OFFSET) && defined(TAPIO_CGROUP_KN_OFFSET) && defined(TAPIO_KERNFS_NODE_ID_OFFSET)
     const void *cset = read_ptr(task, TAPIO_TASK_CGROUPS_OFFSET);
     const void *cgrp = NULL;
-    if (layout->cgroup_mode == CGROUP_V1) {
 #ifdef TAPIO_CSS_CGROUP_OFFSET
+    if (layout->cgroup_mode == CGROUP_V1) {
         cgrp = read_ptr(memory_css(cset, layout), TAPIO_CSS_CGROUP_OFFSET);
+        if (cgrp)
+            rec->cgroup_mode = CGROUP_V1;
+    }
 #endif
-    } else {
 #ifdef TAPIO_CSS_SET_DFL_CGRP_OFFSET
+    if (!cgrp)
         cgrp = read_ptr(cset, TAPIO_CSS_SET_DFL_CGRP_OFFSET);
 #endif
-    }
     const void *kn = read_ptr(cgrp, TAPIO_CGROUP_KN_OFFSET);
     if (!kn)
         return;
@@ -322,17 +336,52 @@ static __always_inline const struct kernel_layout *configured_layout(void)
     return layout && layout->configured ? layout : NULL;
 }
 
+#ifndef TAPIO_EXIT_HAS_GROUP_DEAD
+struct process_key {
+    u32 tgid;
+    u32 pad;
+    u64 start_time;
+};
+/* Processes whose exit was judged: several threads may all see signal->live == 0. */
+BPF_TABLE("lru_hash", struct process_key, u8, exits_judged, 4096);
+
+/* Without the tracepoint's group_dead (older kernels): do_exit() decremented
+ * signal->live before the tracepoint, so 0 means the last thread -- but threads
+ * dying together may all read 0 after the last decrement; the first to claim
+ * the process in exits_judged is the one. */
+static __always_inline int last_thread_first_claim(const void *task, u32 tgid)
+{
+#if defined(TAPIO_TASK_SIGNAL_OFFSET) && defined(TAPIO_SIGNAL_LIVE_OFFSET)
+    int live = 1;
+    const void *signal = read_ptr(task, TAPIO_TASK_SIGNAL_OFFSET);
+    if (!signal || TAPIO_READ_AT(live, signal, TAPIO_SIGNAL_LIVE_OFFSET) || live != 0)
+        return 0;
+    struct process_key key = {.tgid = tgid, .start_time = process_start_time(task)};
+    u8 one = 1;
+    return exits_judged.insert(&key, &one) == 0;
+#else
+    return 0;  /* cannot tell the process's last thread: abnormal exits disabled */
+#endif
+}
+#endif
+
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
+#ifdef TAPIO_EXIT_HAS_GROUP_DEAD
     if (!args->group_dead)
         return 0;  /* not the process's last thread */
+#endif
     const void *task = (const void *)bpf_get_current_task();
-    u32 status = process_exit_status(task);
-    if (status == 0)
-        return 0;
-    u32 signal = status & 0x7f;
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
+    u32 status = process_exit_status(task, tgid == (u32)pid_tgid);
+    if (status == 0)
+        return 0;
+#ifndef TAPIO_EXIT_HAS_GROUP_DEAD
+    if (!last_thread_first_claim(task, tgid))
+        return 0;
+#endif
+    u32 signal = status & 0x7f;
     if (signal == SIGKILL) {
         struct oom_victim *victim = oom_victims.lookup(&tgid);
         if (victim) {

@@ -54,7 +54,7 @@ def process_facts(row: np.void) -> dict[str, Any]:
         "cgroup_id": int(task["cgroup_id"]) if has_cgroup else None,
         "cgroup_path": (text(row["cgroup_path"]) or None) if has_cgroup else None,
         "cgroup_path_truncated": bool(flags & FLAG_PATH_TRUNCATED),
-        "cgroup_version": int(row["cgroup_mode"]) or None,
+        "cgroup_version": int(row["cgroup_mode"]) if has_cgroup else None,
     }
 
 
@@ -72,9 +72,11 @@ def abnormal_exit(row: np.void) -> Anomaly:
         name = signal_name(number)
         dumped = " (core dumped)" if status & CORE_DUMPED else ""
         return Anomaly(type=ABNORMAL_EXIT, timestamp_ns=int(row["timestamp_ns"]), severity="error",
-                       outcome="failure", data=facts, error_code=name, error_message=f"killed by {name}{dumped}")
+                       outcome="failure", data=facts, error_code=name, error_message=f"killed by {name}{dumped}",
+                       fingerprint=row.tobytes())
     return Anomaly(type=ABNORMAL_EXIT, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
-                   data=facts, error_code="NONZERO_EXIT", error_message=f"exited with code {facts['exit_code']}")
+                   data=facts, error_code="NONZERO_EXIT", error_message=f"exited with code {facts['exit_code']}",
+                   fingerprint=row.tobytes())
 
 
 def oom_kill(row: np.void) -> Anomaly:
@@ -93,7 +95,8 @@ def oom_kill(row: np.void) -> Anomaly:
         trigger_comm=text(row["trigger_comm"]),
     )
     return Anomaly(type=OOM_KILL, timestamp_ns=int(row["timestamp_ns"]), severity="critical", outcome="failure",
-                   data=facts, error_code="OOM_KILLED", error_message="killed by the kernel's OOM killer")
+                   data=facts, error_code="OOM_KILLED", error_message="killed by the kernel's OOM killer",
+                   fingerprint=row.tobytes())
 
 
 BUILDERS = {KIND_ABNORMAL_EXIT: abnormal_exit, KIND_OOM_KILL: oom_kill}

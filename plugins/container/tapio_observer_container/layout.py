@@ -85,25 +85,27 @@ def rss_counter_offsets(btf: Btf) -> tuple[int, int, int] | None:
     return tuple(base + stride * index + count for index in members)
 
 
-def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = None) -> KernelLayout:
-    """What this kernel's BTF says; features whose facts are missing are logged as disabled."""
+def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = None) -> tuple[KernelLayout, list[str]]:
+    """What this kernel's BTF says, and the features lost to what it lacks."""
     page_size = page_size or os.sysconf("SC_PAGE_SIZE")
-    memory_cgrp_id = kn_parent = None
-    rss = None
+    memory_cgrp_id = kn_parent = rss = None
     if btf is not None:
         memory_cgrp_id = btf.enum_value("cgroup_subsys_id", "memory_cgrp_id")
         kn_parent = btf.field_offset("kernfs_node", "__parent")
         if kn_parent is None:
             kn_parent = btf.field_offset("kernfs_node", "parent")  # before 6.15
         rss = rss_counter_offsets(btf)
+    lost = []
     if memory_cgrp_id is None:
-        log.warning("container: kernel has no memory_cgrp_id; memory limit and usage (and the v1 cgroup) disabled")
+        lost.append("memory limit and usage" + (" and the v1 memory cgroup" if cgroup_mode == CGROUP_V1 else ""))
     if kn_parent is None:
-        log.warning("container: kernel has no kernfs_node parent link; cgroup paths disabled")
+        lost.append("cgroup paths")
     if rss is None:
-        log.warning("container: kernel has no readable mm_struct.rss_stat; RSS of OOM victims disabled")
+        lost.append("RSS of OOM victims")
+    for feature in lost:
+        log.warning("container: kernel BTF lacks what %s needs; %s disabled", feature, feature)
     rss = rss or (UNKNOWN, UNKNOWN, UNKNOWN)
-    return KernelLayout(
+    layout = KernelLayout(
         page_size=page_size,
         unlimited_pages=LONG_MAX // page_size,
         memory_cgrp_id=UNKNOWN if memory_cgrp_id is None else memory_cgrp_id,
@@ -113,3 +115,4 @@ def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = Non
         rss_shmem_offset=rss[2],
         cgroup_mode=cgroup_mode,
     )
+    return layout, lost
