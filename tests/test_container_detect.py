@@ -16,7 +16,7 @@ from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
 from tapio_core.sink import SinkOptions
-from tapio_observer_container import bitmap
+from tapio_observer_container import bitmap, exit_tracepoint_cflags
 from tapio_observer_container import records as records_module
 from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import (
@@ -81,7 +81,7 @@ def test_signal_deaths_are_errors_naming_the_signal(status, name, core, message)
 def test_exit_without_cgroup_facts_reports_null_not_zero():
     [anomaly] = anomalies_of(pack_exit(1 << 8, flags=0, cgroup=0, path=b"", cgroup_mode=2))
     data = anomaly.data
-    assert (data["cgroup_id"], data["cgroup_path"], data["cgroup_version"]) == (None, None, 2)
+    assert (data["cgroup_id"], data["cgroup_path"], data["cgroup_version"]) == (None, None, None)
     assert data["exit_code"] == 1
 
 
@@ -231,7 +231,7 @@ def test_memory_controller_version_from_proc_cgroups(text, version):
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
 
-@pytest.mark.skipif(not VMLINUX.exists(), reason="this kernel has no BTF")
+@pytest.mark.kernel  # reads this kernel's BTF
 def test_rss_counters_are_the_shared_count_of_each_per_cpu_counter():
     btf = Btf.load(VMLINUX)
     offsets = rss_counter_offsets(btf)
@@ -243,13 +243,21 @@ def test_rss_counters_are_the_shared_count_of_each_per_cpu_counter():
     assert all(offset < base + size for offset in offsets)
 
 
+@pytest.mark.kernel
+def test_this_kernels_btf_gives_every_map_fed_fact():
+    layout, lost = kernel_layout(Btf.load(VMLINUX), CGROUP_V2)
+    assert lost == []
+    assert layout.memory_cgrp_id >= 0 and layout.kn_parent_offset >= 0
+
+
 def test_a_kernel_without_btf_loses_only_the_map_fed_features(caplog):
     caplog.set_level(logging.WARNING)
-    layout = kernel_layout(None, CGROUP_V2, page_size=4096)
+    layout, lost = kernel_layout(None, CGROUP_V1, page_size=4096)
+    assert lost == ["memory limit and usage and the v1 memory cgroup", "cgroup paths", "RSS of OOM victims"]
     assert layout == KernelLayout(page_size=4096, unlimited_pages=((1 << 63) - 1) // 4096, memory_cgrp_id=UNKNOWN,
                                   kn_parent_offset=UNKNOWN, rss_file_offset=UNKNOWN, rss_anon_offset=UNKNOWN,
-                                  rss_shmem_offset=UNKNOWN, cgroup_mode=CGROUP_V2)
-    assert "memory limit and usage" in caplog.text and "cgroup paths disabled" in caplog.text
+                                  rss_shmem_offset=UNKNOWN, cgroup_mode=CGROUP_V1)
+    assert "cgroup paths disabled" in caplog.text
 
 
 def test_layout_fields_mirror_the_c_struct_order():
@@ -265,3 +273,17 @@ def test_kinds_and_flags_match_the_c_defines():
     names = [name for name in dir(records_module) if name.startswith(("KIND_", "FLAG_"))]
     python = {name: getattr(records_module, name) for name in names}
     assert {name: eval(value) for name, value in defines.items()} == python  # "(1 << 3)" and plain ints
+
+
+@pytest.mark.parametrize(("format_text", "cflags"), [
+    ("\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:bool group_dead;\toffset:32;\tsize:1;\n",
+     ("-DTAPIO_EXIT_HAS_GROUP_DEAD",)),
+    ("\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:int prio;\toffset:28;\tsize:4;\n", ()),
+    (None, ()),
+])
+def test_group_dead_is_used_only_where_the_tracepoint_has_it(tmp_path, format_text, cflags):
+    fmt = tmp_path / "format"
+    if format_text is not None:
+        fmt.write_text(format_text)
+    assert exit_tracepoint_cflags(fmt) == cflags
+

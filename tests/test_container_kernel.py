@@ -220,6 +220,61 @@ def test_multi_threaded_process_is_one_occurrence_named_after_its_leader(agent, 
     assert data["comm"] == leader  # whichever of the nine threads died last
 
 
+#: argv: leader name. The leader ends its own thread with exit(5) (not exit_group), then three workers
+#: end theirs with exit(6) one after another, each once the previous one is gone. The process ends
+#: with its last thread, and must be judged there, once, with the status wait() reports (this kernel
+#: gives the last thread's code; the leader's is what a judgement on an earlier thread would see).
+LEADER_FIRST = r"""
+import ctypes, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_exit, PR_SET_NAME, workers = 60, 15, 3
+libc.prctl(PR_SET_NAME, sys.argv[1].encode(), 0, 0, 0)
+tids, started = [None] * workers, threading.Barrier(workers + 1)
+
+def worker(index):
+    tids[index] = threading.get_native_id()
+    started.wait()
+    while os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/stat") and \
+            open(f"/proc/{os.getpid()}/task/{os.getpid()}/stat").read().split(") ")[1][0] != "Z":
+        time.sleep(0.005)  # the leader first
+    if index:
+        while os.path.exists(f"/proc/{os.getpid()}/task/{tids[index - 1]}"):
+            time.sleep(0.005)
+    libc.syscall(SYS_exit, 6)
+
+for index in range(workers):
+    threading.Thread(target=worker, args=(index,)).start()
+started.wait()
+print("ready", tids[-1], flush=True)
+libc.syscall(SYS_exit, 5)  # ctypes let go of the GIL: the workers run on
+"""
+
+
+def run_leader_first() -> tuple[int, int, int, str]:
+    """(pid, wait status, tid of the last thread, leader name) of a LEADER_FIRST run."""
+    leader = f"tapiolf{secrets.token_hex(3)}"
+    proc = subprocess.Popen(python(LEADER_FIRST, leader), env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        word, last_tid = proc.stdout.readline().split()
+        assert word == "ready"
+        status = reap(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            reap(proc)
+    return proc.pid, status, int(last_tid), leader
+
+
+def test_leader_exiting_first_is_judged_once_on_the_last_thread_as_wait_reports_it(agent):
+    pid, status, last_tid, leader = run_leader_first()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) in (5, 6)
+    [occ] = agent.wait_for(of_pid(EXIT, pid))
+    marker_exit(agent)
+    assert len(agent.matching(of_pid(EXIT, pid))) == 1
+    data = occ["data"]
+    assert (data["exit_status"], data["tid"], data["comm"]) == (status, last_tid, leader)
+
+
 def test_ignore_lists_keep_exits_out_and_others_in(agent, tmp_path):
     renamed = tmp_path / IGNORED_NAME
     renamed.symlink_to("/bin/sh")  # the kernel names a process after the file it executes
@@ -422,13 +477,15 @@ class Collect:
         self.received.extend(occurrences)
 
 
-class ContainerWithout:
-    """The container plugin with some BtfFields pointing at members no kernel has."""
+class ContainerVariant:
+    """The container plugin compiled differently: some BtfFields pointing at members no kernel has,
+    or other cflags -- what an older or differently built kernel would give it."""
 
-    def __init__(self, macros: set[str]):
-        fields = tuple(attrs.evolve(field, path="no_such_member") if field.macro in macros else field
-                       for field in tapio_observer_container.OBSERVER.btf_fields)
-        self.spec = attrs.evolve(tapio_observer_container.OBSERVER, btf_fields=fields)
+    def __init__(self, missing: set[str] = frozenset(), cflags: tuple[str, ...] | None = None):
+        spec = tapio_observer_container.OBSERVER
+        fields = tuple(attrs.evolve(field, path="no_such_member") if field.macro in missing else field
+                       for field in spec.btf_fields)
+        self.spec = attrs.evolve(spec, btf_fields=fields, cflags=spec.cflags if cflags is None else cflags)
 
     @hookimpl
     def tapio_register_observers(self, register):
@@ -510,7 +567,7 @@ def test_successful_and_ignored_exits_never_reach_the_ring_buffer(tmp_path):
 
 
 def test_a_member_missing_from_btf_costs_only_its_feature():
-    plugin = ContainerWithout({"TAPIO_CGROUP_KN_OFFSET", "TAPIO_TASK_GROUP_LEADER_OFFSET"})
+    plugin = ContainerVariant(missing={"TAPIO_CGROUP_KN_OFFSET", "TAPIO_TASK_GROUP_LEADER_OFFSET"})
     with agent_in_process({}, plugin) as agent:
         reason = agent.pipeline.observers["container"].status_reason
         assert "cgroup id and path" in reason and "process name (the leader's comm)" in reason
@@ -518,3 +575,58 @@ def test_a_member_missing_from_btf_costs_only_its_feature():
         [occ] = occurrences_until(agent, lambda o: o.type == EXIT and o.data["pid"] == pid)
     assert (occ.data["exit_code"], occ.data["comm"]) == (4, "sh")  # the thread's own comm: the same here
     assert (occ.data["cgroup_id"], occ.data["cgroup_path"]) == (None, None)
+
+
+def start_threaded(mode: str) -> tuple[subprocess.Popen, str]:
+    """THREADED running with all nine threads started; returns it and its leader's name."""
+    leader = f"tapiomt{secrets.token_hex(3)}"
+    proc = subprocess.Popen(python(THREADED, leader, mode), env=child_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc, leader
+
+
+def test_without_group_dead_threads_dying_together_still_make_one_record():
+    """Kernels whose sched_process_exit lacks group_dead: the last thread is found through signal->live."""
+    assert "-DTAPIO_EXIT_HAS_GROUP_DEAD" in tapio_observer_container.OBSERVER.cflags  # this kernel has it
+    with agent_in_process({}, ContainerVariant(cflags=())) as agent:
+        pids = {}
+        for _ in range(5):  # exit_group from a worker: nine threads die at once, racing for the last
+            proc, _leader = start_threaded("exit")
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            pids[proc.pid] = reap(proc)
+        single, single_status = run_to_end(["sh", "-c", "exit 3"])
+        pids[single] = single_status
+        leader_first, leader_first_status, last_tid, _leader = run_leader_first()
+        pids[leader_first] = leader_first_status
+        marker, _ = run_to_end(["sh", "-c", f"exit {MARKER_CODE}"])
+        records = raw_records_until(agent, marker)
+    for pid, status in pids.items():
+        ours = records[records["task"]["pid"] == pid]
+        assert len(ours) == 1, (pid, len(ours))
+        assert ours[0]["exit_status"] == status
+    [judged] = records[records["task"]["pid"] == leader_first]
+    assert judged["task"]["tid"] == last_tid  # signal->live found the last thread, not the first to go
+
+
+class NoBtf:
+    """Stands in for tapio_core.btf.Btf in the plugin only: the agent still reads the real one."""
+
+    @staticmethod
+    def load(*_):
+        from tapio_core.btf import BtfError
+
+        raise BtfError("cannot read BTF from /nonexistent: test")
+
+
+def test_without_map_fed_facts_exits_still_report_the_unified_cgroup(monkeypatch):
+    monkeypatch.setattr(tapio_observer_container, "Btf", NoBtf)
+    with agent_in_process({}) as agent:
+        reason = agent.pipeline.observers["container"].status_reason
+        assert "memory limit and usage" in reason and "cgroup paths" in reason and "RSS" in reason
+        pid, _ = run_to_end(["sh", "-c", "exit 5"])
+        [occ] = occurrences_until(agent, lambda o: o.type == EXIT and o.data["pid"] == pid)
+    data = occ.data
+    assert (data["exit_code"], data["cgroup_version"], data["cgroup_path"]) == (5, 2, None)
+    assert data["cgroup_id"] == own_container_cgroup_id(2)
