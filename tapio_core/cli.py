@@ -1,24 +1,40 @@
-"""``tapio``: read what the agent wrote, and replay recordings. Never needs the agent's process."""
+"""``tapio``: what the agent on this node sees -- status, watch, recent, health, doctor, plugins -- and replay.
+
+Every command but replay and doctor only reads the files the agent writes
+(``state.json`` and ``occurrences/``); none needs the agent's process. Human
+output is coloured with rich when it goes to a terminal (never when piped or
+with ``NO_COLOR``); every command has ``--json``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import sys
-from collections import deque
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
 
+from tapio_core import render
 from tapio_core.config import ConfigError, config_options, load_settings
-from tapio_core.occurrence import KernelClock, format_timestamp
+from tapio_core.occurrence import SEVERITIES, KernelClock, format_timestamp
 from tapio_core.plugins import PluginError, load_plugins, parse_plugin_list
-from tapio_core.store import read_occurrences
+from tapio_core.render import console, occurrence_line, print_doctor, print_health, print_status
+from tapio_core.state import StateError, agent_status, format_duration
 
 DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+#: `tapio watch --network` etc.: the occurrence type prefix of each observer.
+CATEGORIES = {"network": "kernel.network.", "container": "kernel.container.", "storage": "kernel.storage.",
+              "pmc": "kernel.node."}
+HEALTH_EXIT = {"healthy": 0, "degraded": 1, "critical": 2}
+#: `tapio status` exits with this when no agent is running (as LSB init scripts' status does).
+EXIT_NOT_RUNNING = 3
 
 
 class Duration(click.ParamType):
@@ -37,12 +53,59 @@ data_dir_option = click.option(
     "--data-dir", type=click.Path(path_type=Path), envvar="TAPIO_DATA_DIR", default=".tapio", show_default=True,
     help="The agent's data directory (also TAPIO_DATA_DIR).",
 )
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def severity_option(help_text: str):
+    return click.option("--severity", type=click.Choice(SEVERITIES), help=help_text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """Read the occurrences a Tapio agent wrote on this node."""
+    """See what the Tapio agent on this node sees. Reads its data directory; never needs its process."""
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="tapio: %(levelname)s: %(message)s")
+
+
+# -- shared ------------------------------------------------------------------------------------------
+
+
+def type_filter(prefixes: list[str], severity: str | None):
+    """A predicate on occurrences: any of the type prefixes (none: all), at least ``severity``."""
+    prefixes_tuple = tuple(prefixes)
+    minimum = SEVERITIES.index(severity) if severity else 0
+    allowed = frozenset(SEVERITIES[minimum:])
+    return lambda occ: occ.severity in allowed and (not prefixes_tuple or occ.type.startswith(prefixes_tuple))
+
+
+def read_agent_status(data_dir: Path):
+    try:
+        return agent_status(data_dir)
+    except StateError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# -- status ------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@data_dir_option
+@json_option
+def status(data_dir: Path, as_json: bool) -> None:
+    """The agent, its observers and sinks: state, counts and rates.
+
+    Exits 0 when an agent is running, 3 when none is (no state, or a state
+    older than a few of its 2 s intervals).
+    """
+    agent = read_agent_status(data_dir)
+    if as_json:
+        click.echo(json.dumps({"running": agent.running, "summary": agent.summary, "age_s": agent.age_s,
+                               "data_dir": str(data_dir), "state": agent.state}, indent=2, default=str))
+    else:
+        print_status(agent, console())
+    sys.exit(0 if agent.running else EXIT_NOT_RUNNING)
+
+
+# -- recent and watch --------------------------------------------------------------------------------
 
 
 @cli.command()
@@ -50,36 +113,174 @@ def cli() -> None:
 @click.option("--since", type=Duration(), default="5m", show_default=True, help="How far back: 30s, 5m, 2h, 1d.")
 @click.option("-n", "limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="At most this many, newest.")
-@click.option("--type", "type_prefix", help="Only types starting with this, e.g. kernel.network.")
+@click.option("--type", "type_prefixes", multiple=True, metavar="PREFIX",
+              help="Only types starting with this, e.g. kernel.network. (repeatable).")
+@severity_option("Only this severity or worse.")
 @click.option("--json", "as_json", is_flag=True, help="One occurrence JSON per line.")
-def recent(data_dir: Path, since: timedelta, limit: int, type_prefix: str | None, as_json: bool) -> None:
+def recent(data_dir: Path, since: timedelta, limit: int, type_prefixes: tuple[str, ...], severity: str | None,
+           as_json: bool) -> None:
     """Show the latest occurrences, oldest first."""
+    from tapio_core.occurrence_reader import newest
+
     cutoff = datetime.now(UTC) - since
-    latest: deque = deque(maxlen=limit)
-    for occurrence in read_occurrences(data_dir, since=cutoff):
-        if type_prefix is None or occurrence.type.startswith(type_prefix):
-            latest.append(occurrence)
-    ordered = sorted(latest, key=lambda occ: (occ.timestamp, occ.id))
+    found = newest(data_dir, limit, cutoff, type_filter(list(type_prefixes), severity))
     if as_json:
-        for occurrence in ordered:
+        for occurrence in found:
             click.echo(occurrence.to_json())
         return
-    if not ordered:
+    if not found:
         click.echo(f"no occurrences since {format_timestamp(cutoff)} under {data_dir}", err=True)
         return
-    for occurrence in ordered:
-        click.echo(describe(occurrence))
+    out = console()
+    for occurrence in found:
+        out.print(occurrence_line(occurrence), soft_wrap=True)
 
 
-def describe(occurrence) -> str:
-    """One human line: time, severity, type, then the facts a person looks at first."""
-    data = occurrence.data
-    who = f"{data.get('comm', '?')}[{data.get('pid', '?')}]" if "pid" in data else ""
-    where = ""
-    if "dst_ip" in data:
-        where = f"{data.get('src_ip')}:{data.get('src_port')} -> {data.get('dst_ip')}:{data.get('dst_port')}"
-    parts = [format_timestamp(occurrence.timestamp), f"{occurrence.severity:<8}", occurrence.type, who, where]
-    return "  ".join(part for part in parts if part)
+@cli.command()
+@data_dir_option
+@click.option("--network", is_flag=True, help="Network occurrences (kernel.network.*).")
+@click.option("--container", is_flag=True, help="Container occurrences (kernel.container.*).")
+@click.option("--storage", is_flag=True, help="Storage occurrences (kernel.storage.*).")
+@click.option("--pmc", is_flag=True, help="CPU counter occurrences (kernel.node.*).")
+@click.option("--type", "type_prefixes", multiple=True, metavar="PREFIX",
+              help="Types starting with this (repeatable); adds to the flags above.")
+@severity_option("Only this severity or worse.")
+@click.option("--count", type=click.IntRange(min=1), help="Exit after this many occurrences.")
+@click.option("--for", "duration", type=Duration(), help="Exit after this long: 30s, 5m, ...")
+@click.option("--json", "as_json", is_flag=True, help="One occurrence JSON per line, flushed as it comes.")
+def watch(data_dir: Path, network: bool, container: bool, storage: bool, pmc: bool, type_prefixes: tuple[str, ...],
+          severity: str | None, count: int | None, duration: timedelta | None, as_json: bool) -> None:
+    """Follow new occurrences as the agent writes them (inotify: no polling). Ctrl-C stops."""
+    from tapio_core.occurrence_reader import OccurrenceFollower
+
+    chosen = [CATEGORIES[name] for name, on in
+              (("network", network), ("container", container), ("storage", storage), ("pmc", pmc)) if on]
+    accept = type_filter(chosen + list(type_prefixes), severity)
+    deadline = time.monotonic() + duration.total_seconds() if duration else None
+    try:
+        follower = OccurrenceFollower(data_dir)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot watch {data_dir}: {exc.strerror or exc} (start `tapio-agent --sink file --data-dir {data_dir}` "
+            "first, or give --data-dir)") from None
+    out = None if as_json else console()
+    shown = 0
+    click.echo(f"tapio: watching {follower.directory} for new occurrences (Ctrl-C stops)", err=True)
+    try:
+        with follower:
+            for occurrence in follower.follow(deadline):
+                if not accept(occurrence):
+                    continue
+                if out is None:
+                    sys.stdout.write(occurrence.to_json() + "\n")
+                    sys.stdout.flush()
+                else:
+                    out.print(occurrence_line(occurrence), soft_wrap=True)
+                shown += 1
+                if count is not None and shown >= count:
+                    return
+    except KeyboardInterrupt:
+        return
+    except FileNotFoundError as exc:
+        raise click.ClickException(f"{exc.filename}: {exc.strerror}") from None
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+# -- health ------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("observer", required=False)
+@data_dir_option
+@click.option("--since", type=Duration(), default="15m", show_default=True,
+              help="The window of occurrences judged: 30s, 5m, 2h, 1d.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Rows per breakdown when drilled into one observer.")
+@click.option("--degraded-at", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Warning-or-worse occurrences in the window that make an observer degraded.")
+@click.option("--critical-at", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Warning-or-worse occurrences in the window that make an observer critical.")
+@json_option
+def health(observer: str | None, data_dir: Path, since: timedelta, top: int, degraded_at: int, critical_at: int,
+           as_json: bool) -> None:
+    """Each observer healthy, degraded or critical, with the reason; OBSERVER: what is behind it.
+
+    Judged from the occurrences in the window and the agent's state (a failed
+    observer is critical; an unsupported one is shown as such, not as unhealthy).
+    Exits 0 healthy, 1 degraded, 2 critical (a node no agent watches is at least degraded).
+    """
+    from tapio_core.health import Thresholds, assess
+    from tapio_core.occurrence_reader import read_since
+
+    agent = read_agent_status(data_dir)
+    occurrences = read_since(data_dir, datetime.now(UTC) - since)
+    report = assess(agent, occurrences, since, Thresholds(degraded_at, critical_at), drill=observer, top=top)
+    if observer is not None and observer not in report.observers:
+        known = ", ".join(report.observers) or "none"
+        raise click.UsageError(f"no observer {observer!r} in the agent's state or in the last "
+                               f"{format_duration(since.total_seconds())} of occurrences (known: {known})")
+    verdict = report.observers[observer].health if observer else report.health
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print_health(report, observer, console())
+    sys.exit(HEALTH_EXIT.get(verdict, 0))
+
+
+# -- doctor and plugins ------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--plugins", "plugin_list", envvar="TAPIO_LOAD_PLUGINS", metavar="NAMES",
+              help="Check only these plugins' observers (as tapio-agent --plugins).")
+@json_option
+def doctor(plugin_list: str | None, as_json: bool) -> None:
+    """Check this node for what Tapio needs; say what works, what does not and what to do.
+
+    Exits 0 only when everything needed works (a missing hardware PMU, needed
+    only by the pmc observer, does not count).
+    """
+    from tapio_core.doctor import needed_ok, run_checks
+
+    try:
+        plugins, plugin_error = load_plugins(parse_plugin_list(plugin_list)), None
+    except PluginError as exc:
+        plugins, plugin_error = None, str(exc)
+    checks = run_checks(plugins, plugin_error)
+    ok = needed_ok(checks)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "checks": [check.to_dict() for check in checks]}, indent=2))
+    else:
+        print_doctor(checks, ok, console())
+    sys.exit(0 if ok else 1)
+
+
+@cli.command("plugins")
+@json_option
+def plugins_command(as_json: bool) -> None:
+    """List installed plugins: distribution, version, hooks, observers and sinks."""
+    try:
+        loaded = load_plugins()
+    except PluginError as exc:
+        raise click.ClickException(str(exc)) from None
+    print_plugins(loaded, as_json)
+
+
+def print_plugins(loaded, as_json: bool = False) -> None:
+    """What `tapio plugins` and `tapio-agent --list-plugins` print."""
+    if not as_json:
+        render.print_plugins(loaded, console())
+        return
+    click.echo(json.dumps([
+        {"name": i.name, "distribution": i.distribution, "version": i.version, "hooks": i.hooks,
+         "observers": i.observers, "sinks": i.sinks} for i in loaded.info()
+    ] + [{"name": n, "error": e} for n, e in loaded.failed.items()], indent=2))
+
+
+# -- replay ------------------------------------------------------------------------------------------
 
 
 @cli.command()
@@ -121,38 +322,9 @@ def replay(recording: Path, sinks: tuple[str, ...], plugin_list: str | None, dat
                     f"{observer.spec.record_dtype.itemsize} in the installed plugin (a different version?)"
                 )
             pipeline.ingest(item.observer, item.records)
+        for name in pipeline.observers:
+            pipeline.finish(name)
     except RecordingError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         pipeline.close()
-
-
-@cli.command("plugins")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins_command(as_json: bool) -> None:
-    """List installed plugins: distribution, version, hooks, observers and sinks."""
-    try:
-        loaded = load_plugins()
-    except PluginError as exc:
-        raise click.ClickException(str(exc)) from None
-    print_plugins(loaded, as_json)
-
-
-def print_plugins(loaded, as_json: bool = False) -> None:
-    """What `tapio plugins` and `tapio-agent --list-plugins` print."""
-    infos = loaded.info()
-    if as_json:
-        click.echo(json.dumps([
-            {"name": i.name, "distribution": i.distribution, "version": i.version, "hooks": i.hooks,
-             "observers": i.observers, "sinks": i.sinks} for i in infos
-        ] + [{"name": n, "error": e} for n, e in loaded.failed.items()], indent=2))
-        return
-    for info in infos:
-        click.echo(f"{info.name}  {info.distribution or '-'} {info.version or ''}")
-        if info.observers:
-            click.echo(f"    observers: {', '.join(info.observers)}")
-        if info.sinks:
-            click.echo(f"    sinks: {', '.join(info.sinks)}")
-        click.echo(f"    hooks: {', '.join(info.hooks)}")
-    for name, error in loaded.failed.items():
-        click.echo(f"{name}  FAILED TO LOAD: {error}")

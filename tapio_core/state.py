@@ -7,17 +7,24 @@ older than a few intervals means no agent is running.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 STATE_FILE = "state.json"
 STATE_INTERVAL_S = 2.0
 #: A state this old means the agent stopped (or hangs).
 STALE_AFTER_S = 4 * STATE_INTERVAL_S
+#: A real state is a few kilobytes; anything far bigger is not the agent's.
+MAX_STATE_BYTES = 16 * 1024 * 1024
 
 
 class StateError(Exception):
@@ -42,22 +49,112 @@ def write_state(data_dir: Path, state: dict[str, Any]) -> None:
 
 
 def read_state(data_dir: Path) -> dict[str, Any] | None:
-    """The last state the agent wrote, or None when there is none."""
+    """The last state the agent wrote, or None when there is none.
+
+    The file is opened without following a symbolic link and read up to a bound,
+    so a planted or runaway file gives a StateError, never a hang or a traceback.
+    """
     path = state_path(data_dir)
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise StateError(f"cannot read {path}: {_why(exc)}") from None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateError(f"{path} is not a regular file")
+        try:
+            raw = handle.read(MAX_STATE_BYTES + 1)
+        except OSError as exc:
+            raise StateError(f"cannot read {path}: {_why(exc)}") from None
+    if len(raw) > MAX_STATE_BYTES:
+        raise StateError(f"{path} is over {MAX_STATE_BYTES // 2**20} MiB: not a Tapio agent state")
     try:
-        state = json.loads(text)
-    except json.JSONDecodeError as exc:
+        state = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise StateError(f"{path} is not text: not a Tapio agent state") from None
+    except RecursionError:
+        raise StateError(f"{path} is nested too deeply: not a Tapio agent state") from None
+    except ValueError as exc:
         raise StateError(f"{path} is not valid JSON ({exc}); the agent rewrites it every few seconds") from None
-    if not isinstance(state, dict) or not isinstance(state.get("updated_at"), int | float):
+    updated = state.get("updated_at") if isinstance(state, dict) else None
+    if not isinstance(updated, int | float) or isinstance(updated, bool) or not math.isfinite(updated):
         raise StateError(f"{path} is not a Tapio agent state")
     return state
 
 
+def _why(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied (the agent's files are private: run as root)"
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link, which is not followed"
+    return exc.strerror or str(exc)
+
+
 def is_stale(state: dict[str, Any], now: float | None = None) -> bool:
     return (now if now is not None else time.time()) - state["updated_at"] > STALE_AFTER_S
+
+
+@attrs.frozen
+class AgentStatus:
+    """Whether an agent is running, judged from its state file alone, and one line saying so."""
+
+    state: dict[str, Any] | None
+    running: bool
+    summary: str
+    #: Seconds since the agent last wrote its state (None without a state).
+    age_s: float | None = None
+
+    @property
+    def observers(self) -> dict[str, dict[str, Any]]:
+        return _entries(self.state, "observers")
+
+    @property
+    def sinks(self) -> dict[str, dict[str, Any]]:
+        return _entries(self.state, "sinks")
+
+    @property
+    def agent(self) -> dict[str, Any]:
+        agent = (self.state or {}).get("agent")
+        return agent if isinstance(agent, dict) else {}
+
+
+def agent_status(data_dir: Path, now: float | None = None) -> AgentStatus:
+    """Read the state and decide whether an agent is running; raises StateError for an unusable file."""
+    state = read_state(data_dir)
+    if state is None:
+        return AgentStatus(None, False, f"no agent is running: there is no {state_path(data_dir)} "
+                                        f"(start one with `tapio-agent --data-dir {data_dir}`)")
+    now = time.time() if now is None else now
+    age = now - state["updated_at"]
+    status = AgentStatus(state, False, "", age)
+    pid = status.agent.get("pid", "?")
+    if status.agent.get("running") is False:
+        summary = f"no agent is running: the agent (pid {pid}) stopped {format_duration(age)} ago"
+    elif age > STALE_AFTER_S:
+        summary = (f"no agent is running: the agent (pid {pid}) last wrote its state {format_duration(age)} ago "
+                   f"(it rewrites it every {STATE_INTERVAL_S:g} s): it stopped or hangs")
+    else:
+        started = status.agent.get("started_at")
+        up = f", up {format_duration(now - started)}" if isinstance(started, int | float) else ""
+        return attrs.evolve(status, running=True, summary=f"agent running (pid {pid}{up})")
+    return attrs.evolve(status, summary=summary)
+
+
+def _entries(state: dict[str, Any] | None, key: str) -> dict[str, dict[str, Any]]:
+    """Named entries of the state that are objects; anything else (another version's shape) is left out."""
+    entries = (state or {}).get(key)
+    if not isinstance(entries, dict):
+        return {}
+    return {str(name): entry for name, entry in entries.items() if isinstance(entry, dict)}
+
+
+def format_duration(seconds: float) -> str:
+    """``3s``, ``4m 12s``, ``2h 5m``, ``3d 4h``: how long ago, for people."""
+    seconds = max(0, int(seconds))
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if seconds >= size:
+            rest = seconds % size // smaller_size
+            return f"{seconds // size}{unit}" + (f" {rest}{smaller}" if rest else "")
+    return f"{seconds}s"

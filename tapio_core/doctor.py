@@ -1,0 +1,240 @@
+"""`tapio doctor`: does this node have what Tapio needs? Each check says what works, what does not, what to do.
+
+Statuses: ``ok``; ``fail`` -- something needed is missing, the agent (or one of
+its observers) cannot run; ``warn`` -- it runs with a feature lost;
+``optional`` -- missing, but only an optional observer needs it. The tracepoint
+checks are the agent's own (:func:`tapio_core.bpf.missing_tracepoints`), so the
+doctor and the agent agree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from tapio_core.plugins import LoadedPlugins
+
+OK, FAIL, WARN, OPTIONAL = "ok", "fail", "warn", "optional"
+AS_ROOT = "run `tapio doctor` as root (as the agent runs) to check this"
+RINGBUF_SINCE = (5, 8)
+BPF_MAP_TYPE_RINGBUF = 27
+#: Names the kernel gives a hardware PMU under /sys/bus/event_source/devices.
+PMU_DEVICES = re.compile(r"^(cpu|cpu_core|cpu_atom|armv\d.*pmu.*)$")
+
+
+@attrs.frozen
+class Check:
+    group: str
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class NodePaths:
+    """Where the kernel shows what it supports; tests point these at crafted directories."""
+
+    tracefs: Path = Path("/sys/kernel/tracing")
+    btf: Path = Path("/sys/kernel/btf/vmlinux")
+    event_sources: Path = Path("/sys/bus/event_source/devices")
+    modules: Path = Path("/lib/modules")
+    kheaders: Path = Path("/sys/kernel/kheaders.tar.xz")
+
+
+def needed_ok(checks: list[Check]) -> bool:
+    """True when everything needed works: nothing failed (warnings and optional gaps are fine)."""
+    return all(check.status != FAIL for check in checks)
+
+
+def run_checks(
+    plugins: LoadedPlugins | None,
+    plugin_error: str | None = None,
+    paths: NodePaths = NodePaths(),
+    release: str | None = None,
+) -> list[Check]:
+    """Every check, node first, then each installed observer's tracepoints and kernel struct fields."""
+    release = release or os.uname().release
+    btf, btf_check = check_btf(paths, plugins)
+    checks = [check_privileges(), check_bcc(), check_headers(paths, release), btf_check, check_tracefs(paths),
+              check_ring_buffer(release), check_pmu(paths)]
+    checks += check_plugins(plugins, plugin_error)
+    if plugins is not None:
+        checks += check_observers(plugins, btf)
+    return checks
+
+
+def node(name: str, status: str, detail: str, fix: str = "") -> Check:
+    return Check("node", name, status, detail, fix)
+
+
+def check_privileges() -> Check:
+    from tapio_core.agent import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, effective_capabilities
+
+    caps = effective_capabilities()
+    has = lambda cap: bool(caps >> cap & 1)
+    if has(CAP_SYS_ADMIN):
+        who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()} with CAP_SYS_ADMIN"
+        return node("privileges", OK, f"{who}: can load BPF programs")
+    if has(CAP_BPF) and has(CAP_PERFMON):
+        return node("privileges", OK, "CAP_BPF and CAP_PERFMON: can load BPF programs")
+    return node("privileges", FAIL,
+                f"uid {os.geteuid()} without CAP_SYS_ADMIN or CAP_BPF+CAP_PERFMON cannot load BPF programs",
+                "run tapio-agent (and this check) as root, or grant CAP_BPF and CAP_PERFMON "
+                "(a pod's securityContext.capabilities.add)")
+
+
+def check_bcc() -> Check:
+    try:
+        import bcc
+    except ImportError as exc:
+        return node("bcc", FAIL, f"bcc's Python module does not import: {exc}",
+                    "apt-get install python3-bpfcc (`make setup` installs it and links it into the venv)")
+    return node("bcc", OK, f"bcc {getattr(bcc, '__version__', '?')} imports")
+
+
+def check_headers(paths: NodePaths, release: str) -> Check:
+    build = paths.modules / release / "build"
+    if (build / "include").is_dir() or (build / "Makefile").is_file():
+        return node("kernel headers", OK, f"{build} -> {build.resolve()}")
+    if paths.kheaders.exists():
+        return node("kernel headers", OK, f"{paths.kheaders} (the kernel's built-in headers)")
+    return node("kernel headers", FAIL, f"neither {build} nor {paths.kheaders}: bcc cannot compile BPF programs",
+                f"apt-get install linux-headers-{release} (or the nearest linux-headers package) and link "
+                f"{build} to it; `make setup` does")
+
+
+def check_btf(paths: NodePaths, plugins: LoadedPlugins | None) -> tuple[Any, Check]:
+    from tapio_core.btf import Btf, BtfError
+
+    try:
+        btf = Btf.load(paths.btf)
+    except BtfError as exc:
+        features = sorted({field.feature for _, spec in (plugins.observers.values() if plugins else ())
+                           for field in spec.btf_fields})
+        lost = f"; lost without it: {', '.join(features)}" if features else ""
+        return None, node("BTF", FAIL, f"{exc}{lost}",
+                          "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y: Tapio reads kernel struct "
+                          "offsets from it, never from headers")
+    return btf, node("BTF", OK, f"{paths.btf} ({paths.btf.stat().st_size / 2**20:.1f} MiB)")
+
+
+def check_tracefs(paths: NodePaths) -> Check:
+    events = paths.tracefs / "events"
+    try:
+        populated = events.is_dir() and any(events.iterdir())
+    except PermissionError:
+        return node("tracefs", WARN, f"cannot look into {events}: permission denied", AS_ROOT)
+    except OSError:
+        populated = False
+    if populated:
+        return node("tracefs", OK, f"{events}")
+    return node("tracefs", FAIL, f"{events} is missing or empty: tracepoints cannot be found or attached",
+                f"mount -t tracefs tracefs {paths.tracefs}")
+
+
+def kernel_version(release: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def check_ring_buffer(release: str) -> Check:
+    version = kernel_version(release)
+    wanted = ".".join(map(str, RINGBUF_SINCE))
+    if version is not None and version < RINGBUF_SINCE:
+        return node("ring buffer", FAIL, f"kernel {release} is older than {wanted}, which added BPF ring buffers",
+                    f"upgrade the node to Linux {wanted} or later")
+    error = create_ring_buffer()
+    if error is None:
+        return node("ring buffer", OK, f"a BPF ring buffer map was created (kernel {release})")
+    if isinstance(error, PermissionError) or error.errno is None:
+        return node("ring buffer", OK, f"kernel {release} >= {wanted} (no test map: {error})")
+    return node("ring buffer", FAIL, f"creating a BPF ring buffer map failed: {error}",
+                "check the kernel's BPF settings (CONFIG_BPF_SYSCALL, lockdown, LSM policy) in dmesg")
+
+
+def create_ring_buffer() -> OSError | None:
+    """Create and close a one-page BPF_MAP_TYPE_RINGBUF through libbcc; the error, or None when it worked."""
+    try:
+        from bcc.libbcc import lib
+    except ImportError:
+        return OSError(None, "bcc is not importable")
+    libbcc = ctypes.CDLL(lib._name, use_errno=True)
+    create = libbcc.bcc_create_map
+    create.restype = ctypes.c_int
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p] + [ctypes.c_int] * 4
+    fd = create(BPF_MAP_TYPE_RINGBUF, b"tapio_doctor", 0, 0, os.sysconf("SC_PAGE_SIZE"), 0)
+    if fd < 0:
+        code = -fd if fd < -1 else ctypes.get_errno()
+        error = OSError(code, os.strerror(code))
+        return PermissionError(code, os.strerror(code)) if code in (1, 13) else error
+    os.close(fd)
+    return None
+
+
+def check_pmu(paths: NodePaths) -> Check:
+    try:
+        found = sorted(entry.name for entry in paths.event_sources.iterdir() if PMU_DEVICES.match(entry.name))
+    except OSError:
+        found = []
+    if found:
+        return node("hardware PMU", OK, f"{', '.join(found)} under {paths.event_sources}")
+    return node("hardware PMU", OPTIONAL,
+                f"none under {paths.event_sources} (a VM without a virtual PMU?): only the pmc observer needs it "
+                "and reports itself unsupported; everything else runs",
+                "for CPU counters, run on bare metal or enable the hypervisor's vPMU")
+
+
+def check_plugins(plugins: LoadedPlugins | None, plugin_error: str | None) -> list[Check]:
+    fix = "reinstall the plugin's distribution, or leave it out with --plugins / TAPIO_LOAD_PLUGINS"
+    if plugins is None:
+        return [Check("plugins", "plugins", FAIL, plugin_error or "the plugins could not be loaded", fix)]
+    checks = [Check("plugins", name, FAIL, f"failed to load: {error}", fix) for name, error in plugins.failed.items()]
+    if not plugins.observers:
+        checks.append(Check("plugins", "observers", FAIL, "no observer plugin is installed",
+                            "install one, e.g. pip install tapio-observer-network"))
+    return checks
+
+
+def check_observers(plugins: LoadedPlugins, btf: Any) -> list[Check]:
+    """Each observer's tracepoints one by one, and its kernel struct fields (only the missing ones by name)."""
+    from tapio_core.bpf import missing_tracepoints
+
+    checks = []
+    for name, (_plugin, spec) in sorted(plugins.observers.items()):
+        group = f"observer {name}"
+        try:
+            missing = set(missing_tracepoints(spec))
+        except PermissionError:
+            checks.append(Check(group, "tracepoints", WARN, "cannot look them up in tracefs: permission denied",
+                                AS_ROOT))
+            missing = None
+        for tracepoint in spec.tracepoints if missing is not None else ():
+            category, _, event = tracepoint.partition(":")
+            label = f"raw tracepoint {event}" if category == "raw" else f"tracepoint {tracepoint}"
+            if tracepoint in missing:
+                checks.append(Check(group, label, FAIL, f"this kernel lacks it: the {name} observer cannot start",
+                                    f"a kernel with this tracepoint, or leave {name} out with --plugins"))
+            else:
+                checks.append(Check(group, label, OK, "present"))
+        if not spec.tracepoints:
+            checks.append(Check(group, "tracepoints", OK, "uses none"))
+        if btf is None or not spec.btf_fields:
+            continue
+        absent = [field for field in spec.btf_fields if btf.field_offset(field.struct, field.path) is None]
+        for field in absent:
+            checks.append(Check(group, f"struct {field.struct}.{field.path}", WARN,
+                                f"not in this kernel: {field.feature} is disabled",
+                                "a newer kernel has it; the observer runs without that feature"))
+        present = len(spec.btf_fields) - len(absent)
+        if present:
+            checks.append(Check(group, "kernel struct fields", OK, f"{present} of {len(spec.btf_fields)} in BTF"))
+    return checks
