@@ -6,7 +6,8 @@ thread, or are OOM-killed inside a memory cgroup the test creates with a known
 limit; the agent must print exactly one occurrence per process with the facts
 ``wait()`` and the cgroup file system give the test. In process: what the
 kernel side keeps out of the ring buffer (successful and ignored exits), and a
-kernel member missing from BTF costing only its feature.
+kernel member missing from BTF costing only its feature, the older kernels' way of
+finding a process's last thread; and a recording replayed to the same occurrences.
 
 Every other process on the node may exit abnormally while a test runs, so
 every check is taken over the occurrences of the test's own pids. "Nothing was
@@ -29,7 +30,7 @@ from pathlib import Path
 import attrs
 import numpy as np
 import pytest
-from kernel_helpers import running_agent
+from kernel_helpers import TAPIO, running_agent, tool_env
 
 import tapio_observer_container
 from tapio_core import SinkSpec, hookimpl
@@ -289,6 +290,26 @@ def test_ignore_lists_keep_exits_out_and_others_in(agent, tmp_path):
     agent.wait_for(of_pid(EXIT, reported))
     marker_exit(agent)
     assert [occ for occ in agent.occurrences if occ["data"].get("pid") in ignored] == []
+
+
+def test_replay_of_a_recording_gives_the_same_occurrences_and_ids(tmp_path):
+    import json
+
+    recording = tmp_path / "container.rec"
+    with running_agent(tmp_path, plugins=AGENT_PLUGINS, record=recording) as recorder:
+        pids = [run_to_end(["sh", "-c", "exit 3"])[0], run_to_end(python(KILL_SELF, "SIGSEGV", "0"))[0]]
+        for pid in pids:
+            recorder.wait_for(of_pid(EXIT, pid))
+        assert recorder.stop() == 0
+    replay = subprocess.run(
+        [str(TAPIO), "replay", str(recording), "--sink", "stdout", "--plugins", AGENT_PLUGINS,
+         "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, env=tool_env(), cwd=tmp_path,
+    )
+    assert replay.returncode == 0, replay.stderr
+    replayed = [json.loads(line) for line in replay.stdout.splitlines() if line.strip()]
+    assert replayed == recorder.occurrences
+    assert sorted(occ["data"]["pid"] for occ in replayed if occ["data"]["pid"] in pids) == sorted(pids)
 
 
 # -- OOM kills -------------------------------------------------------------------------------------
