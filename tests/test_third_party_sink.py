@@ -18,7 +18,7 @@ import pytest
 from network_records import pack_network_record
 
 from tapio_core.recording import RecordWriter
-from tapio_observer_network.records import KIND_CONNECT_REFUSED, KIND_CONNECT_TIMEOUT, NETWORK_RECORD
+from tapio_observer_network.records import KIND_CONNECT_REFUSED, KIND_CONNECT_TIMEOUT
 
 REPO = Path(__file__).resolve().parent.parent
 #: What each distribution needs to build, copied out so the build leaves nothing in the work tree.
@@ -59,10 +59,12 @@ def fresh_venv(tmp_path_factory) -> Path:
 
 def test_the_example_sink_is_found_and_receives_the_occurrences(fresh_venv, tmp_path):
     recording = tmp_path / "network.rec"
+    first = pack_network_record(KIND_CONNECT_REFUSED, ts=1_000)
+    second = pack_network_record(KIND_CONNECT_TIMEOUT, ts=2_000)
+    third = pack_network_record(KIND_CONNECT_REFUSED, ts=3_000)
     writer = RecordWriter(recording, 1_700_000_000_000_000_000)
-    writer.write_batch("network", NETWORK_RECORD.itemsize, 1, pack_network_record(KIND_CONNECT_REFUSED, ts=1_000)
-                       + pack_network_record(KIND_CONNECT_TIMEOUT, ts=2_000))
-    writer.write_batch("network", NETWORK_RECORD.itemsize, 2, pack_network_record(KIND_CONNECT_REFUSED, ts=3_000))
+    writer.write_batch("network", len(first), 1, first + second)  # records exactly as the kernel packs them
+    writer.write_batch("network", len(third), 2, third)
     writer.close()
     received = tmp_path / "received.txt"
     bin_dir = fresh_venv / "bin"
