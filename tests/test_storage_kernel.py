@@ -217,13 +217,16 @@ def counts(bpf) -> tuple[int, int]:
     return table[table.Key(0)].value, table[table.Key(1)].value
 
 
+def device_state(bpf, device: str):
+    """The kernel's entry for ``device`` in map ``devices`` (keyed by request queue; it records the dev_t)."""
+    dev = kernel_dev(*numbers(device))
+    return next((state for state in bpf[b"devices"].values() if state.dev == dev), None)
+
+
 def baseline(bpf, device: str, op: int) -> tuple[int, int]:
     """(mean ns, samples) the kernel learned for ``device`` and operation ``op``."""
-    dev = kernel_dev(*numbers(device))
-    for key, value in bpf[b"baselines"].items():
-        if key.dev == dev and key.op == op:
-            return value.mean_ns, value.samples
-    return 0, 0
+    state = device_state(bpf, device)
+    return (state.ops[op].mean_ns, state.ops[op].samples) if state is not None else (0, 0)
 
 
 # -- I/O errors --------------------------------------------------------------------------------------
@@ -374,8 +377,7 @@ def test_requests_beyond_a_full_inflight_map_are_counted_and_never_reported_with
             unmatched, overflows = counts(bpf)
             events = np.frombuffer(reader.read_batch(), STORAGE_RECORD)
             anomalies = tapio_observer_storage.tapio_detect_anomalies(observer=observer, events=events)
-            learned = bpf[b"device_warning_ns"]
-            device_warning = learned[learned.Key(kernel_dev(*numbers(upper)))].value
+            device_warning = device_state(bpf, upper).warning_ns
             reader.close()
     finally:
         bpf.cleanup()

@@ -55,7 +55,7 @@ def tapio_observer_started(observer):
     table = observer.bpf[b"storage_settings"]
     table[table.Key(SETTING_OP_MASK)] = table.Leaf(operations.mask)
     table[table.Key(SETTING_SCREEN_NS)] = table.Leaf(settings.screen_ns())
-    screens = DeviceScreens(settings, observer.bpf[b"device_warning_ns"])
+    screens = DeviceScreens(settings, observer.bpf[b"devices"])
     observer.state["detector"] = StorageDetector(settings, operations, block_statuses(), screens)
 
 

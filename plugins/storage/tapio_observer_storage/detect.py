@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tapio_core import Anomaly
-from tapio_observer_storage.records import BlockStatus, Operations, block_status, kernel_dev
+from tapio_observer_storage.records import BlockStatus, Operations, block_status
 from tapio_observer_storage.settings import StorageSettings, Thresholds
 
 log = logging.getLogger("tapio.storage")
@@ -27,32 +27,38 @@ LATENCY_SPIKE = "kernel.storage.latency_spike"
 
 
 class DeviceScreens:
-    """The devices the kernel screens with their own warning threshold, and the name each was matched by.
+    """Gives each device the kernel meets its own warning threshold, chosen by the device's name.
 
-    ``table`` is the BPF map ``device_warning_ns`` (None in a replay, where
-    nothing is written). A device whose name changed (its dev_t was reused) is
-    matched again.
+    ``table`` is the BPF map ``devices`` (None in a replay, where nothing is
+    written), keyed by the device's request queue pointer. A device is matched
+    again when the kernel says it judged it with the common screen (its entry
+    was new, or evicted) or when its key now carries another name (a disk
+    removed and another created at the same address).
     """
 
     def __init__(self, settings: StorageSettings, table: Any = None) -> None:
         self.settings = settings
         self.table = table
-        self.names: dict[int, str] = {}
-        self.full = False
+        self.names: dict[int, str] = {}  # queue pointer -> disk name
+        self._warned = False
 
-    def learn(self, dev: int, name: str, thresholds: Thresholds) -> None:
-        if self.names.get(dev) == name:
+    def learn(self, queue: int, name: str, thresholds: Thresholds, matched_in_kernel: bool) -> None:
+        if matched_in_kernel and self.names.get(queue) == name:
             return
         if self.table is not None:
+            key = self.table.Key(queue)
+            # Keep the baselines the kernel learned: only the threshold is ours to set.
+            state = self.table.get(key) or self.table.Leaf()
+            state.warning_ns = thresholds.warning_ns
             try:
-                self.table[self.table.Key(dev)] = self.table.Leaf(thresholds.warning_ns)
-            except Exception as exc:  # bcc raises a bare Exception when the map is full
-                if not self.full:
+                self.table[key] = state
+            except Exception as exc:  # bcc raises a bare Exception when the update fails
+                if not self._warned:
                     log.warning("storage: cannot give %s its own threshold (%s); it stays screened "
                                 "at the lowest warning threshold", name, exc)
-                self.full = True
+                self._warned = True
                 return
-        self.names[dev] = name
+        self.names[queue] = name
 
 
 class StorageDetector:
@@ -93,19 +99,19 @@ class StorageDetector:
         columns = zip(
             events["timestamp_ns"].tolist(), events["latency_ns"].tolist(), events["sector"].tolist(),
             events["baseline_ns"].tolist(), events["baseline_deviation_ns"].tolist(),
-            events["baseline_samples"].tolist(), task["pid"].tolist(), task["tid"].tolist(),
+            events["baseline_samples"].tolist(), events["queue"].tolist(), task["pid"].tolist(), task["tid"].tolist(),
             task["cgroup_id"].tolist(), task["comm"].tolist(), events["dev_major"].tolist(),
             events["dev_minor"].tolist(), events["bytes"].tolist(), events["completed_bytes"].tolist(),
             events["cmd_flags"].tolist(), events["status"].tolist(), events["partial"].tolist(),
-            events["disk_name"].tolist(),
+            events["device_matched"].tolist(), events["disk_name"].tolist(),
             strict=True,
         )
         anomalies = []
-        for row, (ts, latency, sector, baseline, deviation, samples, pid, tid, cgroup, comm, major, minor, size,
-                  completed, cmd_flags, status, partial, disk) in zip(events, columns, strict=True):
+        for row, (ts, latency, sector, baseline, deviation, samples, queue, pid, tid, cgroup, comm, major, minor, size,
+                  completed, cmd_flags, status, partial, matched, disk) in zip(events, columns, strict=True):
             device = _text(disk) or f"{major}:{minor}"
             thresholds = self.thresholds(device)
-            self.screens.learn(kernel_dev(major, minor), device, thresholds)
+            self.screens.learn(queue, device, thresholds, bool(matched))
             if status == 0 and latency < thresholds.warning_ns:
                 self.screened += 1
                 continue

@@ -28,6 +28,7 @@ STORAGE_RECORD = record_dtype([
     ("baseline_samples", "<u8"),
     ("unmatched_completions", "<u8"),
     ("inflight_overflows", "<u8"),
+    ("queue", "<u8"),  # the kernel's request queue pointer: the device's key in BPF map `devices`
     ("task", TASK_DTYPE),
     ("dev_major", "<u4"),
     ("dev_minor", "<u4"),
@@ -36,13 +37,14 @@ STORAGE_RECORD = record_dtype([
     ("cmd_flags", "<u4"),
     ("status", "u1"),
     ("partial", "u1"),
-    ("pad", "V2"),
+    ("device_matched", "u1"),
+    ("pad", "V1"),
     ("disk_name", f"S{DISK_NAME_LEN}"),
 ])
 
 
 def kernel_dev(major: int, minor: int) -> int:
-    """The kernel's internal dev_t, the key of the BPF side's per-device maps."""
+    """The kernel's internal dev_t, as the BPF side stores it."""
     return major << MINORBITS | minor
 
 

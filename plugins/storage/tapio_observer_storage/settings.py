@@ -1,7 +1,7 @@
 """The ``[storage]`` settings: latency thresholds, with per-device overrides by glob.
 
 The kernel screens every completion against one warning threshold per device
-(BPF map ``device_warning_ns``); a device it has no entry for is screened
+(in BPF map ``devices``); a device userspace has not matched yet is screened
 against the lowest warning any rule could give it (``screen_ns``), so nothing
 that some rule would report is dropped before userspace has matched the
 device's name. Userspace then judges each record with the exact thresholds.

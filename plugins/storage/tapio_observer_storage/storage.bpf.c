@@ -5,15 +5,28 @@
  * is counted, never reported. Who issued the request is remembered at issue,
  * because completion runs in interrupt context. Normal requests are judged
  * here and dropped here: only failures and requests slower than the device's
- * warning threshold reach the ring buffer. Those also feed nothing into the
- * per-device, per-operation baseline, which learns what normal looks like.
+ * warning threshold reach the ring buffer. Normal requests also teach the
+ * per-device, per-operation baseline what normal looks like.
+ *
+ * Every block request passes through here twice, so the hot path avoids hash
+ * map updates and deletes (their bucket locks cost more than the rest put
+ * together): in-flight requests live in a fixed table of slots claimed with
+ * compare-and-swap, and the one hash lookup per completion finds the device's
+ * threshold and baselines together.
  */
 #include <tapio.h>  /* the agent puts events, tapio_lost and tapio_submit() before this */
 
+/* Slots for requests in flight; a power of two. A request probes INFLIGHT_PROBES of them. */
 #ifndef STORAGE_MAX_INFLIGHT
 #define STORAGE_MAX_INFLIGHT 16384
 #endif
+#if STORAGE_MAX_INFLIGHT < 4 || (STORAGE_MAX_INFLIGHT & (STORAGE_MAX_INFLIGHT - 1)) != 0
+#error "STORAGE_MAX_INFLIGHT must be a power of two, at least 4"
+#endif
+#define INFLIGHT_PROBES 4
 #define STORAGE_MAX_DEVICES 4096
+/* Baselines for operation codes 0-3: read, write, flush, discard on every kernel since 4.10. */
+#define BASELINE_OPS 4
 #define DISK_NAME_LEN 32
 #define MINORBITS 20  /* the kernel's dev_t: major << 20 | minor */
 
@@ -24,8 +37,8 @@
 #error "storage observer: this kernel's BTF lacks request/gendisk members it needs (see the warnings above)"
 #endif
 
-/* storage_settings slots, written by tapio_observer_started (settings.py). */
-#define SETTING_SCREEN_NS 0  /* warning threshold for devices not in device_warning_ns */
+/* storage_settings slots, written by tapio_observer_started. */
+#define SETTING_SCREEN_NS 0  /* warning threshold for devices userspace has not matched yet */
 #define SETTING_OP_MASK   1  /* REQ_OP_MASK of this kernel, from BTF */
 /* storage_counts slots. */
 #define COUNT_UNMATCHED 0
@@ -41,6 +54,7 @@ struct storage_record {
     u64 baseline_samples;
     u64 unmatched_completions;  /* counters when this record was sent */
     u64 inflight_overflows;
+    u64 queue;                  /* the request queue: the device's key in the devices map */
     struct tapio_task task;     /* who issued the request */
     u32 dev_major;
     u32 dev_minor;
@@ -49,18 +63,16 @@ struct storage_record {
     u32 cmd_flags;
     u8 status;                  /* blk_status_t */
     u8 partial;                 /* the request goes on after this completion */
-    u8 pad[2];
+    u8 device_matched;          /* the warning threshold was the device's own, not the screen */
+    u8 pad;
     char disk_name[DISK_NAME_LEN];
 };
 
-struct inflight_request {
+/* rq == 0: free. Claimed by the issue with compare-and-swap, freed the same way by the completion. */
+struct inflight_slot {
+    u64 rq;
     u64 issue_ns;
     struct tapio_task task;
-};
-
-struct baseline_key {
-    u32 dev;
-    u32 op;
 };
 
 /* EWMAs in the style of TCP's srtt/rttvar: gains 1/8 and 1/4. */
@@ -70,9 +82,16 @@ struct baseline {
     u64 samples;
 };
 
-BPF_HASH(inflight, u64, struct inflight_request, STORAGE_MAX_INFLIGHT);
-BPF_HASH(device_warning_ns, u32, u64, STORAGE_MAX_DEVICES);
-BPF_TABLE("lru_hash", struct baseline_key, struct baseline, baselines, STORAGE_MAX_DEVICES);
+/* Keyed by request queue pointer: one per disk, and found with no further reads. */
+struct device_state {
+    u64 warning_ns;  /* the device's own threshold, written by userspace; 0: not matched yet */
+    u32 dev;         /* major << 20 | minor, read when the queue was first seen */
+    u32 pad;
+    struct baseline ops[BASELINE_OPS];
+};
+
+BPF_ARRAY(inflight, struct inflight_slot, STORAGE_MAX_INFLIGHT);
+BPF_TABLE("lru_hash", u64, struct device_state, devices, STORAGE_MAX_DEVICES);
 BPF_ARRAY(storage_settings, u64, 2);
 BPF_ARRAY(storage_counts, u64, 2);
 
@@ -95,27 +114,42 @@ static __always_inline u64 setting(int slot)
     return value ? *value : 0;
 }
 
+/* Fibonacci hashing of the pointer: its low bits are alignment, its high bits shared by all requests. */
+static __always_inline u32 first_slot(u64 rq)
+{
+    return (u32)((rq * 0x9E3779B97F4A7C15ULL) >> (64 - __builtin_ctzll(STORAGE_MAX_INFLIGHT)));
+}
+
 RAW_TRACEPOINT_PROBE(block_rq_issue)
 {
     u64 rq = ctx->args[0];
-    struct inflight_request request = {};
-    request.issue_ns = bpf_ktime_get_ns();
-    tapio_current_task(&request.task);
-    /* A requeued request is issued again: the newer issue replaces the older. */
-    if (inflight.update(&rq, &request) != 0)
-        count(COUNT_OVERFLOW);
+    u32 first = first_slot(rq);
+#pragma unroll
+    for (u32 probe = 0; probe < INFLIGHT_PROBES; probe++) {
+        u32 index = (first + probe) & (STORAGE_MAX_INFLIGHT - 1);
+        struct inflight_slot *slot = inflight.lookup(&index);
+        if (!slot)
+            return 0;
+        u64 held = __sync_val_compare_and_swap(&slot->rq, 0, rq);
+        /* Ours when free, or already ours: a requeued request is issued again, the newer issue counts. */
+        if (held == 0 || held == rq) {
+            slot->issue_ns = bpf_ktime_get_ns();
+            tapio_current_task(&slot->task);
+            return 0;
+        }
+    }
+    count(COUNT_OVERFLOW);
     return 0;
 }
 
-static __always_inline void learn(struct baseline_key *key, struct baseline *seen, u64 latency_ns)
+static __always_inline void learn(struct baseline *seen, u64 latency_ns)
 {
-    if (!seen) {
-        struct baseline first = {latency_ns, latency_ns / 2, 1};
-        baselines.update(key, &first);
-        return;
-    }
     /* Racing CPUs may lose an update here; a baseline can afford that, a lock it cannot. */
     u64 mean = seen->mean_ns, deviation = seen->deviation_ns;
+    if (seen->samples == 0) {
+        mean = latency_ns;
+        deviation = latency_ns / 2;
+    }
     u64 error = latency_ns > mean ? latency_ns - mean : mean - latency_ns;
     seen->mean_ns = latency_ns > mean ? mean + (error >> 3) : mean - (error >> 3);
     seen->deviation_ns = error > deviation ? deviation + ((error - deviation) >> 2)
@@ -123,69 +157,102 @@ static __always_inline void learn(struct baseline_key *key, struct baseline *see
     seen->samples++;
 }
 
+/* The disk behind a request queue, read only when a queue is first seen and for records. */
+static __always_inline void *disk_of(void *queue, u32 *major, u32 *minor)
+{
+    void *disk = NULL;
+    TAPIO_READ_AT(disk, queue, STORAGE_QUEUE_DISK_OFFSET);
+    if (disk) {
+        TAPIO_READ_AT(*major, disk, STORAGE_DISK_MAJOR_OFFSET);
+        TAPIO_READ_AT(*minor, disk, STORAGE_DISK_FIRST_MINOR_OFFSET);
+    }
+    return disk;
+}
+
+static __always_inline struct device_state *device_state_of(u64 queue)
+{
+    struct device_state *state = devices.lookup(&queue);
+    if (state || !queue)
+        return state;
+    struct device_state fresh = {};
+    u32 major = 0, minor = 0;
+    disk_of((void *)queue, &major, &minor);
+    fresh.dev = major << MINORBITS | minor;
+    devices.insert(&queue, &fresh);  /* once per device; if userspace raced us, its entry stays */
+    return devices.lookup(&queue);
+}
+
 RAW_TRACEPOINT_PROBE(block_rq_complete)
 {
     u64 rq = ctx->args[0];
     u8 status = (u8)ctx->args[1];
     u32 completed_bytes = (u32)ctx->args[2];
-    struct inflight_request *issued = inflight.lookup(&rq);
-    if (!issued) {
-        /* Issued before we attached, or never issued (flush sequences): no latency to judge. */
+    u32 first = first_slot(rq);
+    struct inflight_slot *slot = NULL, *stale = NULL;
+#pragma unroll
+    for (u32 probe = 0; probe < INFLIGHT_PROBES; probe++) {
+        u32 index = (first + probe) & (STORAGE_MAX_INFLIGHT - 1);
+        struct inflight_slot *candidate = inflight.lookup(&index);
+        if (candidate && candidate->rq == rq) {
+            if (!slot)
+                slot = candidate;
+            else
+                stale = candidate;  /* left by an earlier issue of this request (requeued) */
+        }
+    }
+    if (!slot) {
+        /* Issued before we attached, not tracked (table full), or never issued (flush sequences). */
         count(COUNT_UNMATCHED);
         return 0;
     }
     u64 now = bpf_ktime_get_ns();
-    u64 latency_ns = now - issued->issue_ns;
+    u64 latency_ns = now - slot->issue_ns;
+    struct tapio_task task = slot->task;
 
-    u32 bytes = 0, cmd_flags = 0, major = 0, minor = 0;
-    void *queue = NULL, *disk = NULL;
-    TAPIO_READ_AT(bytes, rq, STORAGE_RQ_DATA_LEN_OFFSET);
-    TAPIO_READ_AT(cmd_flags, rq, STORAGE_RQ_CMD_FLAGS_OFFSET);
-    TAPIO_READ_AT(queue, rq, STORAGE_RQ_QUEUE_OFFSET);
-    if (queue)
-        TAPIO_READ_AT(disk, queue, STORAGE_QUEUE_DISK_OFFSET);
-    if (disk) {
-        TAPIO_READ_AT(major, disk, STORAGE_DISK_MAJOR_OFFSET);
-        TAPIO_READ_AT(minor, disk, STORAGE_DISK_FIRST_MINOR_OFFSET);
-    }
-    u32 dev = major << MINORBITS | minor;
+    u32 bytes = 0, cmd_flags = 0;
+    u64 queue = 0;
+    TAPIO_READ_AT(bytes, (void *)rq, STORAGE_RQ_DATA_LEN_OFFSET);
     /* A partial completion (fewer bytes than remain) leaves the request in flight. */
     u8 partial = completed_bytes < bytes;
+    if (!partial) {
+        __sync_val_compare_and_swap(&slot->rq, rq, 0);  /* a full barrier: our copies are done */
+        if (stale)
+            __sync_val_compare_and_swap(&stale->rq, rq, 0);
+    }
+    TAPIO_READ_AT(cmd_flags, (void *)rq, STORAGE_RQ_CMD_FLAGS_OFFSET);
+    TAPIO_READ_AT(queue, (void *)rq, STORAGE_RQ_QUEUE_OFFSET);
 
-    u64 warning_ns = setting(SETTING_SCREEN_NS);
-    u64 *device_warning = device_warning_ns.lookup(&dev);
-    if (device_warning)
-        warning_ns = *device_warning;
+    struct device_state *state = device_state_of(queue);
+    u64 warning_ns = state && state->warning_ns ? state->warning_ns : setting(SETTING_SCREEN_NS);
     u64 op_mask = setting(SETTING_OP_MASK);
-    struct baseline_key key = {dev, cmd_flags & (u32)op_mask};
-    struct baseline *seen = op_mask ? baselines.lookup(&key) : NULL;
-    /* Not configured yet (warning 0): judge no latency, but never miss an error. */
+    u32 op = cmd_flags & (u32)op_mask;
+    struct baseline *seen = state && op_mask && op < BASELINE_OPS ? &state->ops[op] : NULL;
+    /* Not configured yet (screen 0): judge no latency, but never miss an error. */
     u8 slow = warning_ns && latency_ns >= warning_ns;
 
     if (status == 0 && !slow) {
-        if (op_mask)
-            learn(&key, seen, latency_ns);
-        if (!partial)
-            inflight.delete(&rq);
+        if (seen)
+            learn(seen, latency_ns);
         return 0;
     }
 
     struct storage_record rec = {};
     rec.timestamp_ns = now;
     rec.latency_ns = latency_ns;
-    rec.task = issued->task;
+    rec.task = task;
     if (seen) {
         rec.baseline_ns = seen->mean_ns;
         rec.baseline_deviation_ns = seen->deviation_ns;
         rec.baseline_samples = seen->samples;
     }
-    if (!partial)
-        inflight.delete(&rq);  /* `issued` is not ours to read after this */
 #ifdef STORAGE_RQ_SECTOR_OFFSET
-    TAPIO_READ_AT(rec.sector, rq, STORAGE_RQ_SECTOR_OFFSET);
+    TAPIO_READ_AT(rec.sector, (void *)rq, STORAGE_RQ_SECTOR_OFFSET);
 #endif
     rec.unmatched_completions = counted(COUNT_UNMATCHED);
     rec.inflight_overflows = counted(COUNT_OVERFLOW);
+    rec.queue = queue;
+    u32 major = 0, minor = 0;
+    void *disk = queue ? disk_of((void *)queue, &major, &minor) : NULL;
     rec.dev_major = major;
     rec.dev_minor = minor;
     rec.bytes = bytes;
@@ -193,6 +260,7 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
     rec.cmd_flags = cmd_flags;
     rec.status = status;
     rec.partial = partial;
+    rec.device_matched = state && state->warning_ns;
 #ifdef STORAGE_DISK_NAME_OFFSET
     if (disk)
         bpf_probe_read_kernel_str(rec.disk_name, sizeof(rec.disk_name),
