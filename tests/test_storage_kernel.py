@@ -84,6 +84,7 @@ def loop_device(backing: Path) -> Iterator[str]:
     try:
         yield device
     finally:
+        end_writers()  # a writer still holding the device would keep it, and its backing mount, busy
         subprocess.run(["losetup", "-d", device], capture_output=True)
 
 
@@ -149,6 +150,9 @@ def numbers(device: str) -> tuple[int, int]:
     return os.major(rdev), os.minor(rdev)
 
 
+_writers: list[subprocess.Popen] = []
+
+
 def direct_write(device: str, *, count: int = 1, seek: int = 0, bs: str = "4k", sync: bool = False,
                  cgroup: Path | None = None) -> subprocess.Popen:
     """dd writing zeros to ``device`` with O_DIRECT (or O_SYNC), as its own process, optionally in ``cgroup``."""
@@ -156,7 +160,18 @@ def direct_write(device: str, *, count: int = 1, seek: int = 0, bs: str = "4k", 
                "oflag=sync" if sync else "oflag=direct"]
     if cgroup is not None:  # the shell joins the cgroup and becomes dd: same pid, comm "dd"
         command = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *command]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    writer = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _writers.append(writer)
+    return writer
+
+
+def end_writers() -> None:
+    """Kill and reap every writer still running (a test that failed half-way leaves some)."""
+    while _writers:
+        writer = _writers.pop()
+        if writer.poll() is None:
+            writer.kill()
+        writer.communicate(timeout=30)
 
 
 def finished(process: subprocess.Popen, timeout: float = 30.0) -> tuple[int, str]:
