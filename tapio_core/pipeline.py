@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -200,14 +201,24 @@ class Pipeline:
                 sink.failed += len(occurrences)
                 log.error("sink %s failed to deliver %d occurrence(s): %s", sink.name, len(occurrences), exc)
             else:
-                sink.delivered += len(occurrences)
+                if not sink.spec.delivers_later:
+                    sink.delivered += len(occurrences)
 
     def close(self) -> None:
-        for sink in self.sinks:
+        """Close every sink at once: each may spend its own flush deadline, not one after another."""
+
+        def close_one(sink: RunningSink) -> None:
             try:
                 self.plugins.hook_for("tapio_sink_close", sink.plugin_name)(sink=sink)
             except Exception as exc:
                 log.error("sink %s failed to close cleanly: %s", sink.name, exc)
+
+        if len(self.sinks) <= 1:
+            for sink in self.sinks:
+                close_one(sink)
+            return
+        with ThreadPoolExecutor(max_workers=len(self.sinks), thread_name_prefix="tapio-sink-close") as pool:
+            list(pool.map(close_one, self.sinks))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

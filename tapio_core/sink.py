@@ -21,6 +21,10 @@ class SinkSpec:
     #: An attrs class with defaults and validators, built from the config
     #: file's table named after the sink (``[file]``); None: no settings.
     config_type: type | None = None
+    #: True when emit only queues (a remote sink's sender thread delivers
+    #: later): the sink then keeps ``delivered``/``failed`` itself, in
+    #: ``counters``, and the agent does not count a returned emit as delivered.
+    delivers_later: bool = False
 
 
 @attrs.frozen

@@ -27,7 +27,7 @@ class JsonArray:
 @hookimpl
 def tapio_register_sinks(register):
     register(SinkSpec(name="http", description="batched JSON POSTs to an HTTP endpoint (a POLKU hub)",
-                      config_type=DeliverySettings))
+                      config_type=DeliverySettings, delivers_later=True))
 
 
 @hookimpl

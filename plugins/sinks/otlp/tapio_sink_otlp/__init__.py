@@ -27,7 +27,7 @@ class OtlpSettings(DeliverySettings):
 @hookimpl
 def tapio_register_sinks(register):
     register(SinkSpec(name="otlp", description="OTLP/HTTP log records (Grafana, any OpenTelemetry backend)",
-                      config_type=OtlpSettings))
+                      config_type=OtlpSettings, delivers_later=True))
 
 
 @hookimpl
