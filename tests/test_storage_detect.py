@@ -64,7 +64,7 @@ class FakeTable:
 def detector(settings: StorageSettings | None = None, table: FakeTable | None = None,
              release: str = "6.18.0") -> StorageDetector:
     settings = settings or StorageSettings()
-    return StorageDetector(settings, OPERATIONS, block_statuses(release), DeviceScreens(settings, table))
+    return StorageDetector(settings, OPERATIONS, block_statuses(release), DeviceScreens(table))
 
 
 def events(*records: bytes) -> np.ndarray:

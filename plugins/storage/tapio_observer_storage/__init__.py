@@ -55,7 +55,7 @@ def tapio_observer_started(observer):
     table = observer.bpf[b"storage_settings"]
     table[table.Key(SETTING_OP_MASK)] = table.Leaf(operations.mask)
     table[table.Key(SETTING_SCREEN_NS)] = table.Leaf(settings.screen_ns())
-    screens = DeviceScreens(settings, observer.bpf[b"devices"])
+    screens = DeviceScreens(observer.bpf[b"devices"])
     observer.state["detector"] = StorageDetector(settings, operations, block_statuses(), screens)
 
 
@@ -65,7 +65,7 @@ def tapio_detect_anomalies(observer, events):
     if detector is None:  # a replay: no kernel to configure, names from this machine's kernel
         settings = observer.config
         detector = observer.state["detector"] = StorageDetector(
-            settings, running_kernel_operations(), block_statuses(), DeviceScreens(settings)
+            settings, running_kernel_operations(), block_statuses(), DeviceScreens()
         )
     anomalies = detector.detect(events)
     observer.counters.update(detector.counters())

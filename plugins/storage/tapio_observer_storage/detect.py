@@ -36,8 +36,7 @@ class DeviceScreens:
     removed and another created at the same address).
     """
 
-    def __init__(self, settings: StorageSettings, table: Any = None) -> None:
-        self.settings = settings
+    def __init__(self, table: Any = None) -> None:
         self.table = table
         self.names: dict[int, str] = {}  # queue pointer -> disk name
         self._warned = False
