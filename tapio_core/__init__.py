@@ -6,7 +6,7 @@ plus the declaration types re-exported below.
 
 from tapio_core.enricher import EnricherSpec, RunningEnricher
 from tapio_core.hookspecs import hookimpl
-from tapio_core.observer import Anomaly, BtfField, ObserverSpec, RunningObserver, record_dtype
+from tapio_core.observer import Anomaly, BpfCounter, BtfField, ObserverSpec, RunningObserver, record_dtype
 from tapio_core.occurrence import Context, Entity, Error, Occurrence
 from tapio_core.sink import RunningSink, SinkSpec
 
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Anomaly",
+    "BpfCounter",
     "BtfField",
     "Context",
     "EnricherSpec",

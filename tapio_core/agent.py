@@ -85,6 +85,7 @@ class Agent:
             log.warning("cannot read kernel BTF (%s): features that need struct offsets are disabled", exc)
             btf = None
         for observer in self.pipeline.observers.values():
+            observer.btf = btf
             try:
                 observer.bpf, disabled = load_observer(observer.spec, ebpf_dir, btf)
                 self.plugins.hook_for("tapio_observer_started", observer.plugin_name)(observer=observer)
@@ -158,7 +159,7 @@ class Agent:
         return len(records) // self.pipeline.observers[name].spec.record_dtype.itemsize
 
     def housekeeping(self) -> None:
-        from tapio_core.bpf import read_lost
+        from tapio_core.bpf import read_counter, read_lost
 
         for observer in self.pipeline.observers.values():
             if observer.bpf is None:
@@ -167,6 +168,8 @@ class Agent:
             if reader is not None:
                 observer.counters["ring_malformed"] = reader.malformed
                 observer.counters["ring_discarded"] = reader.discarded
+            for counter in observer.spec.bpf_counters:
+                observer.counters[counter.name] = read_counter(observer.bpf, counter.map, counter.index)
             lost = read_lost(observer.bpf, observer.spec.lost_counter)
             if lost > observer.lost:
                 log.warning("observer %s: ring buffer full, %d record(s) lost", observer.name, lost - observer.lost)

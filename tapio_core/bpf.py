@@ -79,6 +79,30 @@ def missing_tracepoints(spec: ObserverSpec) -> list[str]:
     return missing
 
 
+def tracepoint_has_field(tracepoint: str, field: str) -> bool:
+    """Whether ``category:name`` carries ``field`` on this kernel (from its tracefs format)."""
+    category, _, event = tracepoint.partition(":")
+    try:
+        text = (Path("/sys/kernel/tracing/events") / category / event / "format").read_text()
+    except OSError:
+        return False
+    return any(line.strip().startswith("field:") and line.split(";")[0].split()[-1].split("[")[0] == field
+               for line in text.splitlines())
+
+
+def read_counter(bpf: Any, map_name: str, index: int) -> int:
+    """One slot of a BPF array map, summed over CPUs for a per-CPU map; 0 when the map is absent."""
+    try:
+        table = bpf[map_name.encode()]
+    except KeyError:
+        return 0
+    value = table.getvalue(table.Key(index))
+    try:
+        return int(sum(value))
+    except TypeError:
+        return int(getattr(value, "value", value))
+
+
 def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) -> tuple[Any, list[str]]:
     """Compile and attach one observer. Returns the bcc BPF object and the disabled features."""
     missing = missing_tracepoints(spec)
@@ -102,10 +126,4 @@ def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) ->
 
 def read_lost(bpf: Any, counter: str | None) -> int:
     """Records the BPF side could not put in the ring buffer (summed over CPUs)."""
-    if counter is None:
-        return 0
-    try:
-        table = bpf[counter.encode()]
-    except KeyError:
-        return 0
-    return int(sum(table.getvalue(table.Key(0))))
+    return 0 if counter is None else read_counter(bpf, counter, 0)

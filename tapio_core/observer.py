@@ -43,6 +43,19 @@ class BtfField:
 
 
 @attrs.frozen
+class BpfCounter:
+    """A count the BPF side keeps (an array map slot, per-CPU or not) that `tapio status` should show.
+
+    The agent sums ``map[index]`` over CPUs every second into
+    ``observer.counters[name]``: e.g. requests completed without a seen issue.
+    """
+
+    name: str
+    map: str
+    index: int = 0
+
+
+@attrs.frozen
 class ObserverSpec:
     """An observer as a plugin declares it in ``tapio_register_observers``."""
 
@@ -59,6 +72,7 @@ class ObserverSpec:
     config_type: type | None = None
     #: Extra compiler flags for the BPF source, e.g. ``("-DMAX_CPUS=64",)``.
     cflags: tuple[str, ...] = ()
+    bpf_counters: tuple[BpfCounter, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -74,6 +88,8 @@ class RunningObserver:
     config: Any = None
     state: dict[str, Any] = attrs.field(factory=dict)
     bpf: Any = None
+    #: The running kernel's BTF (tapio_core.btf.Btf), already parsed; None in replay.
+    btf: Any = None
     plugin_name: str = ""
     status: str = "starting"
     status_reason: str = ""

@@ -13,9 +13,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from tapio_core import Anomaly, BtfField, ObserverSpec, SinkSpec, hookimpl, record_dtype
+from tapio_core import Anomaly, BpfCounter, BtfField, ObserverSpec, SinkSpec, hookimpl, record_dtype
 from tapio_core.agent import Agent
-from tapio_core.bpf import ObserverLoadError, ObserverUnsupported
+from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, tracepoint_has_field
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
@@ -27,6 +27,7 @@ TOY_SOURCE = r"""
 #include <tapio.h>
 
 BPF_ARRAY(toy_settings, u64, 2);  /* [0] the value to report, [1] the pid to watch */
+BPF_PERCPU_ARRAY(toy_counts, u64, 2);  /* [1] events seen in the kernel */
 
 struct toy_record {
     u64 timestamp_ns;
@@ -45,6 +46,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
     u32 pid = bpf_get_current_pid_tgid() >> 32;
     if (!value || !watched || pid != *watched)
         return 0;
+    int seen_key = 1;
+    u64 *seen = toy_counts.lookup(&seen_key);
+    if (seen)
+        (*seen)++;
     struct toy_record rec = {};
     rec.timestamp_ns = bpf_ktime_get_ns();
     rec.setting = *value;
@@ -80,6 +85,7 @@ class ToyObserver:
         register(ObserverSpec(
             name=self.name, bpf_source=self.source, record_dtype=TOY_RECORD,
             tracepoints=("syscalls:sys_enter_getppid",), config_type=ToySettings,
+            bpf_counters=(BpfCounter("seen_in_kernel", "toy_counts", 1),),
             btf_fields=(BtfField("TOY_TGID_OFFSET", "task_struct", "tgid", feature="tgid"),
                         BtfField("TOY_MISSING_OFFSET", "task_struct", "no_such_member", feature="imaginary feature")),
         ))
@@ -132,9 +138,12 @@ def test_tapio_observer_started_writes_settings_the_kernel_uses(toy_source, capl
     agent = start_agent([("toy", ToyObserver("toy", toy_source)), ("collect", sink)], {"toy": {"value": 42}})
     try:
         assert agent.pipeline.observers["toy"].status == "running"
+        assert agent.pipeline.observers["toy"].btf is not None  # parsed once, handed to the plugin
         for _ in range(3):
             os.getppid()
         agent.drain("toy")
+        agent.housekeeping()
+        assert agent.pipeline.observers["toy"].counters["seen_in_kernel"] == 3
     finally:
         agent.shutdown()
     assert [o.data["setting"] for o in sink.received] == [42, 42, 42]
@@ -187,3 +196,10 @@ def test_ebpf_dir_overrides_the_installed_source(toy_source, tmp_path):
         agent.shutdown()
     assert [o.data["setting"] for o in sink.received] == [1007]
 
+
+
+def test_tracepoint_has_field_reads_this_kernels_format():
+    assert tracepoint_has_field("sched:sched_process_exit", "comm")
+    assert tracepoint_has_field("sock:inet_sock_set_state", "saddr_v6")  # an array field
+    assert not tracepoint_has_field("sched:sched_process_exit", "no_such_field")
+    assert not tracepoint_has_field("nosuch:event", "comm")
