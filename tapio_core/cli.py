@@ -22,7 +22,9 @@ import click
 
 from tapio_core import render
 from tapio_core.config import ConfigError, config_options, load_settings
+from tapio_core.health import Thresholds, assess
 from tapio_core.occurrence import SEVERITIES, KernelClock, format_timestamp
+from tapio_core.occurrence_reader import OccurrenceFollower, newest, read_since, without_cycle_collection
 from tapio_core.plugins import PluginError, load_plugins, parse_plugin_list
 from tapio_core.render import console, occurrence_line, print_doctor, print_health, print_status
 from tapio_core.state import StateError, agent_status, format_duration
@@ -120,13 +122,12 @@ def status(data_dir: Path, as_json: bool) -> None:
 def recent(data_dir: Path, since: timedelta, limit: int, type_prefixes: tuple[str, ...], severity: str | None,
            as_json: bool) -> None:
     """Show the latest occurrences, oldest first."""
-    from tapio_core.occurrence_reader import newest
-
     cutoff = datetime.now(UTC) - since
-    found = newest(data_dir, limit, cutoff, type_filter(list(type_prefixes), severity))
+    with without_cycle_collection():
+        found = newest(data_dir, limit, cutoff, type_filter(list(type_prefixes), severity), parsed=not as_json)
     if as_json:
-        for occurrence in found:
-            click.echo(occurrence.to_json())
+        sys.stdout.writelines(occurrence.to_json() + "\n" for occurrence in found)
+        sys.stdout.flush()
         return
     if not found:
         click.echo(f"no occurrences since {format_timestamp(cutoff)} under {data_dir}", err=True)
@@ -151,8 +152,6 @@ def recent(data_dir: Path, since: timedelta, limit: int, type_prefixes: tuple[st
 def watch(data_dir: Path, network: bool, container: bool, storage: bool, pmc: bool, type_prefixes: tuple[str, ...],
           severity: str | None, count: int | None, duration: timedelta | None, as_json: bool) -> None:
     """Follow new occurrences as the agent writes them (inotify: no polling). Ctrl-C stops."""
-    from tapio_core.occurrence_reader import OccurrenceFollower
-
     chosen = [CATEGORIES[name] for name, on in
               (("network", network), ("container", container), ("storage", storage), ("pmc", pmc)) if on]
     accept = type_filter(chosen + list(type_prefixes), severity)
@@ -212,12 +211,10 @@ def health(observer: str | None, data_dir: Path, since: timedelta, top: int, deg
     observer is critical; an unsupported one is shown as such, not as unhealthy).
     Exits 0 healthy, 1 degraded, 2 critical (a node no agent watches is at least degraded).
     """
-    from tapio_core.health import Thresholds, assess
-    from tapio_core.occurrence_reader import read_since
-
     agent = read_agent_status(data_dir)
-    occurrences = read_since(data_dir, datetime.now(UTC) - since)
-    report = assess(agent, occurrences, since, Thresholds(degraded_at, critical_at), drill=observer, top=top)
+    with without_cycle_collection():
+        occurrences = read_since(data_dir, datetime.now(UTC) - since)
+        report = assess(agent, occurrences, since, Thresholds(degraded_at, critical_at), drill=observer, top=top)
     if observer is not None and observer not in report.observers:
         known = ", ".join(report.observers) or "none"
         raise click.UsageError(f"no observer {observer!r} in the agent's state or in the last "

@@ -17,9 +17,10 @@ worst first.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
@@ -55,30 +56,68 @@ class Tally:
     by_severity: Counter = attrs.field(factory=Counter)
     by_type: Counter = attrs.field(factory=Counter)
     worst: str | None = None
-    last_seen: Any = None
+    last_seen: datetime | None = None
 
-    def add(self, occurrence: StoredOccurrence) -> None:
-        self.count += 1
-        self.by_severity[occurrence.severity] += 1
-        self.by_type[occurrence.type] += 1
-        if self.worst is None or SEVERITY_RANK[occurrence.severity] > SEVERITY_RANK[self.worst]:
-            self.worst = occurrence.severity
-        if self.last_seen is None or occurrence.timestamp > self.last_seen:
-            self.last_seen = occurrence.timestamp
+    def add(self, type_: str, severity: str, count: int = 1) -> None:
+        self.count += count
+        self.by_severity[severity] += count
+        self.by_type[type_] += count
+        if self.worst is None or SEVERITY_RANK[severity] > SEVERITY_RANK[self.worst]:
+            self.worst = severity
+
+    def seen_at(self, when: datetime) -> None:
+        if self.last_seen is None or when > self.last_seen:
+            self.last_seen = when
 
     @property
     def notable(self) -> int:
         return sum(self.by_severity[severity] for severity in NOTABLE)
-
-    def rank(self) -> tuple:
-        """Worse first: the worst severity, then how many, then how recent."""
-        return (SEVERITY_RANK.get(self.worst, -1), self.count, self.last_seen.timestamp() if self.last_seen else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"count": self.count, "worst_severity": self.worst,
                 "by_severity": {s: self.by_severity[s] for s in reversed(SEVERITIES) if self.by_severity[s]},
                 "by_type": dict(self.by_type.most_common()),
                 "last_seen": format_timestamp(self.last_seen) if self.last_seen else None}
+
+
+class Tallies:
+    """Tallies by key, counted cheaply per occurrence; :class:`Tally` objects are built at the end, for the worst.
+
+    100,000 occurrences from as many processes go through here: a dict update
+    per occurrence and a Tally only for the rows shown keep that quick.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, str], int] = {}
+        self._summary: dict[str, list] = {}  # key -> [worst severity rank, count, newest ns, its occurrence]
+
+    def add(self, key: str, occurrence: StoredOccurrence) -> None:
+        counted = (key, occurrence.type, occurrence.severity)
+        self._counts[counted] = self._counts.get(counted, 0) + 1
+        rank, ns = SEVERITY_RANK[occurrence.severity], occurrence.ns
+        summary = self._summary.get(key)
+        if summary is None:
+            self._summary[key] = [rank, 1, ns, occurrence.timestamp]
+            return
+        summary[1] += 1
+        if rank > summary[0]:
+            summary[0] = rank
+        if ns > summary[2]:
+            summary[2], summary[3] = ns, occurrence.timestamp
+
+    def build(self, top: int | None = None) -> dict[str, Tally]:
+        """Tallies of every key, or of the ``top`` worst (worst severity, then count, then recency) in that order."""
+        keys = list(self._summary)
+        if top is not None:
+            keys = heapq.nlargest(top, keys, key=lambda key: self._summary[key][:3])
+        tallies = {key: Tally() for key in keys}
+        for (key, type_, severity), count in self._counts.items():
+            tally = tallies.get(key)
+            if tally is not None:
+                tally.add(type_, severity, count)
+        for key, tally in tallies.items():
+            tally.seen_at(self._summary[key][3])
+        return tallies
 
 
 def _clip(value: Any) -> str:
@@ -91,10 +130,8 @@ def destinations(occurrence: StoredOccurrence) -> Iterable[str]:
     ip, port = data.get("dst_ip"), data.get("dst_port")
     if ip is None:
         return ()
-    ip = _clip(ip)
-    if port is None:
-        return (ip,)
-    return (f"[{ip}]:{_clip(port)}" if ":" in ip else f"{ip}:{_clip(port)}",)
+    ip = str(ip)
+    return (_clip(ip if port is None else f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"),)
 
 
 def devices(occurrence: StoredOccurrence) -> Iterable[str]:
@@ -102,15 +139,14 @@ def devices(occurrence: StoredOccurrence) -> Iterable[str]:
     if data.get("device") is not None:
         return (_clip(data["device"]),)
     if data.get("dev_major") is not None:
-        return (f"{_clip(data['dev_major'])}:{_clip(data.get('dev_minor', '?'))}",)
+        return (_clip(f"{data['dev_major']}:{data.get('dev_minor', '?')}"),)
     return ()
 
 
 def processes(occurrence: StoredOccurrence) -> Iterable[str]:
     data = occurrence.data
-    if data.get("pid") is None:
-        return ()
-    return (f"{_clip(data.get('comm', '?'))}[{_clip(data['pid'])}]",)
+    pid = data.get("pid")
+    return () if pid is None else (_clip(f"{data.get('comm', '?')}[{pid}]"),)
 
 
 def pods(occurrence: StoredOccurrence) -> Iterable[str]:
@@ -122,8 +158,8 @@ def pods(occurrence: StoredOccurrence) -> Iterable[str]:
     found = []
     for entity in entities:
         if isinstance(entity, dict) and entity.get("kind") == "pod":
-            name = _clip(entity.get("name") or entity.get("id") or "?")
-            found.append(f"{_clip(namespace)}/{name}" if namespace else name)
+            name = entity.get("name") or entity.get("id") or "?"
+            found.append(_clip(f"{namespace}/{name}" if namespace else name))
     return found
 
 
@@ -241,26 +277,24 @@ def assess(
     states = agent.observers
     observers = {name: ObserverHealth(name, status=_status(entry), entry=entry) for name, entry in states.items()}
     router = TypeRouter(states)
-    breakdown: dict[str, dict[str, Tally]] = {dimension: {} for dimension in DIMENSIONS}
+    by_observer = Tallies()
+    breakdown = {dimension: Tallies() for dimension in DIMENSIONS}
+    keys_of = [(breakdown[dimension], extract) for dimension, extract in DIMENSIONS.items()]
     for occurrence in occurrences:
         name = router.observer_of(occurrence.type)
-        observer = observers.get(name)
-        if observer is None:
-            observer = observers[name] = ObserverHealth(name)
-        observer.tally.add(occurrence)
+        by_observer.add(name, occurrence)
         if name == drill:
-            for dimension, keys_of in DIMENSIONS.items():
-                rows = breakdown[dimension]
-                for key in keys_of(occurrence):
-                    rows.setdefault(key, Tally()).add(occurrence)
+            for tallies, extract in keys_of:
+                for key in extract(occurrence):
+                    tallies.add(key, occurrence)
+    for name, tally in by_observer.build().items():
+        observers.setdefault(name, ObserverHealth(name)).tally = tally
     window_text = format_duration(window.total_seconds())
     for observer in observers.values():
         observer.judge(thresholds, window_text)
     if drill is not None and drill in observers:
-        observers[drill].worst = {
-            dimension: sorted(rows.items(), key=lambda row: row[1].rank(), reverse=True)[:top]
-            for dimension, rows in breakdown.items() if rows
-        }
+        observers[drill].worst = {dimension: list(rows.items()) for dimension, tallies in breakdown.items()
+                                  if (rows := tallies.build(top))}
     return HealthReport(window, agent, dict(sorted(observers.items())))
 
 
