@@ -630,19 +630,24 @@ def test_without_group_dead_threads_dying_together_still_make_one_record():
     assert judged["task"]["tid"] == last_tid  # signal->live found the last thread, not the first to go
 
 
-class NoBtf:
-    """Stands in for tapio_core.btf.Btf in the plugin only: the agent still reads the real one."""
+def test_without_map_fed_facts_exits_still_report_the_unified_cgroup():
+    class NoBtfForMaps:
+        """The container plugin, but its start hook sees no BTF (the agent compiled with the real one)."""
 
-    @staticmethod
-    def load(*_):
-        from tapio_core.btf import BtfError
+        @hookimpl
+        def tapio_register_observers(self, register):
+            register(tapio_observer_container.OBSERVER)
 
-        raise BtfError("cannot read BTF from /nonexistent: test")
+        @hookimpl
+        def tapio_observer_started(self, observer):
+            observer.btf = None
+            tapio_observer_container.tapio_observer_started(observer)
 
+        @hookimpl
+        def tapio_detect_anomalies(self, observer, events):
+            return tapio_observer_container.tapio_detect_anomalies(observer, events)
 
-def test_without_map_fed_facts_exits_still_report_the_unified_cgroup(monkeypatch):
-    monkeypatch.setattr(tapio_observer_container, "Btf", NoBtf)
-    with agent_in_process({}) as agent:
+    with agent_in_process({}, plugin=NoBtfForMaps()) as agent:
         reason = agent.pipeline.observers["container"].status_reason
         assert "memory limit and usage" in reason and "cgroup paths" in reason and "RSS" in reason
         pid, _ = run_to_end(["sh", "-c", "exit 5"])

@@ -9,7 +9,6 @@ import attrs
 
 from tapio_core import BtfField, ObserverSpec, hookimpl
 from tapio_core.bpf import ObserverLoadError
-from tapio_core.btf import Btf, BtfError
 from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import CGROUP_V1, KernelLayout, detect_cgroup_mode, kernel_layout
 from tapio_observer_container.records import CONTAINER_RECORD
@@ -116,11 +115,7 @@ def write_settings(bpf, layout: KernelLayout, settings: ContainerSettings) -> No
 @hookimpl
 def tapio_observer_started(observer):
     settings = observer.config or ContainerSettings()
-    try:
-        btf = Btf.load()
-    except BtfError as exc:
-        log.warning("container: %s", exc)
-        btf = None  # kernel_layout names what that disables
+    btf = observer.btf  # parsed once by the agent; None without BTF (kernel_layout names what that disables)
     mode = detect_cgroup_mode(settings.cgroup_mode)
     layout, lost = kernel_layout(btf, mode)
     try:
