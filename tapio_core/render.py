@@ -30,6 +30,7 @@ SEVERITY_STYLE = {"debug": "dim", "info": "cyan", "warning": "yellow", "error": 
 HEALTH_STYLE = {"healthy": "green", "unsupported": "dim", "degraded": "yellow", "critical": "bold red"}
 CHECK_STYLE = {"ok": "green", "fail": "bold red", "warn": "yellow", "optional": "cyan"}
 STATUS_STYLE = {"running": "green", "failed": "bold red", "unsupported": "dim"}
+KNOWN_STATE_KEYS = frozenset(("agent", "updated_at", "config", "observers", "sinks"))
 DIMENSION_NAMES = {"destinations": "destination", "devices": "device", "processes": "process", "pods": "pod"}
 #: Facts shown on an occurrence's human line after who and where, when present.
 HEADLINE_FACTS = ("exit_code", "signal", "latency_ns", "bytes", "cpu", "ipc", "stall_pct", "memory_usage_bytes")
@@ -114,6 +115,9 @@ def print_status(agent: AgentStatus, out: Console) -> None:
     out.print(sinks)
     if agent.state.get("config"):
         out.print(Text("config: " + clean(json.dumps(agent.state["config"], default=str)), style="dim"))
+    for key, value in agent.state.items():  # what a newer agent reports (enrichment, ...), shown as it is
+        if key not in KNOWN_STATE_KEYS and value not in (None, {}, []):
+            out.print(Text(f"{clean(key)}: " + clean(json.dumps(value, default=str)), style="dim"))
 
 
 def counters(entry: dict[str, Any]) -> str:

@@ -252,6 +252,15 @@ def test_symlinks_fifos_directories_and_temporaries_are_not_read(tmp_path, caplo
     assert caplog.text.count("not a regular file") == 2
 
 
+def test_a_huge_file_without_newlines_is_skipped_in_bounded_steps(tmp_path, caplog):
+    crafted(tmp_path, "00000000000000000001-1-000001.jsonl", b"{" * (64 * 1024 * 1024) + b"\n"
+            + occ(pid=3).to_json().encode() + b"\n")
+    found = newest(tmp_path, 10, NOW - timedelta(hours=1))
+    assert [o.data["pid"] for o in found] == [3]  # the line after the huge one is still read
+    assert caplog.text.count("skipping") == 1
+    assert f"line 1: longer than {MAX_LINE_BYTES} bytes" in caplog.text
+
+
 def test_warnings_stop_one_by_one_after_a_few_and_end_with_a_count(tmp_path, caplog):
     crafted(tmp_path, "00000000000000000001-1-000001.jsonl", b"garbage\n" * 500)
     assert newest(tmp_path, 10, NOW - timedelta(hours=1)) == []

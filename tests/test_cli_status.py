@@ -165,6 +165,13 @@ def test_entries_of_unexpected_shape_are_shown_or_left_out_never_a_traceback(tmp
     assert re.search(r"network\s+running\s+many", result.output)
 
 
+def test_what_a_newer_agent_adds_to_its_state_is_shown_as_it_is(tmp_path):
+    write_state(tmp_path, state(enrichment={"kubernetes": {"status": "synced", "pods": 42}}))
+    result = status(tmp_path)
+    assert result.exit_code == 0
+    assert 'enrichment: {"kubernetes": {"status": "synced", "pods": 42}}' in result.output
+
+
 def colours(text: str) -> set[int]:
     """SGR colour parameters (foreground/background) in text."""
     found = set()

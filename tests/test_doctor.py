@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -159,6 +160,15 @@ def test_human_output_lists_problems_and_what_to_do(tmp_path, capsys):
     assert f"-> mount -t tracefs tracefs {tmp_path / 'tracing'}" in out
     assert re.search(r"\n optional +hardware PMU", out) is None  # the crafted node has one
     assert out.rstrip().endswith("problem(s): fix them and run `tapio doctor` again.")
+
+
+def test_plugins_lists_what_each_installed_plugin_provides():
+    result = CliRunner().invoke(cli, ["plugins"])
+    assert result.exit_code == 0
+    network = next(line for line in result.output.splitlines() if line.split()[:1] == ["network"])
+    version = importlib.metadata.version("tapio-observer-network")
+    assert network.split()[1:5] == ["tapio-observer-network", version, "observer", "network"]
+    assert "tapio_register_observers" in result.output
 
 
 # -- the real node -------------------------------------------------------------------------------
