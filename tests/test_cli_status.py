@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -197,3 +200,29 @@ def test_agent_status_judges_freshness_at_a_given_time(tmp_path):
     write_state(tmp_path, state(updated_at=1000.0))
     assert agent_status(tmp_path, now=1000.0 + STALE_AFTER_S).running
     assert not agent_status(tmp_path, now=1000.0 + STALE_AFTER_S + 0.5).running
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a root-private data dir and drop privileges")
+def test_as_another_user_the_private_files_say_run_as_root(tmp_path):
+    """The agent's files are 0600 in 0700 directories: a non-root operator gets one clear line."""
+    from tapio_core.store import OccurrenceWriter
+
+    data_dir = tmp_path / "data"
+    write_state(data_dir, state())
+    os.chmod(data_dir, 0o700)
+    OccurrenceWriter(data_dir).write([])
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+              "--bounding-set=-all"]
+    tapio = str(Path(sys.executable).with_name("tapio"))
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/"}
+    done = subprocess.run([*nobody, tapio, "status", "--data-dir", str(data_dir)], capture_output=True, text=True,
+                          timeout=60, cwd="/", env=env)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"Error: cannot read {data_dir}/state.json: permission denied "
+                                   "(the agent's files are private: run as root)")
+    done = subprocess.run([*nobody, tapio, "recent", "--data-dir", str(data_dir)], capture_output=True, text=True,
+                          timeout=60, cwd="/", env=env)
+    assert done.returncode == 0
+    assert f"skipping {data_dir}/occurrences: permission denied (the agent's files are private: run as root)" \
+        in done.stderr
+    assert "Traceback" not in done.stderr

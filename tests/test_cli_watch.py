@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import select
+import shutil
 import signal
 import subprocess
 import threading
@@ -48,8 +49,10 @@ class Watch:
         self.lines: queue.Queue[str] = queue.Queue()
         self.stderr: list[str] = []
         self._ready = threading.Event()
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
 
     def _read_stdout(self) -> None:
         for line in self.process.stdout:
@@ -77,10 +80,14 @@ class Watch:
             self.lines.get(timeout=QUIET_S)
 
     def wait(self) -> int:
+        """The exit code, once the process has ended and all it printed has been read."""
         try:
-            return self.process.wait(WAIT_S)
+            code = self.process.wait(WAIT_S)
         finally:
             self.stop()
+        for reader in self._readers:
+            reader.join(WAIT_S)
+        return code
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -211,6 +218,15 @@ def test_a_reader_that_goes_away_ends_the_watch_without_a_traceback(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_data_dir_removed_under_the_watch_ends_it_with_one_error_line(tmp_path, watches):
+    data_dir = tmp_path / "data"
+    OccurrenceWriter(data_dir).write([occ(pid=1)])
+    watch = watches(data_dir, "--json")
+    shutil.rmtree(data_dir)
+    assert watch.wait() == 1
+    assert watch.stderr[-1] == f"Error: {data_dir}: the data directory went away"
 
 
 def test_watching_a_data_dir_that_does_not_exist_is_one_error_line(tmp_path):
