@@ -75,7 +75,7 @@ def events(*records: bytes) -> np.ndarray:
 
 
 def test_numpy_layout_matches_the_packed_c_struct():
-    assert STORAGE_RECORD.itemsize == STORAGE_RECORD_C.size == 160
+    assert STORAGE_RECORD.itemsize == STORAGE_RECORD_C.size == 144
 
 
 C_FIELD = re.compile(r"^\s*(?:struct\s+)?\w+\s+(\w+)(?:\[\w+\])?;", re.M)
@@ -113,15 +113,15 @@ def test_c_struct_and_numpy_dtype_have_the_same_fields_at_the_same_offsets(tmp_p
 
 
 def test_a_packed_record_parses_back_field_by_field():
-    raw = pack_storage_record(ts=7, latency=8, sector=9, baseline=10, deviation=11, samples=12, unmatched=13,
-                              overflows=14, queue=0xFFFF_8880_1234_5000, pid=15, tid=16, cgroup=17, comm=b"writer",
+    raw = pack_storage_record(ts=7, latency=8, sector=9, baseline=10, deviation=11, samples=12,
+                              queue=0xFFFF_8880_1234_5000, pid=15, tid=16, cgroup=17, comm=b"writer",
                               major=259, minor=1,
                               size=4096, completed=512, cmd_flags=WRITE, status=10, partial=1, matched=1,
                               disk=b"nvme0n1")
     [row] = events(raw)
     assert (row["timestamp_ns"], row["latency_ns"], row["sector"]) == (7, 8, 9)
     assert (row["baseline_ns"], row["baseline_deviation_ns"], row["baseline_samples"]) == (10, 11, 12)
-    assert (row["unmatched_completions"], row["inflight_overflows"], row["queue"]) == (13, 14, 0xFFFF_8880_1234_5000)
+    assert row["queue"] == 0xFFFF_8880_1234_5000
     assert (row["task"]["pid"], row["task"]["tid"], row["task"]["cgroup_id"], row["task"]["comm"]) == (
         15, 16, 17, b"writer")
     assert (row["dev_major"], row["dev_minor"], row["bytes"], row["completed_bytes"]) == (259, 1, 4096, 512)
@@ -277,12 +277,11 @@ def test_mixed_batch_keeps_kernel_order():
         (1, IO_ERROR), (3, LATENCY_SPIKE), (4, IO_ERROR)]
 
 
-def test_counters_follow_the_kernels_latest_counts_and_the_userspace_screen():
+def test_counters_count_what_the_userspace_screen_dropped_and_the_devices_seen():
     d = detector()
-    d.detect(events(pack_storage_record(unmatched=5, overflows=1, latency=1)))
-    d.detect(events(pack_storage_record(unmatched=9, overflows=0, latency=1, ts=2)))
-    assert d.counters() == {"unmatched_completions": 9, "inflight_overflows": 1, "screened_in_userspace": 2,
-                            "devices_screened_in_kernel": 1}
+    d.detect(events(pack_storage_record(latency=1)))
+    d.detect(events(pack_storage_record(latency=1, ts=2, disk=b"vda", queue=0xFFFF_8880_0000_9000)))
+    assert d.counters() == {"screened_in_userspace": 2, "devices_screened_in_kernel": 2}
     assert d.detect(events()) == []
 
 
@@ -373,12 +372,18 @@ def test_bad_settings_stop_start_up_with_one_line_naming_the_key(table, message)
 # -- the hook, as replay calls it -------------------------------------------------------------------
 
 
+def test_kernel_counts_are_declared_for_the_agent_to_read():
+    counters = {(c.name, c.map, c.index) for c in tapio_observer_storage.OBSERVER.bpf_counters}
+    assert counters == {("unmatched_completions", "storage_counts", 0), ("inflight_overflows", "storage_counts", 1)}
+    source = (PLUGIN_DIR / "storage.bpf.c").read_text()
+    assert "#define COUNT_UNMATCHED 0" in source and "#define COUNT_OVERFLOW  1" in source
+
+
 def test_replay_path_builds_its_detector_and_fills_the_observers_counters():
     observer = RunningObserver(spec=tapio_observer_storage.OBSERVER, config=StorageSettings(warning_ms=10.0))
-    batch = events(pack_storage_record(latency=20 * MS, unmatched=3), pack_storage_record(latency=5 * MS, ts=9))
+    batch = events(pack_storage_record(latency=20 * MS), pack_storage_record(latency=5 * MS, ts=9))
     anomalies = tapio_observer_storage.tapio_detect_anomalies(observer=observer, events=batch)
     assert [a.type for a in anomalies] == [LATENCY_SPIKE]
     assert anomalies[0].data["operation"] == "write"
-    assert observer.counters == {"unmatched_completions": 3, "inflight_overflows": 0, "screened_in_userspace": 1,
-                                 "devices_screened_in_kernel": 1}
+    assert observer.counters == {"screened_in_userspace": 1, "devices_screened_in_kernel": 1}
     assert observer.state["detector"].screens.table is None  # nothing to write into during a replay

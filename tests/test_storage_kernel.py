@@ -227,9 +227,9 @@ def storage_agent(settings: dict | None = None) -> Iterator[tuple[Agent, Collect
 
 
 def counts(bpf) -> tuple[int, int]:
-    """(unmatched completions, in-flight overflows) as the kernel counted them."""
+    """(unmatched completions, in-flight overflows) as the kernel counted them, summed over CPUs."""
     table = bpf[b"storage_counts"]
-    return table[table.Key(0)].value, table[table.Key(1)].value
+    return sum(table.getvalue(table.Key(0))), sum(table.getvalue(table.Key(1)))
 
 
 def device_state(bpf, device: str):
@@ -287,20 +287,18 @@ def test_write_error_on_a_full_tmpfs_loop_is_one_io_error_with_exact_device_stat
 
 def test_completions_never_seen_issued_are_counted_and_reach_the_observers_counters(tmp_path):
     """O_SYNC writes end in flush completions that were never issued as such: counted, never judged."""
-    with tmpfs(tmp_path / "small", "4M") as small, loop_device(sparse_file(small / "backing", 64 << 20)) as loop:
-        assert finished(direct_write(loop, bs="64k", count=4))[0] == 0  # allocated: later overwrites fit
-        fill(small)
-        with storage_agent() as (agent, sink):
-            observer = agent.pipeline.observers["storage"]
-            unmatched_before, _ = counts(observer.bpf)
-            assert finished(direct_write(loop, count=50, sync=True))[0] == 0
-            unmatched_after, _ = counts(observer.bpf)
-            assert finished(direct_write(loop, bs="64k", seek=200))[0] != 0  # one error carries the counts
-            agent.drain("storage")
+    with (tmpfs(tmp_path / "roomy", "64M") as roomy,
+          loop_device(sparse_file(roomy / "backing", 32 << 20)) as loop,
+          storage_agent() as (agent, sink)):
+        observer = agent.pipeline.observers["storage"]
+        unmatched_before, _ = counts(observer.bpf)
+        assert finished(direct_write(loop, count=50, sync=True))[0] == 0
+        unmatched_after, _ = counts(observer.bpf)
+        agent.housekeeping()  # what the agent does every second: the kernel's counts into `tapio status`
+        agent.drain("storage")
     assert unmatched_after - unmatched_before >= 50
     assert observer.counters["unmatched_completions"] >= unmatched_after
-    ours = [o for o in sink.received if o.data["device"] == Path(loop).name]
-    assert [o.type for o in ours] == [IO_ERROR]
+    assert [o for o in sink.received if o.data["device"] == Path(loop).name] == []  # no guessed latency
 
 
 # -- latency -----------------------------------------------------------------------------------------
@@ -366,7 +364,7 @@ def test_requests_beyond_a_full_inflight_map_are_counted_and_never_reported_with
     """Compiled with room for 4 in-flight requests; 8 writes held by a frozen file system."""
     from bcc import BPF
 
-    from tapio_core.bpf import btf_cflags, program_text, shared_include_dir
+    from tapio_core.bpf import btf_cflags, program_text, read_counter, shared_include_dir
     from tapio_core.btf import Btf
     from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
 
@@ -390,6 +388,7 @@ def test_requests_beyond_a_full_inflight_map_are_counted_and_never_reported_with
                 time.sleep(0.5)
             assert [finished(w)[0] for w in writers] == [0] * 8
             unmatched, overflows = counts(bpf)
+            shown = {c.name: read_counter(bpf, c.map, c.index) for c in spec.bpf_counters}
             events = np.frombuffer(reader.read_batch(), STORAGE_RECORD)
             anomalies = tapio_observer_storage.tapio_detect_anomalies(observer=observer, events=events)
             device_warning = device_state(bpf, upper).warning_ns
@@ -404,6 +403,7 @@ def test_requests_beyond_a_full_inflight_map_are_counted_and_never_reported_with
     # The writes without a slot were counted at issue and, at completion, counted instead of judged.
     assert overflows - overflows_before >= 8 - len(ours)
     assert unmatched - unmatched_before >= 8 - len(ours)
-    assert observer.counters["inflight_overflows"] >= overflows_before + 8 - len(ours)
+    # The agent reads the same counts into `tapio status` through the observer's BpfCounters.
+    assert shown["inflight_overflows"] >= overflows and shown["unmatched_completions"] >= unmatched
     # Userspace gave the kernel this device's own threshold once it saw the device.
     assert device_warning == 300 * MS

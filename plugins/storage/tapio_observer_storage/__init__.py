@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tapio_core import BtfField, ObserverSpec, hookimpl
+from tapio_core import BpfCounter, BtfField, ObserverSpec, hookimpl
 from tapio_core.bpf import ObserverLoadError
 from tapio_core.btf import Btf, BtfError
 from tapio_observer_storage.detect import DeviceScreens, StorageDetector
@@ -33,6 +33,10 @@ OBSERVER = ObserverSpec(
     ),
     description="block I/O errors and latency spikes, per request",
     config_type=StorageSettings,
+    bpf_counters=(
+        BpfCounter("unmatched_completions", "storage_counts", 0),  # COUNT_UNMATCHED in storage.bpf.c
+        BpfCounter("inflight_overflows", "storage_counts", 1),  # COUNT_OVERFLOW
+    ),
 )
 
 # storage_settings slots in storage.bpf.c
@@ -48,7 +52,7 @@ def tapio_register_observers(register):
 def tapio_observer_started(observer):
     """Give the kernel its screen for unknown devices and this kernel's REQ_OP_MASK."""
     try:
-        operations = operations_from_btf(Btf.load())
+        operations = operations_from_btf(observer.btf or Btf.load())
     except BtfError as exc:
         raise ObserverLoadError(f"storage: cannot read request operations from kernel BTF: {exc}") from None
     settings: StorageSettings = observer.config

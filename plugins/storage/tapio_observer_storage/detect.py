@@ -72,8 +72,6 @@ class StorageDetector:
         self._thresholds: dict[str, Thresholds] = {}
         #: Records the kernel sent that were below their device's exact warning threshold.
         self.screened = 0
-        self.unmatched_completions = 0
-        self.inflight_overflows = 0
 
     def thresholds(self, device: str) -> Thresholds:
         found = self._thresholds.get(device)
@@ -83,8 +81,6 @@ class StorageDetector:
 
     def counters(self) -> dict[str, int]:
         return {
-            "unmatched_completions": self.unmatched_completions,
-            "inflight_overflows": self.inflight_overflows,
             "screened_in_userspace": self.screened,
             "devices_screened_in_kernel": len(self.screens.names),
         }
@@ -92,8 +88,6 @@ class StorageDetector:
     def detect(self, events: np.ndarray) -> list[Anomaly]:
         if events.size == 0:
             return []
-        self.unmatched_completions = max(self.unmatched_completions, int(events["unmatched_completions"].max()))
-        self.inflight_overflows = max(self.inflight_overflows, int(events["inflight_overflows"].max()))
         task = events["task"]
         columns = zip(
             events["timestamp_ns"].tolist(), events["latency_ns"].tolist(), events["sector"].tolist(),

@@ -26,8 +26,6 @@ STORAGE_RECORD = record_dtype([
     ("baseline_ns", "<u8"),
     ("baseline_deviation_ns", "<u8"),
     ("baseline_samples", "<u8"),
-    ("unmatched_completions", "<u8"),
-    ("inflight_overflows", "<u8"),
     ("queue", "<u8"),  # the kernel's request queue pointer: the device's key in BPF map `devices`
     ("task", TASK_DTYPE),
     ("dev_major", "<u4"),

@@ -40,7 +40,7 @@
 /* storage_settings slots, written by tapio_observer_started. */
 #define SETTING_SCREEN_NS 0  /* warning threshold for devices userspace has not matched yet */
 #define SETTING_OP_MASK   1  /* REQ_OP_MASK of this kernel, from BTF */
-/* storage_counts slots. */
+/* storage_counts slots (BpfCounters in __init__.py: the agent shows them in `tapio status`). */
 #define COUNT_UNMATCHED 0
 #define COUNT_OVERFLOW  1
 
@@ -52,8 +52,6 @@ struct storage_record {
     u64 baseline_ns;            /* normal latency on this device and operation before this request */
     u64 baseline_deviation_ns;
     u64 baseline_samples;
-    u64 unmatched_completions;  /* counters when this record was sent */
-    u64 inflight_overflows;
     u64 queue;                  /* the request queue: the device's key in the devices map */
     struct tapio_task task;     /* who issued the request */
     u32 dev_major;
@@ -93,19 +91,13 @@ struct device_state {
 BPF_ARRAY(inflight, struct inflight_slot, STORAGE_MAX_INFLIGHT);
 BPF_TABLE("lru_hash", u64, struct device_state, devices, STORAGE_MAX_DEVICES);
 BPF_ARRAY(storage_settings, u64, 2);
-BPF_ARRAY(storage_counts, u64, 2);
+BPF_PERCPU_ARRAY(storage_counts, u64, 2);
 
 static __always_inline void count(int slot)
 {
     u64 *value = storage_counts.lookup(&slot);
     if (value)
-        lock_xadd(value, 1);
-}
-
-static __always_inline u64 counted(int slot)
-{
-    u64 *value = storage_counts.lookup(&slot);
-    return value ? *value : 0;
+        lock_xadd(value, 1);  /* this CPU's copy: uncontended; atomic as an interrupt may run us mid-update */
 }
 
 static __always_inline u64 setting(int slot)
@@ -248,8 +240,6 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
 #ifdef STORAGE_RQ_SECTOR_OFFSET
     TAPIO_READ_AT(rec.sector, (void *)rq, STORAGE_RQ_SECTOR_OFFSET);
 #endif
-    rec.unmatched_completions = counted(COUNT_UNMATCHED);
-    rec.inflight_overflows = counted(COUNT_OVERFLOW);
     rec.queue = queue;
     u32 major = 0, minor = 0;
     void *disk = queue ? disk_of((void *)queue, &major, &minor) : NULL;
