@@ -1,23 +1,34 @@
-"""Tapio network observer: TCP connects refused or timed out, from the real kernel."""
+"""Tapio network observer: failed connects, resets, retransmit spikes, RTT degradation and RST storms."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from tapio_core import BtfField, ObserverSpec, hookimpl
-from tapio_observer_network.detect import connect_failures
+from tapio_observer_network.detect import network_anomalies
 from tapio_observer_network.records import NETWORK_RECORD
+from tapio_observer_network.settings import NetworkSettings, write_kernel_settings
 
 OBSERVER = ObserverSpec(
     name="network",
     bpf_source=Path(__file__).with_name("network.bpf.c"),
     record_dtype=NETWORK_RECORD,
-    tracepoints=("sock:inet_sock_set_state", "tcp:tcp_receive_reset", "tcp:tcp_retransmit_skb"),
+    tracepoints=(
+        "sock:inet_sock_set_state", "sock:sock_send_length", "sock:sock_recv_length",
+        "tcp:tcp_receive_reset", "tcp:tcp_retransmit_skb", "tcp:tcp_probe",
+    ),
     btf_fields=(
         BtfField("TAPIO_SKC_COOKIE_OFFSET", "sock", "__sk_common.skc_cookie",
-                 feature="socket cookie of timed-out connects"),
+                 feature="socket cookie of timed-out connects and retransmit spikes"),
+        BtfField("TAPIO_SKC_STATE_OFFSET", "sock", "__sk_common.skc_state",
+                 feature="telling resets of connects older than the agent from connection resets"),
+        BtfField("TAPIO_TCP_TOTAL_RETRANS_OFFSET", "tcp_sock", "total_retrans",
+                 feature="segments retransmitted in retransmit spikes"),
+        BtfField("TAPIO_TCP_SND_CWND_OFFSET", "tcp_sock", "snd_cwnd",
+                 feature="congestion window in retransmit spikes"),
     ),
-    description="TCP connections refused or timed out",
+    description="TCP connects refused or timed out, resets, retransmit spikes, RTT degradation, RST storms",
+    config_type=NetworkSettings,
 )
 
 
@@ -27,5 +38,10 @@ def tapio_register_observers(register):
 
 
 @hookimpl
+def tapio_observer_started(observer):
+    write_kernel_settings(observer.bpf, observer.config)
+
+
+@hookimpl
 def tapio_detect_anomalies(observer, events):
-    return connect_failures(events)
+    return network_anomalies(events, observer.config, observer.counters)

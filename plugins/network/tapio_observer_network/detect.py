@@ -1,13 +1,17 @@
-"""Turning connect-failure records into anomalies.
+"""Turning network records into anomalies.
 
-The kernel already sends one record per failed connect and nothing for
-successful ones, so detection here is classification: pick the rows of each
-kind (vectorised) and only then build Python objects for them.
+The kernel already judged every record: a failed connect or a reset (rate
+limited), or a window or baseline that crossed its threshold. Detection here
+is classification: pick the rows of each kind (vectorised), check them against
+the thresholds in force -- the same ones the kernel used, unless a replay runs
+under stricter settings -- and only then build Python objects for them.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import MutableMapping
+from typing import Any
 
 import numpy as np
 
@@ -16,20 +20,34 @@ from tapio_observer_network.records import (
     FAMILIES,
     KIND_CONNECT_REFUSED,
     KIND_CONNECT_TIMEOUT,
+    KIND_CONNECTION_RESET,
+    KIND_RETRANSMIT_SPIKE,
+    KIND_RST_STORM,
+    KIND_RTT_DEGRADATION,
     PROTOCOLS,
+    SCOPE_NODE,
+    SCOPES,
     TCP_STATES,
 )
+from tapio_observer_network.settings import NetworkSettings, rtt_factor_x16
 
+PREFIX = "kernel.network."
 CONNECT_FAILURES = {
     KIND_CONNECT_REFUSED: (
-        "kernel.network.connection_refused", "failure", "ECONNREFUSED",
+        PREFIX + "connection_refused", "failure", "ECONNREFUSED",
         "connection refused: peer answered SYN with RST",
     ),
     KIND_CONNECT_TIMEOUT: (
-        "kernel.network.connection_timeout", "timeout", "ETIMEDOUT",
+        PREFIX + "connection_timeout", "timeout", "ETIMEDOUT",
         "connection attempt ended in SYN_SENT without a reply",
     ),
 }
+CONNECTION_RESET = PREFIX + "connection_reset"
+RETRANSMIT_SPIKE = PREFIX + "retransmit_spike"
+RTT_DEGRADATION = PREFIX + "rtt_degradation"
+RST_STORM = PREFIX + "rst_storm"
+
+Counters = MutableMapping[str, int]
 
 
 def format_ip(family: int, raw: bytes) -> str:
@@ -38,8 +56,38 @@ def format_ip(family: int, raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
+def destination(ip: str, port: int, family: int) -> str:
+    return f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _state(code: int) -> str:
+    return TCP_STATES.get(code, str(code))
+
+
+def _fingerprints(rows: np.ndarray) -> list[bytes]:
+    """Each row's raw bytes: names the record uniquely, so the occurrence id needs no JSON."""
+    raw, size = rows.tobytes(), rows.dtype.itemsize
+    return [raw[i : i + size] for i in range(0, len(raw), size)]
+
+
+def _owner(task: Any, known: int) -> dict[str, Any]:
+    pid, tid, cgroup, comm = task
+    return {"pid": pid, "tid": tid, "comm": _text(comm), "cgroup_id": cgroup, "owner_known": bool(known)}
+
+
+def _with_suppressed(data: dict[str, Any], suppressed: int) -> dict[str, Any]:
+    """``suppressed`` is present only when occurrences of the same key were held back before this one."""
+    if suppressed:
+        data["suppressed"] = suppressed
+    return data
+
+
 def connect_failures(events: np.ndarray) -> list[Anomaly]:
-    """One anomaly per failed-connect record; other kinds are not this detector's."""
+    """One anomaly per failed-connect record, in kernel time order; other kinds are not this function's."""
     anomalies: list[Anomaly] = []
     for kind, (type_, outcome, code, message) in CONNECT_FAILURES.items():
         rows = events[events["kind"] == kind]
@@ -51,24 +99,147 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
             task["pid"].tolist(), task["tid"].tolist(), task["cgroup_id"].tolist(), task["comm"].tolist(),
             rows["family"].tolist(), rows["protocol"].tolist(), rows["src_port"].tolist(), rows["dst_port"].tolist(),
             rows["old_state"].tolist(), rows["new_state"].tolist(), rows["syn_retransmits"].tolist(),
-            rows["src_addr"].tolist(), rows["dst_addr"].tolist(),
+            rows["src_addr"].tolist(), rows["dst_addr"].tolist(), rows["suppressed"].tolist(), _fingerprints(rows),
             strict=True,
         )
         for (ts, syn_sent, cookie, pid, tid, cgroup, comm, family, proto, sport, dport, old, new, syn_rtx,
-             src, dst) in columns:
+             src, dst, suppressed, fingerprint) in columns:
             anomalies.append(Anomaly(
                 type=type_, timestamp_ns=ts, severity="warning", outcome=outcome,
-                error_code=code, error_message=message,
-                data={
-                    "pid": pid, "tid": tid, "comm": comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-                    "cgroup_id": cgroup,
+                error_code=code, error_message=message, fingerprint=fingerprint,
+                data=_with_suppressed({
+                    "pid": pid, "tid": tid, "comm": _text(comm), "cgroup_id": cgroup,
                     "src_ip": format_ip(family, src), "dst_ip": format_ip(family, dst),
                     "src_port": sport, "dst_port": dport,
                     "family": FAMILIES.get(family, str(family)), "protocol": PROTOCOLS.get(proto, str(proto)),
-                    "old_state": TCP_STATES.get(old, str(old)), "new_state": TCP_STATES.get(new, str(new)),
+                    "old_state": _state(old), "new_state": _state(new),
                     "sock_cookie": cookie, "syn_retransmits": syn_rtx,
                     "connect_duration_ns": ts - syn_sent,
-                },
+                }, suppressed),
             ))
+    anomalies.sort(key=lambda anomaly: anomaly.timestamp_ns)
+    return anomalies
+
+
+def _socket_facts(row: np.void) -> dict[str, Any]:
+    """Owner and endpoints of the socket a per-socket record is about."""
+    family = int(row["family"])
+    src_ip, dst_ip = format_ip(family, row["src_addr"].tobytes()), format_ip(family, row["dst_addr"].tobytes())
+    return {
+        **_owner(row["task"].tolist(), int(row["owner_known"])),
+        "src_ip": src_ip, "src_port": int(row["src_port"]), "dst_ip": dst_ip, "dst_port": int(row["dst_port"]),
+        "family": FAMILIES.get(family, str(family)), "protocol": PROTOCOLS.get(int(row["protocol"]), "tcp"),
+        "sock_cookie": int(row["sock_cookie"]),
+    }
+
+
+def connection_resets(rows: np.ndarray) -> list[Anomaly]:
+    anomalies = []
+    for row, fingerprint in zip(rows, _fingerprints(rows), strict=True):
+        data = _socket_facts(row)
+        data.update(old_state=_state(int(row["old_state"])), new_state=_state(int(row["new_state"])))
+        anomalies.append(Anomaly(
+            type=CONNECTION_RESET, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
+            error_code="ECONNRESET", error_message=f"connection reset by peer in {data['old_state']}",
+            data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
+        ))
+    return anomalies
+
+
+def retransmit_spikes(rows: np.ndarray) -> list[Anomaly]:
+    anomalies = []
+    for row, fingerprint in zip(rows, _fingerprints(rows), strict=True):
+        data = _socket_facts(row)
+        data.update(
+            destination=destination(data["dst_ip"], data["dst_port"], int(row["family"])),
+            retransmits=int(row["count"]), failed_retransmits=int(row["failed"]),
+            window_ms=int(row["window_ms"]), segments_retransmitted=int(row["total_retrans"]),
+            snd_cwnd=int(row["snd_cwnd"]), state=_state(int(row["old_state"])),
+        )
+        anomalies.append(Anomaly(
+            type=RETRANSMIT_SPIKE, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
+            data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
+        ))
+    return anomalies
+
+
+def rtt_degradations(rows: np.ndarray) -> list[Anomaly]:
+    anomalies = []
+    for row, fingerprint in zip(rows, _fingerprints(rows), strict=True):
+        data = _socket_facts(row)
+        data.update(
+            destination=data["dst_ip"], baseline_ms=int(row["baseline_srtt_us"]) / 1000,
+            current_ms=int(row["srtt_us"]) / 1000, samples=int(row["samples"]), snd_cwnd=int(row["snd_cwnd"]),
+        )
+        anomalies.append(Anomaly(
+            type=RTT_DEGRADATION, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="success",
+            data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
+        ))
+    return anomalies
+
+
+def rst_storms(rows: np.ndarray) -> list[Anomaly]:
+    anomalies = []
+    for row, fingerprint in zip(rows, _fingerprints(rows), strict=True):
+        scope = int(row["scope"])
+        data: dict[str, Any] = {"scope": SCOPES.get(scope, str(scope)), "rsts": int(row["count"]),
+                                "window_ms": int(row["window_ms"])}
+        if scope != SCOPE_NODE:
+            family = int(row["family"])
+            ip, port = format_ip(family, row["dst_addr"].tobytes()), int(row["dst_port"])
+            data.update(destination=destination(ip, port, family), dst_ip=ip, dst_port=port,
+                        family=FAMILIES.get(family, str(family)))
+        anomalies.append(Anomaly(
+            type=RST_STORM, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
+            data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
+        ))
+    return anomalies
+
+
+def over_threshold(kind: int, rows: np.ndarray, settings: NetworkSettings) -> np.ndarray:
+    """Mask of the rows that meet the thresholds in force (the kernel's own, or a replay's stricter ones)."""
+    if kind == KIND_RETRANSMIT_SPIKE:
+        return rows["count"] >= settings.retransmit_threshold
+    if kind == KIND_RST_STORM:
+        node = rows["scope"] == SCOPE_NODE
+        return rows["count"] >= np.where(node, settings.rst_storm_node_threshold, settings.rst_storm_threshold)
+    if kind == KIND_RTT_DEGRADATION:
+        srtt = rows["srtt_us"].astype(np.uint64)
+        return (
+            (rows["samples"] >= settings.rtt_min_samples)
+            & (srtt >= round(settings.rtt_floor_ms * 1000))
+            & (srtt * 16 >= rows["baseline_srtt_us"].astype(np.uint64) * rtt_factor_x16(settings.rtt_factor))
+        )
+    return np.ones(rows.shape, dtype=bool)
+
+
+#: Kinds that carry thresholds or a socket owner; connect failures are built apart, in bulk.
+AGGREGATES = {
+    KIND_CONNECTION_RESET: connection_resets,
+    KIND_RETRANSMIT_SPIKE: retransmit_spikes,
+    KIND_RTT_DEGRADATION: rtt_degradations,
+    KIND_RST_STORM: rst_storms,
+}
+
+
+def network_anomalies(events: np.ndarray, settings: NetworkSettings, counters: Counters) -> list[Anomaly]:
+    """Every anomaly in a batch, in kernel time order; unknown kinds are ignored.
+
+    ``counters`` gets ``suppressed`` (events the kernel held back, as the records report them) and
+    ``below_threshold`` (records the thresholds in force reject: only under a stricter replay).
+    """
+    anomalies = connect_failures(events)
+    for kind, build in AGGREGATES.items():
+        rows = events[events["kind"] == kind]
+        if rows.size == 0:
+            continue
+        keep = over_threshold(kind, rows, settings)
+        if not keep.all():
+            counters["below_threshold"] = counters.get("below_threshold", 0) + int((~keep).sum())
+            rows = rows[keep]
+        anomalies.extend(build(rows))
+    suppressed = int(events["suppressed"].sum(dtype=np.uint64))
+    if suppressed:
+        counters["suppressed"] = counters.get("suppressed", 0) + suppressed
     anomalies.sort(key=lambda anomaly: anomaly.timestamp_ns)
     return anomalies

@@ -1,22 +1,42 @@
-/* Tapio network observer: one record per failed TCP connect.
+/* Tapio network observer: TCP anomalies judged in the kernel, bounded records out.
  *
- * A connection attempt lives from CLOSE->SYN_SENT to its next state change.
- * We key it by socket address while it lives (the entry is removed at its end,
- * so a later connect reusing the address starts afresh) and remember who
- * connected, because the end is often reported from a timer or softirq where
- * the current task is someone else. An RST received in SYN_SENT marks the
- * attempt refused and carries the socket cookie that names the connection.
+ * Per connection: a failed connect (refused, timed out) and an established
+ * connection reset by the peer, one record each, rate-limited per kind and
+ * destination (a token bucket in `record_limits`).
+ * Aggregated: retransmits and received RSTs are counted per destination (and
+ * RSTs node-wide) in sliding windows (`windows`); only the event that makes a
+ * count cross its threshold becomes a record. Smoothed RTT is compared with a
+ * baseline learned per destination host across connections (`rtts`).
+ * Whatever is held back is counted per key and carried in that key's next
+ * record (`suppressed`). Thresholds, windows and limits come from the
+ * `network_settings` map, which the agent writes at start-up.
+ *
+ * Attribution: retransmits, resets and RTT samples are often reported from
+ * softirq or timer context, where the current task is not the socket's owner.
+ * `sockets` remembers the owner of each socket from its own process context
+ * (connect, send, recv) until the socket closes; records take it from there.
  */
 #include <tapio.h>  /* the agent puts events, tapio_lost and tapio_submit() before this */
 
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT    2
+#define TCP_SYN_RECV    3
 #define TCP_CLOSE       7
 #define PROTO_TCP       6
 #define FAMILY_INET     2
 
-#define KIND_CONNECT_REFUSED 1
-#define KIND_CONNECT_TIMEOUT 2
+#define KIND_CONNECT_REFUSED  1
+#define KIND_CONNECT_TIMEOUT  2
+#define KIND_CONNECTION_RESET 3
+#define KIND_RETRANSMIT_SPIKE 4
+#define KIND_RTT_DEGRADATION  5
+#define KIND_RST_STORM        6
+
+#define SCOPE_DESTINATION 1
+#define SCOPE_NODE        2
+
+/* A window is this many slots; its count covers the current slot and the ones before it. */
+#define WINDOW_SLOTS 8
 
 /* Mirrors NETWORK_RECORD in tapio_observer_network/records.py. */
 struct network_record {
@@ -35,17 +55,102 @@ struct network_record {
     u8 in_task_context;
     u8 src_addr[16];
     u8 dst_addr[16];
+    u32 count;             /* retransmits / RSTs in the window when it crossed */
+    u32 failed;            /* of those retransmits, attempts the kernel reported failed */
+    u32 suppressed;        /* events of this key held back since its previous record */
+    u32 window_ms;
+    u32 total_retrans;     /* tcp_sock.total_retrans: segments this socket retransmitted */
+    u32 snd_cwnd;
+    u32 srtt_us;
+    u32 baseline_srtt_us;
+    u32 samples;           /* RTT samples the baseline was learned from */
+    u8 owner_known;        /* task is the socket's owner (else zero: never the current task) */
+    u8 scope;              /* rst_storm: SCOPE_DESTINATION or SCOPE_NODE */
+    u16 reserved;
 };
 
-struct connect_attempt {
+/* Mirrors kernel_settings() in tapio_observer_network/settings.py. */
+struct network_settings {
+    u64 configured;
+    u64 connection_cost_ns;     /* a record costs this much credit... */
+    u64 connection_burst_ns;    /* ...of a bucket this big, refilled at 1 ns per ns */
+    u64 retransmit_slot_ns;
+    u64 retransmit_cooldown_ns;
+    u64 rst_slot_ns;
+    u64 rst_cooldown_ns;
+    u64 rtt_learn_interval_ns;
+    u64 rtt_cooldown_ns;
+    u32 retransmit_threshold;
+    u32 retransmit_window_ms;
+    u32 rst_threshold;
+    u32 rst_node_threshold;
+    u32 rst_window_ms;
+    u32 rtt_factor_x16;
+    u32 rtt_floor_us;
+    u32 rtt_min_samples;
+};
+
+BPF_ARRAY(network_settings, struct network_settings, 1);
+
+struct socket_owner {
     struct tapio_task task;
     u64 syn_sent_ns;
     u64 sock_cookie;
+    u8 connecting;         /* between CLOSE->SYN_SENT and the attempt's end */
     u8 reset_received;
     u8 syn_retransmits;
+    u8 reserved[5];
 };
 
-BPF_HASH(connect_attempts, u64, struct connect_attempt, 65536);
+/* Destination of a kind of event: addr/port of the peer; zero for node-wide counts. */
+struct flow_key {
+    u8 addr[16];
+    u16 port;
+    u16 family;
+    u32 kind;
+};
+
+struct record_limit {
+    u64 credit_ns;
+    u64 last_ns;
+    u64 suppressed;
+};
+
+struct window_state {
+    u64 newest_slot;
+    u64 last_record_ns;
+    u64 suppressed;
+    u64 active;            /* an episode crossed the threshold and has not calmed down */
+    u32 counts[WINDOW_SLOTS];
+    u32 failed[WINDOW_SLOTS];
+};
+
+struct window_result {
+    u32 count;
+    u32 failed;
+    u32 suppressed;
+};
+
+struct rtt_state {
+    u64 baseline_x16;      /* learned smoothed RTT, µs * 16 */
+    u64 samples;
+    u64 last_learn_ns;
+    u64 last_record_ns;
+    u64 suppressed;
+    u64 degraded;
+};
+
+BPF_TABLE("lru_hash", u64, struct socket_owner, sockets, 65536);
+BPF_TABLE("lru_hash", struct flow_key, struct record_limit, record_limits, 16384);
+BPF_TABLE("lru_hash", struct flow_key, struct window_state, windows, 16384);
+BPF_TABLE("lru_hash", struct flow_key, struct rtt_state, rtts, 16384);
+
+static __always_inline struct network_settings *settings(void)
+{
+    int zero = 0;
+    struct network_settings *cfg = network_settings.lookup(&zero);
+    return cfg && cfg->configured ? cfg : 0;
+}
 
 static __always_inline u64 socket_cookie(const void *sk)
 {
@@ -57,69 +162,414 @@ static __always_inline u64 socket_cookie(const void *sk)
     return cookie;
 }
 
+/* The socket's TCP state, 0 when this kernel's BTF does not say where it is. */
+static __always_inline u8 socket_state(const void *sk)
+{
+    u8 state = 0;
+#ifdef TAPIO_SKC_STATE_OFFSET
+    TAPIO_READ_AT(state, sk, TAPIO_SKC_STATE_OFFSET);
+#endif
+    return state;
+}
+
+static __always_inline void copy_addr(u8 *dst, u16 family, const u8 *v4, const u8 *v6)
+{
+    if (family == FAMILY_INET)
+        __builtin_memcpy(dst, v4, 4);
+    else
+        __builtin_memcpy(dst, v6, 16);
+}
+
+/* The owner remembered for sk, never the current task: zero and owner_known 0 when unknown. */
+static __always_inline void set_owner(struct network_record *rec, u64 sk)
+{
+    struct socket_owner *owner = sockets.lookup(&sk);
+    if (!owner)
+        return;
+    rec->task = owner->task;
+    rec->owner_known = 1;
+    rec->in_task_context = (bpf_get_current_pid_tgid() >> 32) == owner->task.pid;
+}
+
+/* Token bucket per key: 1 to send a record now (taking the key's suppressed count), 0 to hold it back. */
+static __always_inline int limit_allows(struct network_settings *cfg, struct flow_key *key, u64 now,
+                                        u32 *suppressed)
+{
+    if (!cfg)
+        return 1;  /* not configured yet (the first instants after attach): nothing to limit by */
+    struct record_limit fresh = {};
+    fresh.credit_ns = cfg->connection_burst_ns;
+    fresh.last_ns = now;
+    struct record_limit *limit = record_limits.lookup_or_try_init(key, &fresh);
+    if (!limit)
+        return 1;
+    u64 last = limit->last_ns;
+    u64 credit = limit->credit_ns + (now > last ? now - last : 0);
+    if (credit > cfg->connection_burst_ns)
+        credit = cfg->connection_burst_ns;
+    limit->last_ns = now;
+    if (credit < cfg->connection_cost_ns) {
+        limit->credit_ns = credit;
+        __sync_fetch_and_add(&limit->suppressed, 1);
+        return 0;
+    }
+    limit->credit_ns = credit - cfg->connection_cost_ns;
+    u64 taken = limit->suppressed;
+    if (taken)
+        __sync_fetch_and_sub(&limit->suppressed, taken);
+    *suppressed = taken;
+    return 1;
+}
+
+/* Counts one event into key's sliding window. Returns 1 when this event crosses the threshold and
+ * starts an episode to report (out filled), 0 otherwise. An episode lasts until the count before a
+ * new event is below half the threshold; events during it, and a crossing within the cool-down of
+ * the key's previous record, are counted as suppressed. */
+static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_ns, u32 threshold,
+                                        u64 cooldown_ns, int failed, struct window_result *out)
+{
+    if (slot_ns == 0 || threshold == 0)
+        return 0;
+    struct window_state fresh = {};
+    struct window_state *w = windows.lookup_or_try_init(key, &fresh);
+    if (!w)
+        return 0;
+    u64 slot = now / slot_ns;
+    u64 newest = w->newest_slot;
+    /* Only the CPU that moves the window on clears the slots it leaves behind. */
+    if (slot > newest && __sync_val_compare_and_swap(&w->newest_slot, newest, slot) == newest) {
+#pragma unroll
+        for (int i = 1; i <= WINDOW_SLOTS; i++) {
+            if (newest + i <= slot) {
+                w->counts[(newest + i) & (WINDOW_SLOTS - 1)] = 0;
+                w->failed[(newest + i) & (WINDOW_SLOTS - 1)] = 0;
+            }
+        }
+    }
+    u32 index = slot & (WINDOW_SLOTS - 1);
+    __sync_fetch_and_add(&w->counts[index], 1);
+    if (failed)
+        __sync_fetch_and_add(&w->failed[index], 1);
+    u32 count = 0, failures = 0;
+#pragma unroll
+    for (int i = 0; i < WINDOW_SLOTS; i++) {
+        count += w->counts[i];
+        failures += w->failed[i];
+    }
+    if (w->active) {
+        if (2 * (u64)count >= (u64)threshold + 2) {  /* (count - 1) * 2 >= threshold: still going */
+            __sync_fetch_and_add(&w->suppressed, 1);
+            return 0;
+        }
+        __sync_val_compare_and_swap(&w->active, 1, 0);  /* calmed down: the episode is over */
+    }
+    if (count < threshold)
+        return 0;
+    if (__sync_val_compare_and_swap(&w->active, 0, 1) != 0) {  /* another CPU crossed first */
+        __sync_fetch_and_add(&w->suppressed, 1);
+        return 0;
+    }
+    u64 last = w->last_record_ns;
+    if (last && now - last < cooldown_ns) {
+        __sync_fetch_and_add(&w->suppressed, 1);
+        return 0;
+    }
+    w->last_record_ns = now;
+    u64 taken = w->suppressed;
+    if (taken)
+        __sync_fetch_and_sub(&w->suppressed, taken);
+    out->count = count;
+    out->failed = failures;
+    out->suppressed = taken;
+    return 1;
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != PROTO_TCP)
         return 0;
     u64 sk = (u64)args->skaddr;
-    if (args->newstate == TCP_SYN_SENT) {
-        struct connect_attempt attempt = {};
-        tapio_current_task(&attempt.task);
-        attempt.syn_sent_ns = bpf_ktime_get_ns();
-        connect_attempts.update(&sk, &attempt);
+    int newstate = args->newstate;
+    if (newstate == TCP_SYN_SENT) {
+        struct socket_owner owner = {};
+        tapio_current_task(&owner.task);
+        owner.syn_sent_ns = bpf_ktime_get_ns();
+        owner.connecting = 1;
+        sockets.update(&sk, &owner);
         return 0;
     }
-    if (args->oldstate != TCP_SYN_SENT)
+    if (args->oldstate != TCP_SYN_SENT) {
+        /* A passive socket is born in SYN_RECV: what was remembered at its address was another's.
+         * Most sockets ending here were never remembered: a lookup is cheaper than a delete. */
+        if ((newstate == TCP_CLOSE || newstate == TCP_SYN_RECV) && sockets.lookup(&sk))
+            sockets.delete(&sk);
         return 0;
-    struct connect_attempt *attempt = connect_attempts.lookup(&sk);
-    if (!attempt)
+    }
+    struct socket_owner *owner = sockets.lookup(&sk);
+    if (!owner)
         return 0;
-    if (args->newstate == TCP_CLOSE) {
+    if (newstate != TCP_CLOSE) {
+        owner->connecting = 0;  /* connected: the entry stays as the socket's owner */
+        return 0;
+    }
+    if (owner->connecting) {
         struct network_record rec = {};
         rec.timestamp_ns = bpf_ktime_get_ns();
-        rec.syn_sent_ns = attempt->syn_sent_ns;
-        rec.sock_cookie = attempt->sock_cookie ? attempt->sock_cookie : socket_cookie(args->skaddr);
-        rec.task = attempt->task;
-        rec.kind = attempt->reset_received ? KIND_CONNECT_REFUSED : KIND_CONNECT_TIMEOUT;
+        rec.kind = owner->reset_received ? KIND_CONNECT_REFUSED : KIND_CONNECT_TIMEOUT;
         rec.family = args->family;
-        rec.protocol = args->protocol;
-        rec.src_port = args->sport;
-        rec.dst_port = args->dport;
-        rec.old_state = args->oldstate;
-        rec.new_state = args->newstate;
-        rec.syn_retransmits = attempt->syn_retransmits;
-        rec.in_task_context = (bpf_get_current_pid_tgid() >> 32) == attempt->task.pid;
-        if (args->family == FAMILY_INET) {
-            __builtin_memcpy(rec.src_addr, args->saddr, 4);
-            __builtin_memcpy(rec.dst_addr, args->daddr, 4);
-        } else {
-            __builtin_memcpy(rec.src_addr, args->saddr_v6, 16);
-            __builtin_memcpy(rec.dst_addr, args->daddr_v6, 16);
+        copy_addr(rec.dst_addr, args->family, args->daddr, args->daddr_v6);
+        struct flow_key key = {};
+        __builtin_memcpy(key.addr, rec.dst_addr, 16);
+        key.port = args->dport;
+        key.family = args->family;
+        key.kind = rec.kind;
+        if (limit_allows(settings(), &key, rec.timestamp_ns, &rec.suppressed)) {
+            rec.syn_sent_ns = owner->syn_sent_ns;
+            rec.sock_cookie = owner->sock_cookie ? owner->sock_cookie : socket_cookie(args->skaddr);
+            rec.task = owner->task;
+            rec.owner_known = 1;
+            rec.protocol = args->protocol;
+            rec.src_port = args->sport;
+            rec.dst_port = args->dport;
+            rec.old_state = args->oldstate;
+            rec.new_state = args->newstate;
+            rec.syn_retransmits = owner->syn_retransmits;
+            rec.in_task_context = (bpf_get_current_pid_tgid() >> 32) == owner->task.pid;
+            copy_addr(rec.src_addr, args->family, args->saddr, args->saddr_v6);
+            tapio_submit(&rec, sizeof(rec));
         }
-        tapio_submit(&rec, sizeof(rec));
     }
-    connect_attempts.delete(&sk);
+    sockets.delete(&sk);
     return 0;
+}
+
+/* Owners of sockets this observer did not see connect (accepted ones, older ones): the first
+ * send or receive runs in the owner's process context. */
+static __always_inline void remember_owner(void *sk_ptr, u16 protocol)
+{
+    if (protocol != PROTO_TCP)
+        return;
+    u64 sk = (u64)sk_ptr;
+    if (sockets.lookup(&sk))
+        return;
+    if (socket_state(sk_ptr) == TCP_CLOSE)
+        return;  /* a read after the reset or close: nothing left to attribute */
+    struct socket_owner owner = {};
+    tapio_current_task(&owner.task);
+    sockets.insert(&sk, &owner);
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    remember_owner(args->sk, args->protocol);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    remember_owner(args->sk, args->protocol);
+    return 0;
+}
+
+static __always_inline void rst_storm(struct network_settings *cfg, struct flow_key *key, u32 threshold,
+                                      u8 scope, u64 now)
+{
+    struct window_result res = {};
+    if (!window_event(key, now, cfg->rst_slot_ns, threshold, cfg->rst_cooldown_ns, 0, &res))
+        return;
+    struct network_record rec = {};
+    rec.timestamp_ns = now;
+    rec.kind = KIND_RST_STORM;
+    rec.scope = scope;
+    rec.count = res.count;
+    rec.suppressed = res.suppressed;
+    rec.window_ms = cfg->rst_window_ms;
+    if (scope == SCOPE_DESTINATION) {
+        rec.family = key->family;
+        rec.protocol = PROTO_TCP;
+        rec.dst_port = key->port;
+        __builtin_memcpy(rec.dst_addr, key->addr, 16);
+    }
+    tapio_submit(&rec, sizeof(rec));
 }
 
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 {
     u64 sk = (u64)args->skaddr;
-    struct connect_attempt *attempt = connect_attempts.lookup(&sk);
-    if (attempt) {  /* only attempts in SYN_SENT are in the map */
-        attempt->reset_received = 1;
-        attempt->sock_cookie = args->sock_cookie;
+    u64 now = bpf_ktime_get_ns();
+    u8 state = socket_state(args->skaddr);
+    struct socket_owner *owner = sockets.lookup(&sk);
+    int connecting = owner && owner->connecting;
+    if (connecting) {  /* refused: the state change that follows reports it */
+        owner->reset_received = 1;
+        owner->sock_cookie = args->sock_cookie;
     }
+    struct network_settings *cfg = settings();
+    struct flow_key key = {};
+    copy_addr(key.addr, args->family, args->daddr, args->daddr_v6);
+    key.port = args->dport;
+    key.family = args->family;
+    if (cfg) {
+        key.kind = KIND_RST_STORM;
+        rst_storm(cfg, &key, cfg->rst_threshold, SCOPE_DESTINATION, now);
+        struct flow_key node = {};
+        node.kind = KIND_RST_STORM;
+        rst_storm(cfg, &node, cfg->rst_node_threshold, SCOPE_NODE, now);
+    }
+    if (connecting || state == TCP_SYN_SENT)
+        return 0;
+    struct network_record rec = {};
+    rec.kind = KIND_CONNECTION_RESET;
+    key.kind = KIND_CONNECTION_RESET;
+    if (!limit_allows(cfg, &key, now, &rec.suppressed))
+        return 0;
+    rec.timestamp_ns = now;
+    rec.sock_cookie = args->sock_cookie;
+    rec.family = args->family;
+    rec.protocol = PROTO_TCP;
+    rec.src_port = args->sport;
+    rec.dst_port = args->dport;
+    rec.old_state = state;
+    rec.new_state = TCP_CLOSE;
+    __builtin_memcpy(rec.dst_addr, key.addr, 16);
+    copy_addr(rec.src_addr, args->family, args->saddr, args->saddr_v6);
+    set_owner(&rec, sk);
+    tapio_submit(&rec, sizeof(rec));
     return 0;
 }
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
-    if (args->state != TCP_SYN_SENT)
-        return 0;
     u64 sk = (u64)args->skaddr;
-    struct connect_attempt *attempt = connect_attempts.lookup(&sk);
-    if (attempt && attempt->syn_retransmits < 255)
-        attempt->syn_retransmits++;
+    if (args->state == TCP_SYN_SENT) {  /* a connect problem, counted on the attempt, not a spike */
+        struct socket_owner *owner = sockets.lookup(&sk);
+        if (owner && owner->connecting && owner->syn_retransmits < 255)
+            owner->syn_retransmits++;
+        return 0;
+    }
+    struct network_settings *cfg = settings();
+    if (!cfg)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    struct flow_key key = {};
+    copy_addr(key.addr, args->family, args->daddr, args->daddr_v6);
+    key.port = args->dport;
+    key.family = args->family;
+    key.kind = KIND_RETRANSMIT_SPIKE;
+    struct window_result res = {};
+    if (!window_event(&key, now, cfg->retransmit_slot_ns, cfg->retransmit_threshold,
+                      cfg->retransmit_cooldown_ns, args->err != 0, &res))
+        return 0;
+    struct network_record rec = {};
+    rec.timestamp_ns = now;
+    rec.kind = KIND_RETRANSMIT_SPIKE;
+    rec.sock_cookie = socket_cookie(args->skaddr);
+    rec.family = args->family;
+    rec.protocol = PROTO_TCP;
+    rec.src_port = args->sport;
+    rec.dst_port = args->dport;
+    rec.old_state = args->state;
+    rec.count = res.count;
+    rec.failed = res.failed;
+    rec.suppressed = res.suppressed;
+    rec.window_ms = cfg->retransmit_window_ms;
+    __builtin_memcpy(rec.dst_addr, key.addr, 16);
+    copy_addr(rec.src_addr, args->family, args->saddr, args->saddr_v6);
+#ifdef TAPIO_TCP_TOTAL_RETRANS_OFFSET
+    TAPIO_READ_AT(rec.total_retrans, args->skaddr, TAPIO_TCP_TOTAL_RETRANS_OFFSET);
+#endif
+#ifdef TAPIO_TCP_SND_CWND_OFFSET
+    TAPIO_READ_AT(rec.snd_cwnd, args->skaddr, TAPIO_TCP_SND_CWND_OFFSET);
+#endif
+    set_owner(&rec, sk);
+    tapio_submit(&rec, sizeof(rec));
+    return 0;
+}
+
+/* One learning step: a plain mean over the first 8 samples, then an EWMA with gain 1/8. */
+static __always_inline void rtt_learn(struct rtt_state *st, u32 srtt_us, u64 now)
+{
+    u64 target = (u64)srtt_us << 4;
+    u64 base = st->baseline_x16;
+    u64 n = st->samples + 1;
+    u64 divisor = n < 8 ? n : 8;
+    if (target >= base)
+        base += (target - base) / divisor;
+    else
+        base -= (base - target) / divisor;
+    st->baseline_x16 = base;
+    st->samples = n;
+    st->last_learn_ns = now;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_probe)
+{
+    u32 srtt = args->srtt;  /* tp->srtt_us >> 3: microseconds */
+    if (srtt == 0)
+        return 0;
+    struct network_settings *cfg = settings();
+    if (!cfg)
+        return 0;
+    /* RTT is a property of the path: one baseline per destination host, whatever the port. */
+    struct flow_key key = {};
+    key.family = args->family;
+    key.kind = KIND_RTT_DEGRADATION;
+    copy_addr(key.addr, args->family, &args->daddr[4], &args->daddr[8]);
+    u64 now = bpf_ktime_get_ns();
+    struct rtt_state *st = rtts.lookup(&key);
+    if (!st) {
+        struct rtt_state fresh = {};
+        fresh.baseline_x16 = (u64)srtt << 4;
+        fresh.samples = 1;
+        fresh.last_learn_ns = now;
+        rtts.update(&key, &fresh);
+        return 0;
+    }
+    u64 baseline_us = st->baseline_x16 >> 4;
+    int degraded = st->samples >= cfg->rtt_min_samples && srtt >= cfg->rtt_floor_us &&
+                   (u64)srtt * 16 >= (u64)cfg->rtt_factor_x16 * baseline_us;
+    if (!degraded) {
+        if (st->degraded)
+            __sync_val_compare_and_swap(&st->degraded, 1, 0);  /* recovered */
+        if (now - st->last_learn_ns >= cfg->rtt_learn_interval_ns)
+            rtt_learn(st, srtt, now);
+        return 0;
+    }
+    u64 last = st->last_record_ns;
+    if (st->degraded) {
+        /* Still degraded: reported again only once the cool-down has passed. */
+        if (now - last < cfg->rtt_cooldown_ns)
+            return 0;
+        if (__sync_val_compare_and_swap(&st->last_record_ns, last, now) != last)
+            return 0;
+    } else {
+        if (__sync_val_compare_and_swap(&st->degraded, 0, 1) != 0)
+            return 0;
+        if (last && now - last < cfg->rtt_cooldown_ns) {
+            __sync_fetch_and_add(&st->suppressed, 1);
+            return 0;
+        }
+        st->last_record_ns = now;
+    }
+    struct network_record rec = {};
+    rec.timestamp_ns = now;
+    rec.kind = KIND_RTT_DEGRADATION;
+    rec.sock_cookie = args->sock_cookie;
+    rec.family = args->family;
+    rec.protocol = PROTO_TCP;
+    rec.src_port = args->sport;
+    rec.dst_port = args->dport;
+    rec.srtt_us = srtt;
+    rec.baseline_srtt_us = baseline_us;
+    rec.samples = st->samples;
+    rec.snd_cwnd = args->snd_cwnd;
+    u64 taken = st->suppressed;
+    if (taken)
+        __sync_fetch_and_sub(&st->suppressed, taken);
+    rec.suppressed = taken;
+    __builtin_memcpy(rec.dst_addr, key.addr, 16);
+    copy_addr(rec.src_addr, args->family, &args->saddr[4], &args->saddr[8]);
+    set_owner(&rec, (u64)args->skaddr);
+    tapio_submit(&rec, sizeof(rec));
     return 0;
 }

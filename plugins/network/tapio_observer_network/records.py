@@ -5,6 +5,15 @@ from tapio_core.observer import TASK_DTYPE
 
 KIND_CONNECT_REFUSED = 1
 KIND_CONNECT_TIMEOUT = 2
+KIND_CONNECTION_RESET = 3
+KIND_RETRANSMIT_SPIKE = 4
+KIND_RTT_DEGRADATION = 5
+KIND_RST_STORM = 6
+
+#: ``scope`` of an rst_storm record.
+SCOPE_DESTINATION = 1
+SCOPE_NODE = 2
+SCOPES = {SCOPE_DESTINATION: "destination", SCOPE_NODE: "node"}
 
 NETWORK_RECORD = record_dtype([
     ("timestamp_ns", "<u8"),
@@ -22,6 +31,18 @@ NETWORK_RECORD = record_dtype([
     ("in_task_context", "u1"),
     ("src_addr", "V16"),  # raw bytes: IPv4 in the first 4
     ("dst_addr", "V16"),
+    ("count", "<u4"),
+    ("failed", "<u4"),
+    ("suppressed", "<u4"),
+    ("window_ms", "<u4"),
+    ("total_retrans", "<u4"),
+    ("snd_cwnd", "<u4"),
+    ("srtt_us", "<u4"),
+    ("baseline_srtt_us", "<u4"),
+    ("samples", "<u4"),
+    ("owner_known", "u1"),
+    ("scope", "u1"),
+    ("reserved", "<u2"),
 ])
 
 #: include/net/tcp_states.h

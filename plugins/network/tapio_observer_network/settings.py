@@ -1,0 +1,115 @@
+"""The ``[network]`` settings table (documented in the plugin's README) and its kernel form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from attrs import validators as v
+
+from tapio_core.bpf import ObserverLoadError
+
+#: The kernel counts a window in 8 slots (WINDOW_SLOTS in network.bpf.c).
+WINDOW_SLOTS = 8
+NS_PER_S = 1_000_000_000
+
+
+#: Counts are typed ``Any`` for cattrs, which would otherwise int() a 2.5 down to 2 without a word;
+#: the validator then insists on a whole number.
+WholeNumber = Any
+
+
+def _whole_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if type(value) is not int:
+        raise ValueError(f"'{attribute.name}' must be a whole number: {value!r}")
+
+
+COUNT = (_whole_number, v.ge(1), v.le(1_000_000))
+
+
+def _seconds(default: float, low: float = 0.0, high: float = 86_400.0) -> Any:
+    return attrs.field(default=default, converter=float, validator=[v.ge(low), v.le(high)])
+
+
+@attrs.frozen
+class NetworkSettings:
+    #: Retransmits toward one destination (ip:port) within the window that make a spike.
+    retransmit_threshold: WholeNumber = attrs.field(default=10, validator=COUNT)
+    retransmit_window_s: float = _seconds(1.0, low=0.01, high=3600.0)
+    #: After a spike's occurrence, another for the same destination only once this has passed.
+    retransmit_cooldown_s: float = _seconds(30.0)
+    #: Smoothed RTT at least this many times the destination's baseline is degraded...
+    rtt_factor: float = attrs.field(default=4.0, converter=float, validator=[v.gt(1.0), v.le(1000.0)])
+    #: ... and at least this high, so a fast path getting a little slower is not.
+    rtt_floor_ms: float = _seconds(20.0, high=3_600_000.0)
+    #: RTT samples a destination's baseline needs before it is trusted.
+    rtt_min_samples: WholeNumber = attrs.field(default=8, validator=COUNT)
+    #: The baseline learns at most one sample per destination per interval.
+    rtt_learn_interval_s: float = _seconds(1.0, high=3600.0)
+    #: A destination still degraded is reported again after this long; a new degradation within it
+    #: is counted as suppressed.
+    rtt_cooldown_s: float = _seconds(60.0)
+    #: RSTs received from one destination (ip:port) within the window that make a storm...
+    rst_storm_threshold: WholeNumber = attrs.field(default=20, validator=COUNT)
+    #: ... and from anywhere on the node.
+    rst_storm_node_threshold: WholeNumber = attrs.field(default=200, validator=COUNT)
+    rst_storm_window_s: float = _seconds(1.0, low=0.01, high=3600.0)
+    rst_storm_cooldown_s: float = _seconds(10.0)
+    #: connection_refused / _timeout / _reset occurrences per destination and second, on average...
+    connection_rate_per_s: float = attrs.field(
+        default=20.0, converter=float, validator=[v.ge(0.001), v.le(1_000_000.0)]
+    )
+    #: ... and at once, after a quiet spell.
+    connection_burst: WholeNumber = attrs.field(default=500, validator=COUNT)
+
+
+def rtt_factor_x16(factor: float) -> int:
+    """The factor as the kernel compares it: sixteenths, so srtt * 16 >= factor_x16 * baseline."""
+    return round(factor * 16)
+
+
+def kernel_settings(settings: NetworkSettings) -> dict[str, int]:
+    """``struct network_settings`` field by field, in the kernel's units."""
+
+    def ns(seconds: float) -> int:
+        return round(seconds * NS_PER_S)
+
+    cost_ns = ns(1.0 / settings.connection_rate_per_s)
+    return {
+        "configured": 1,
+        "connection_cost_ns": cost_ns,
+        "connection_burst_ns": cost_ns * settings.connection_burst,
+        "retransmit_slot_ns": max(1, ns(settings.retransmit_window_s) // WINDOW_SLOTS),
+        "retransmit_cooldown_ns": ns(settings.retransmit_cooldown_s),
+        "rst_slot_ns": max(1, ns(settings.rst_storm_window_s) // WINDOW_SLOTS),
+        "rst_cooldown_ns": ns(settings.rst_storm_cooldown_s),
+        "rtt_learn_interval_ns": ns(settings.rtt_learn_interval_s),
+        "rtt_cooldown_ns": ns(settings.rtt_cooldown_s),
+        "retransmit_threshold": settings.retransmit_threshold,
+        "retransmit_window_ms": round(settings.retransmit_window_s * 1000),
+        "rst_threshold": settings.rst_storm_threshold,
+        "rst_node_threshold": settings.rst_storm_node_threshold,
+        "rst_window_ms": round(settings.rst_storm_window_s * 1000),
+        "rtt_factor_x16": rtt_factor_x16(settings.rtt_factor),
+        "rtt_floor_us": round(settings.rtt_floor_ms * 1000),
+        "rtt_min_samples": settings.rtt_min_samples,
+    }
+
+
+def write_kernel_settings(bpf: Any, settings: NetworkSettings) -> None:
+    """Fill the ``network_settings`` map; the BPF side judges nothing until this is done."""
+    try:
+        table = bpf[b"network_settings"]
+    except KeyError:  # e.g. an --ebpf-dir source from before settings lived in the kernel
+        raise ObserverLoadError("network: the BPF program has no network_settings map") from None
+    values = kernel_settings(settings)
+    leaf = table.Leaf()
+    fields = {name for name, *_ in leaf._fields_}
+    if fields != set(values):
+        raise ObserverLoadError(
+            "network: struct network_settings in the BPF source does not match settings.py "
+            f"(only in C: {sorted(fields - set(values))}, only in Python: {sorted(set(values) - fields)})"
+        )
+    for name, value in values.items():
+        setattr(leaf, name, value)
+    table[table.Key(0)] = leaf
