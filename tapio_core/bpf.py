@@ -96,11 +96,9 @@ def read_counter(bpf: Any, map_name: str, index: int) -> int:
         table = bpf[map_name.encode()]
     except KeyError:
         return 0
-    value = table.getvalue(table.Key(index))
-    try:
-        return int(sum(value))
-    except TypeError:
-        return int(getattr(value, "value", value))
+    if hasattr(table, "getvalue"):  # per-CPU: one value per CPU
+        return int(sum(table.getvalue(table.Key(index))))
+    return int(table[table.Key(index)].value)
 
 
 def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) -> tuple[Any, list[str]]:

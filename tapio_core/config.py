@@ -73,7 +73,8 @@ def build_settings(config_type: type | None, section: str, raw: dict[str, Any]) 
 def _first_problem(exc: cattrs.BaseValidationError, config_type: type) -> str:
     for leaf in _leaf_errors(exc):
         if isinstance(leaf, cattrs.ForbiddenExtraKeysError):
-            known = ", ".join(sorted(field.name for field in attrs.fields(config_type)))
+            rejected_by = leaf.cl if attrs.has(leaf.cl) else config_type  # a nested table's own class
+            known = ", ".join(sorted(field.name for field in attrs.fields(rejected_by)))
             return f"unknown key {', '.join(sorted(leaf.extra_fields))} (known: {known})"
     first = cattrs.transform_error(exc, format_exception=_describe)[0]
     message, found, path = first.rpartition(" @ $.")

@@ -85,7 +85,8 @@ class ToyObserver:
         register(ObserverSpec(
             name=self.name, bpf_source=self.source, record_dtype=TOY_RECORD,
             tracepoints=("syscalls:sys_enter_getppid",), config_type=ToySettings,
-            bpf_counters=(BpfCounter("seen_in_kernel", "toy_counts", 1),),
+            bpf_counters=(BpfCounter("seen_in_kernel", "toy_counts", 1),  # per-CPU array
+                          BpfCounter("configured_value", "toy_settings", 0)),  # plain array
             btf_fields=(BtfField("TOY_TGID_OFFSET", "task_struct", "tgid", feature="tgid"),
                         BtfField("TOY_MISSING_OFFSET", "task_struct", "no_such_member", feature="imaginary feature")),
         ))
@@ -144,6 +145,7 @@ def test_tapio_observer_started_writes_settings_the_kernel_uses(toy_source, capl
         agent.drain("toy")
         agent.housekeeping()
         assert agent.pipeline.observers["toy"].counters["seen_in_kernel"] == 3
+        assert agent.pipeline.observers["toy"].counters["configured_value"] == 42
     finally:
         agent.shutdown()
     assert [o.data["setting"] for o in sink.received] == [42, 42, 42]

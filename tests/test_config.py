@@ -42,3 +42,20 @@ def test_replay_rejects_a_setting_for_nothing_loaded(tmp_path):
     result = CliRunner().invoke(cli, ["replay", str(recording), "--set", "martian.x=1"])
     assert result.exit_code == 1
     assert "config [martian]: no loaded observer, enricher or sink has that name" in result.output
+
+
+def test_unknown_key_in_a_nested_table_lists_that_tables_keys():
+    import attrs
+
+    from tapio_core.config import build_settings
+
+    @attrs.frozen
+    class Device:
+        match: str = "*"
+
+    @attrs.frozen
+    class Settings:
+        devices: list[Device] = attrs.field(factory=list)
+
+    with pytest.raises(ConfigError, match=r"unknown key bogus \(known: match\)"):
+        build_settings(Settings, "storage", {"storage": {"devices": [{"bogus": 1}]}})
