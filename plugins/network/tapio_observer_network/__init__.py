@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tapio_core import BtfField, ObserverSpec, hookimpl
+from tapio_core import BpfCounter, BtfField, ObserverSpec, hookimpl
 from tapio_observer_network.detect import network_anomalies
 from tapio_observer_network.records import NETWORK_RECORD
 from tapio_observer_network.settings import NetworkSettings, write_kernel_settings
@@ -28,6 +28,7 @@ OBSERVER = ObserverSpec(
                  feature="congestion window in retransmit spikes"),
     ),
     description="TCP connects refused or timed out, resets, retransmit spikes, RTT degradation, RST storms",
+    bpf_counters=(BpfCounter("suppressed", "network_counts", 0), BpfCounter("untracked", "network_counts", 1)),
     config_type=NetworkSettings,
 )
 

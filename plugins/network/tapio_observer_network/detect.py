@@ -225,8 +225,8 @@ AGGREGATES = {
 def network_anomalies(events: np.ndarray, settings: NetworkSettings, counters: Counters) -> list[Anomaly]:
     """Every anomaly in a batch, in kernel time order; unknown kinds are ignored.
 
-    ``counters`` gets ``suppressed`` (events the kernel held back, as the records report them) and
-    ``below_threshold`` (records the thresholds in force reject: only under a stricter replay).
+    ``counters`` gets ``suppressed_reported`` (events the kernel held back, as records carried them
+    here) and ``below_threshold`` (records the thresholds in force reject: only in a stricter replay).
     """
     anomalies = connect_failures(events)
     for kind, build in AGGREGATES.items():
@@ -240,6 +240,6 @@ def network_anomalies(events: np.ndarray, settings: NetworkSettings, counters: C
         anomalies.extend(build(rows))
     suppressed = int(events["suppressed"].sum(dtype=np.uint64))
     if suppressed:
-        counters["suppressed"] = counters.get("suppressed", 0) + suppressed
+        counters["suppressed_reported"] = counters.get("suppressed_reported", 0) + suppressed
     anomalies.sort(key=lambda anomaly: anomaly.timestamp_ns)
     return anomalies

@@ -140,6 +140,11 @@ struct rtt_state {
     u64 degraded;
 };
 
+/* Counts the agent reads into the observer's counters every second (BpfCounter in __init__.py). */
+#define COUNT_SUPPRESSED 0  /* events held back by a rate limit, an episode or a cool-down */
+#define COUNT_UNTRACKED  1  /* events their key found no room for in its map: not judged or not limited */
+BPF_PERCPU_ARRAY(network_counts, u64, 2);
+
 BPF_TABLE("lru_hash", u64, struct socket_owner, sockets, 65536);
 BPF_TABLE("lru_hash", struct flow_key, struct record_limit, record_limits, 16384);
 BPF_TABLE("lru_hash", struct flow_key, struct window_state, windows, 16384);
@@ -150,6 +155,20 @@ static __always_inline struct network_settings *settings(void)
     int zero = 0;
     struct network_settings *cfg = network_settings.lookup(&zero);
     return cfg && cfg->configured ? cfg : 0;
+}
+
+static __always_inline void count(int slot)
+{
+    u64 *value = network_counts.lookup(&slot);
+    if (value)
+        (*value)++;
+}
+
+/* One more event of a key held back: carried in the key's next record, and counted node-wide. */
+static __always_inline void hold_back(u64 *suppressed)
+{
+    __sync_fetch_and_add(suppressed, 1);
+    count(COUNT_SUPPRESSED);
 }
 
 static __always_inline u64 socket_cookie(const void *sk)
@@ -201,8 +220,10 @@ static __always_inline int limit_allows(struct network_settings *cfg, struct flo
     fresh.credit_ns = cfg->connection_burst_ns;
     fresh.last_ns = now;
     struct record_limit *limit = record_limits.lookup_or_try_init(key, &fresh);
-    if (!limit)
+    if (!limit) {
+        count(COUNT_UNTRACKED);
         return 1;
+    }
     u64 last = limit->last_ns;
     u64 credit = limit->credit_ns + (now > last ? now - last : 0);
     if (credit > cfg->connection_burst_ns)
@@ -210,7 +231,7 @@ static __always_inline int limit_allows(struct network_settings *cfg, struct flo
     limit->last_ns = now;
     if (credit < cfg->connection_cost_ns) {
         limit->credit_ns = credit;
-        __sync_fetch_and_add(&limit->suppressed, 1);
+        hold_back(&limit->suppressed);
         return 0;
     }
     limit->credit_ns = credit - cfg->connection_cost_ns;
@@ -232,8 +253,10 @@ static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_
         return 0;
     struct window_state fresh = {};
     struct window_state *w = windows.lookup_or_try_init(key, &fresh);
-    if (!w)
+    if (!w) {
+        count(COUNT_UNTRACKED);
         return 0;
+    }
     u64 slot = now / slot_ns;
     u64 newest = w->newest_slot;
     /* Only the CPU that moves the window on clears the slots it leaves behind. */
@@ -258,7 +281,7 @@ static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_
     }
     if (w->active) {
         if (2 * (u64)count >= (u64)threshold + 2) {  /* (count - 1) * 2 >= threshold: still going */
-            __sync_fetch_and_add(&w->suppressed, 1);
+            hold_back(&w->suppressed);
             return 0;
         }
         __sync_val_compare_and_swap(&w->active, 1, 0);  /* calmed down: the episode is over */
@@ -266,12 +289,12 @@ static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_
     if (count < threshold)
         return 0;
     if (__sync_val_compare_and_swap(&w->active, 0, 1) != 0) {  /* another CPU crossed first */
-        __sync_fetch_and_add(&w->suppressed, 1);
+        hold_back(&w->suppressed);
         return 0;
     }
     u64 last = w->last_record_ns;
     if (last && now - last < cooldown_ns) {
-        __sync_fetch_and_add(&w->suppressed, 1);
+        hold_back(&w->suppressed);
         return 0;
     }
     w->last_record_ns = now;
@@ -546,7 +569,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
         if (__sync_val_compare_and_swap(&st->degraded, 0, 1) != 0)
             return 0;
         if (last && now - last < cfg->rtt_cooldown_ns) {
-            __sync_fetch_and_add(&st->suppressed, 1);
+            hold_back(&st->suppressed);
             return 0;
         }
         st->last_record_ns = now;
