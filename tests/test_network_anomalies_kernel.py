@@ -1,0 +1,360 @@
+"""Retransmit spikes, RTT degradation, RST storms and connection resets, from the real kernel.
+
+Each scenario runs in network namespaces the test creates (recipes in
+/work/shared/kernel-scenarios.md, helpers in network_scenarios.py), with the
+real ``tapio-agent`` configured through ``--set``, and checks the exact
+occurrence type, destination, owner and counts. Counts are checked against
+the kernel itself where the observer's own figures could hide a mistake: a
+witness BPF program of the test's own records every retransmit, the compiled
+loops report every refused connect.
+
+Other processes on the node may reset or retransmit meanwhile, so per-destination
+checks use the test's own random port, and node-wide ones only lower bounds.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+import pytest
+from kernel_helpers import netns_exec, network_namespace, nft_drop_tcp_port, run_connects, running_agent
+from network_scenarios import (
+    compile_net_loops,
+    loop_report,
+    nft_random_drop,
+    retransmit_witness,
+    run_client,
+    start_refusals,
+    tbf,
+    tcp_server,
+    veth_pair,
+)
+
+from tapio_core import SinkSpec, hookimpl
+from tapio_core.agent import Agent
+from tapio_core.occurrence import KernelClock
+from tapio_core.pipeline import Pipeline
+from tapio_core.plugins import load_plugins
+from tapio_core.sink import SinkOptions
+from tapio_observer_network.settings import NetworkSettings, kernel_settings
+
+pytestmark = pytest.mark.kernel
+
+PREFIX = "kernel.network."
+TCP_SYN_SENT = 2
+#: After the occurrence we waited for, how long a wrongly repeated one would have had to show up.
+SETTLE_S = 0.5
+
+
+def random_port() -> int:
+    """Below the ephemeral range (32768-60999), so a connect never picks it as its own source port
+    (a self-connect would succeed where a refusal is wanted)."""
+    return 10000 + secrets.randbelow(22000)
+
+
+def settings_args(**values: object) -> list[str]:
+    args = []
+    for key, value in values.items():
+        args += ["--set", f"network.{key}={value}"]
+    return args
+
+
+def of(kind: str, **data: object):
+    def match(occ: dict) -> bool:
+        return occ["type"] == PREFIX + kind and all(occ["data"].get(k) == v for k, v in data.items())
+
+    return match
+
+
+# -- retransmits ---------------------------------------------------------------------------------
+
+
+def test_retransmit_spike_is_one_occurrence_with_the_kernels_counts(tmp_path):
+    threshold = 6
+    port = random_port()
+    settings = settings_args(retransmit_threshold=threshold, retransmit_window_s=10, retransmit_cooldown_s=600)
+    with (
+        network_namespace() as netns,
+        running_agent(tmp_path, extra=settings) as agent,
+        retransmit_witness(port) as witness,
+        tcp_server(netns, "127.0.0.1", port, "sink"),
+        # Input drops make the sender retransmit; output drops make some of those attempts fail.
+        nft_random_drop(netns, port, 30, hooks=("input", "output")),
+    ):
+        client = run_client(netns, "127.0.0.1", port, "bulk", amount=3_000_000)
+        spike = of("retransmit_spike", destination=f"127.0.0.1:{port}")
+        agent.wait_for(spike, timeout=10)
+        time.sleep(SETTLE_S)
+        agent.stop()
+        retransmits = [(state, err) for _, state, err in witness.events() if state != TCP_SYN_SENT]
+    assert len(retransmits) >= threshold, f"the scenario made only {len(retransmits)} retransmits"
+    [occ] = agent.matching(spike)  # one spike: the cool-down holds back the rest
+    data = occ["data"]
+    assert (occ["severity"], occ["outcome"]) == ("warning", "failure")
+    # The spike crossed at the threshold-th retransmit the kernel reported, failures among them included.
+    assert data["retransmits"] == threshold
+    assert data["failed_retransmits"] == sum(err != 0 for _, err in retransmits[:threshold])
+    assert data["window_ms"] == 10_000
+    assert (data["dst_ip"], data["dst_port"], data["src_ip"]) == ("127.0.0.1", port, "127.0.0.1")
+    assert data["src_port"] == client["src_ports"][0]
+    assert (data["pid"], data["comm"], data["owner_known"]) == (client["pid"], client["comm"], True)
+    assert 1 <= data["segments_retransmitted"] <= client["total_retrans"]
+    assert data["snd_cwnd"] >= 1
+    assert "suppressed" not in data
+
+
+def test_syn_retransmits_make_no_spike_but_count_on_the_timed_out_connect(tmp_path):
+    port = random_port()
+    with network_namespace() as netns:
+        netns_exec(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")
+        with (
+            nft_drop_tcp_port(netns, port),
+            retransmit_witness(port) as witness,
+            running_agent(tmp_path, extra=settings_args(retransmit_threshold=1)) as agent,
+        ):
+            connector = run_connects("127.0.0.1", port, netns=netns)
+            assert connector["attempts"][0]["errno"] == "ETIMEDOUT"
+            [timeout] = agent.wait_for(of("connection_timeout", dst_port=port))
+            time.sleep(SETTLE_S)
+            agent.stop()
+            syn_retransmits = [event for event in witness.events() if event[1] == TCP_SYN_SENT]
+    assert syn_retransmits, "the scenario made no SYN retransmit"
+    assert timeout["data"]["syn_retransmits"] == len(syn_retransmits)
+    assert agent.matching(of("retransmit_spike", dst_port=port)) == []
+
+
+# -- RTT -------------------------------------------------------------------------------------------
+
+
+def test_rtt_degradation_against_the_baseline_learned_across_connections(tmp_path):
+    port = random_port()
+    settings = settings_args(rtt_learn_interval_s=0.1, rtt_min_samples=5, rtt_cooldown_s=600)
+    with (
+        network_namespace() as client_ns,
+        network_namespace() as server_ns,
+        veth_pair(client_ns, server_ns) as (client_dev, _),
+        tbf(client_ns, client_dev, rate="4mbit", burst="16kb", latency="1s"),
+        tcp_server(server_ns, "10.200.0.2", port, "sink"),
+        running_agent(tmp_path, extra=settings) as agent,
+    ):
+        # Small round trips over two connections teach the baseline; then a bulk send fills the queue.
+        run_client(client_ns, "10.200.0.2", port, "pingpong", amount=8, connections=2)
+        assert agent.matching(of("rtt_degradation", destination="10.200.0.2")) == []
+        bulk = run_client(client_ns, "10.200.0.2", port, "bulk", amount=400_000)
+        degraded = of("rtt_degradation", destination="10.200.0.2")
+        agent.wait_for(degraded, timeout=10)
+        time.sleep(SETTLE_S)
+        agent.stop()
+    [occ] = agent.matching(degraded)  # once: the cool-down holds a second report back
+    data = occ["data"]
+    assert (occ["severity"], occ["outcome"]) == ("warning", "success")
+    assert data["samples"] >= 5
+    assert 0 < data["baseline_ms"] < 5  # learned from the unloaded link: well under a millisecond
+    assert data["current_ms"] >= 20  # the default floor
+    assert data["current_ms"] >= 4 * data["baseline_ms"]  # the default factor
+    assert (data["dst_ip"], data["dst_port"], data["src_ip"]) == ("10.200.0.2", port, "10.200.0.1")
+    assert data["src_port"] == bulk["src_ports"][0]
+    assert (data["pid"], data["comm"], data["owner_known"]) == (bulk["pid"], bulk["comm"], True)
+
+
+# -- RSTs ------------------------------------------------------------------------------------------
+
+
+def test_rst_storm_is_one_occurrence_per_storm_and_carries_what_it_held_back(tmp_path):
+    port = random_port()
+    loops = compile_net_loops(tmp_path)
+    settings = settings_args(rst_storm_threshold=20, rst_storm_window_s=1, rst_storm_cooldown_s=0.5,
+                             rst_storm_node_threshold=30)
+
+    def refuse(count: int) -> None:
+        report = loop_report(start_refusals(loops, "127.0.0.1", port, count, netns=netns))
+        assert (report["ops"], report["errors"]) == (count, 0)
+
+    with network_namespace() as netns, running_agent(tmp_path, extra=settings) as agent:
+        refuse(19)  # below the threshold: no storm, and gone from the window a second later
+        time.sleep(1.3)
+        refuse(50)  # a storm: reported at its 20th RST, the other 30 held back
+        time.sleep(1.3)
+        refuse(20)  # another storm, which carries the first one's 30
+        storm = of("rst_storm", destination=f"127.0.0.1:{port}")
+        agent.wait_for(storm, count=2)
+        time.sleep(SETTLE_S)
+        agent.stop()
+    first, second = agent.matching(storm)
+    assert first["data"] == {
+        "scope": "destination", "rsts": 20, "window_ms": 1000, "destination": f"127.0.0.1:{port}",
+        "dst_ip": "127.0.0.1", "dst_port": port, "family": "ipv4", "timestamp_ns": first["data"]["timestamp_ns"],
+    }
+    assert (second["data"]["rsts"], second["data"]["suppressed"]) == (20, 30)
+    assert (first["severity"], first["outcome"]) == ("warning", "failure")
+    node = agent.matching(of("rst_storm", scope="node"))
+    assert node, "the node-wide count never crossed"
+    assert all(occ["data"]["rsts"] >= 30 and "destination" not in occ["data"] for occ in node)
+    # Every refused connect is still reported on its own: the default limit allows this many.
+    assert len(agent.matching(of("connection_refused", dst_port=port))) == 19 + 50 + 20
+
+
+def test_reset_by_the_server_is_attributed_to_the_client_not_the_resetting_task(tmp_path):
+    port = random_port()
+    with (
+        network_namespace() as netns,
+        running_agent(tmp_path) as agent,
+        tcp_server(netns, "127.0.0.1", port, "reset") as server,
+    ):
+        client = run_client(netns, "127.0.0.1", port, "reset_me")
+        assert client["error"] == "ECONNRESET"
+        reset = of("connection_reset", dst_port=port)
+        agent.wait_for(reset)
+        time.sleep(SETTLE_S)
+        agent.stop()
+    [occ] = agent.matching(reset)
+    data = occ["data"]
+    assert occ["error"]["code"] == "ECONNRESET"
+    assert (occ["severity"], occ["outcome"]) == ("warning", "failure")
+    # On loopback the RST is processed in the server's context: the owner must still be the client.
+    assert server.pid != client["pid"]
+    assert (data["pid"], data["comm"], data["owner_known"]) == (client["pid"], client["comm"], True)
+    assert (data["src_ip"], data["src_port"], data["dst_ip"]) == ("127.0.0.1", client["src_ports"][0], "127.0.0.1")
+    assert (data["old_state"], data["new_state"]) == ("ESTABLISHED", "CLOSE")
+    assert data["sock_cookie"] > 0
+    assert agent.matching(of("connection_refused", dst_port=port)) == []
+
+
+def test_reset_received_by_an_accepted_socket_is_attributed_to_the_server_that_read_from_it(tmp_path):
+    port = random_port()
+    with (
+        network_namespace() as netns,
+        running_agent(tmp_path) as agent,
+        tcp_server(netns, "127.0.0.1", port, "recv") as server,
+    ):
+        client = run_client(netns, "127.0.0.1", port, "reset_server")
+        assert server.wait_for("error")["error"] == "ECONNRESET"
+        reset = of("connection_reset", src_port=port)
+        agent.wait_for(reset)
+        time.sleep(SETTLE_S)
+        agent.stop()
+    [occ] = agent.matching(reset)
+    data = occ["data"]
+    assert (data["pid"], data["comm"], data["owner_known"]) == (server.pid, server.comm, True)
+    assert data["dst_port"] == client["src_ports"][0]
+    assert data["old_state"] == "ESTABLISHED"
+
+
+def test_reset_of_a_socket_whose_owner_never_showed_has_no_pid_rather_than_a_wrong_one(tmp_path):
+    port = random_port()
+    with (
+        network_namespace() as netns,
+        running_agent(tmp_path) as agent,
+        tcp_server(netns, "127.0.0.1", port, "silent") as server,
+    ):
+        client = run_client(netns, "127.0.0.1", port, "abort")
+        server.wait_for("accepted")
+        reset = of("connection_reset", src_port=port)
+        agent.wait_for(reset)
+        agent.stop()
+    [occ] = agent.matching(reset)
+    data = occ["data"]
+    # The RST ran in the client's context and the server never read: nobody is known to own it.
+    assert (data["pid"], data["tid"], data["comm"], data["cgroup_id"], data["owner_known"]) == (0, 0, "", 0, False)
+    assert data["dst_port"] == client["src_ports"][0]
+
+
+# -- storm safety (in-process agent: records and losses counted exactly) -------------------------------
+
+
+class Collect:
+    """A sink that keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.received: list = []
+
+    @hookimpl
+    def tapio_register_sinks(self, register):
+        register(SinkSpec(name="collect"))
+
+    @hookimpl
+    def tapio_sink_emit(self, sink, occurrences):
+        self.received.extend(occurrences)
+
+
+def start_agent(settings: dict) -> tuple[Agent, Collect]:
+    sink = Collect()
+    loaded = load_plugins(["network"], extra=[("collect", sink)])
+    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), {"network": settings},
+                              KernelClock())
+    agent = Agent(loaded, pipeline, recorder=None)
+    agent.load(ebpf_dir=None)
+    assert pipeline.observers["network"].status == "running", pipeline.observers["network"].status_reason
+    return agent, sink
+
+
+def test_settings_reach_the_kernel_map_as_written():
+    settings = {"retransmit_threshold": 7, "rst_storm_window_s": 2.5, "rtt_factor": 3.0, "connection_burst": 9}
+    agent, _ = start_agent(settings)
+    try:
+        leaf = agent.pipeline.observers["network"].bpf[b"network_settings"][0]
+        in_kernel = {name: getattr(leaf, name) for name, *_ in leaf._fields_}
+    finally:
+        agent.shutdown()
+    assert in_kernel == kernel_settings(NetworkSettings(**settings))
+    assert (in_kernel["retransmit_threshold"], in_kernel["rst_slot_ns"], in_kernel["rtt_factor_x16"]) == (
+        7, 312_500_000, 48)
+
+
+def test_a_million_refused_connects_cross_as_a_bounded_number_of_records_with_exact_suppressed_counts(tmp_path):
+    per_port = 500_000
+    first = random_port()
+    ports = (first, 10000 + (first - 10000 + 11000) % 22000)  # two distinct ones
+    threshold = 50
+    loops = compile_net_loops(tmp_path)
+    agent, sink = start_agent({
+        "connection_rate_per_s": 1, "connection_burst": 5, "rst_storm_threshold": threshold,
+        "rst_storm_window_s": 1, "rst_storm_cooldown_s": 0, "rst_storm_node_threshold": 1000,
+    })
+    observer = agent.pipeline.observers["network"]
+
+    def refuse_all(count: int) -> None:
+        loops_running = [start_refusals(loops, "127.0.0.1", port, count, netns=netns) for port in ports]
+        while any(process.poll() is None for process in loops_running):
+            agent.drain("network")
+            time.sleep(0.05)
+        for process in loops_running:
+            report = loop_report(process)
+            assert (report["ops"], report["errors"]) == (count, 0), report
+        agent.drain("network")
+
+    try:
+        with network_namespace() as netns:
+            refuse_all(per_port)  # one storm per port, on two CPUs at once
+            time.sleep(1.2)  # the storms calm down; each limiter earns one record back
+            refuse_all(threshold)  # a second storm per port carries the first one's count
+            time.sleep(1.2)
+            refuse_all(1)  # and a last refusal carries the limiter's
+            time.sleep(0.2)
+            agent.drain("network")
+        agent.housekeeping()  # reads the kernel's counts
+        records, lost, counters = observer.records, observer.lost, dict(observer.counters)
+    finally:
+        agent.shutdown()
+    events = len(ports) * (per_port + threshold + 1)
+    assert lost == 0
+    assert records / events <= 0.001, f"{records} records for {events} refused connects"
+    for port in ports:
+        refused = [o.data for o in sink.received
+                   if o.type == PREFIX + "connection_refused" and o.data["dst_port"] == port]
+        # Every refused connect is in exactly one place: its own occurrence or a later one's suppressed count.
+        assert len(refused) + sum(d.get("suppressed", 0) for d in refused) == per_port + threshold + 1
+        assert len(refused) <= 5 + 60  # the burst, then 1 a second for at most a minute
+        storms = [o.data for o in sink.received if o.type == PREFIX + "rst_storm" and o.data.get("dst_port") == port]
+        assert [d["rsts"] for d in storms] == [threshold, threshold]
+        assert "suppressed" not in storms[0]
+        assert storms[1]["suppressed"] == per_port - threshold
+    # Node-wide, in the kernel: at least what the two ports' keys held back (the RSTs of the first storms
+    # after their crossing, the refusals past the limiter); all of it reached userspace in records.
+    held_back = sum(o.data.get("suppressed", 0) for o in sink.received if o.data.get("dst_port") in ports)
+    assert held_back >= 2 * (per_port - threshold) + 2 * (per_port + threshold + 1 - 65)
+    assert counters["suppressed"] >= held_back
+    assert counters["suppressed_reported"] >= held_back
+    assert counters["untracked"] == 0
