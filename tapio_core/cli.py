@@ -22,18 +22,20 @@ import click
 
 from tapio_core import render
 from tapio_core.config import ConfigError, config_options, load_settings
-from tapio_core.health import Thresholds, assess
+from tapio_core.health import Thresholds, assess, type_prefix
 from tapio_core.occurrence import SEVERITIES, KernelClock, format_timestamp
 from tapio_core.occurrence_reader import OccurrenceFollower, newest, read_since, without_cycle_collection
 from tapio_core.plugins import PluginError, load_plugins, parse_plugin_list
 from tapio_core.render import console, occurrence_line, print_doctor, print_health, print_status
 from tapio_core.state import StateError, agent_status, format_duration
+from tapio_core.store import occurrences_dir
 
 DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+#: Nothing older is stored (retention bounds the store far below); longer would overflow a datetime.
+MAX_DURATION = timedelta(days=3650)
 #: `tapio watch --network` etc.: the occurrence type prefix of each observer.
-CATEGORIES = {"network": "kernel.network.", "container": "kernel.container.", "storage": "kernel.storage.",
-              "pmc": "kernel.node."}
+CATEGORIES = {name: type_prefix(name) for name in ("network", "container", "storage", "pmc")}
 HEALTH_EXIT = {"healthy": 0, "degraded": 1, "critical": 2}
 #: `tapio status` exits with this when no agent is running (as LSB init scripts' status does).
 EXIT_NOT_RUNNING = 3
@@ -48,7 +50,10 @@ class Duration(click.ParamType):
         match = DURATION.match(str(value))
         if not match:
             self.fail(f"{value!r} is not a duration like 30s, 5m, 2h or 1d", param, ctx)
-        return timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+        amount, unit = int(match.group(1)), UNITS[match.group(2)]
+        if amount > MAX_DURATION / timedelta(**{unit: 1}):
+            self.fail(f"{value!r} is longer than {MAX_DURATION.days} days", param, ctx)
+        return timedelta(**{unit: amount})
 
 
 data_dir_option = click.option(
@@ -62,7 +67,20 @@ def severity_option(help_text: str):
     return click.option("--severity", type=click.Choice(SEVERITIES), help=help_text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class TapioGroup(click.Group):
+    """Every command stops quietly when the reader of its output goes away (`tapio watch --json | head -1`)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # Point stdout at /dev/null, or Python complains at exit while flushing it.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return None
+
+
+@click.group(cls=TapioGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """See what the Tapio agent on this node sees. Reads its data directory; never needs its process."""
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="tapio: %(levelname)s: %(message)s")
@@ -77,6 +95,17 @@ def type_filter(prefixes: list[str], severity: str | None):
     minimum = SEVERITIES.index(severity) if severity else 0
     allowed = frozenset(SEVERITIES[minimum:])
     return lambda occ: occ.severity in allowed and (not prefixes_tuple or occ.type.startswith(prefixes_tuple))
+
+
+def missing(path: Path) -> bool:
+    """True only when the path surely does not exist (not when it cannot be looked at)."""
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        pass
+    return False
 
 
 def read_agent_status(data_dir: Path):
@@ -125,12 +154,13 @@ def recent(data_dir: Path, since: timedelta, limit: int, type_prefixes: tuple[st
     cutoff = datetime.now(UTC) - since
     with without_cycle_collection():
         found = newest(data_dir, limit, cutoff, type_filter(list(type_prefixes), severity), parsed=not as_json)
+    if not found:
+        hint = " (it has no occurrences/: see tapio-agent --sink file)" if missing(occurrences_dir(data_dir)) else ""
+        click.echo(f"no occurrences since {format_timestamp(cutoff)} under {data_dir}{hint}", err=True)
+        return
     if as_json:
         sys.stdout.writelines(occurrence.to_json() + "\n" for occurrence in found)
         sys.stdout.flush()
-        return
-    if not found:
-        click.echo(f"no occurrences since {format_timestamp(cutoff)} under {data_dir}", err=True)
         return
     out = console()
     for occurrence in found:
@@ -182,10 +212,6 @@ def watch(data_dir: Path, network: bool, container: bool, storage: bool, pmc: bo
         return
     except FileNotFoundError as exc:
         raise click.ClickException(f"{exc.filename}: {exc.strerror}") from None
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # -- health ------------------------------------------------------------------------------------------

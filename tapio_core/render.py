@@ -38,6 +38,14 @@ HEADLINE_FACTS = ("exit_code", "signal", "latency_ns", "bytes", "cpu", "ipc", "s
 CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 
 
+class PipeConsole(Console):
+    """A console that leaves a closed pipe to the command (rich's own answer is SystemExit(1))."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
 def console(stderr: bool = False) -> Console:
     """A rich console: colour on terminals only, never with NO_COLOR; wide lines when piped.
 
@@ -45,7 +53,7 @@ def console(stderr: bool = False) -> Console:
     """
     stream = sys.stderr if stderr else sys.stdout
     piped = not stream.isatty() and "COLUMNS" not in os.environ
-    return Console(file=stream, markup=False, highlight=False, emoji=False, soft_wrap=True,
+    return PipeConsole(file=stream, markup=False, highlight=False, emoji=False, soft_wrap=True,
                    width=200 if piped else None)
 
 

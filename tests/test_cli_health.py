@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -346,3 +349,24 @@ def test_assess_counts_every_occurrence_once(tmp_path):
     assert network.tally.count == 30
     assert sum(t.count for _, t in network.worst["destinations"]) == 30
     assert sum(t.count for _, t in network.worst["processes"]) == 30
+
+
+@pytest.mark.parametrize("output", ["--json", "--human"])
+def test_recent_stops_quietly_when_its_reader_goes_away(tmp_path, output):
+    OccurrenceWriter(tmp_path).write([occ(pid=p, comm="curl", dst_ip="10.0.0.1", dst_port=p) for p in range(2000)])
+    tapio = str(Path(sys.executable).with_name("tapio"))
+    args = [tapio, "recent", "--data-dir", str(tmp_path), "-n", "2000", *([output] if output == "--json" else [])]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = process.stdout.readline()
+    process.stdout.close()  # like `| head -1`: 2000 lines do not fit in the pipe
+    assert process.wait(30) == 0
+    assert b"Traceback" not in process.stderr.read()
+    assert b"curl" in first
+
+
+def test_recent_says_when_the_data_dir_has_no_occurrences_at_all(tmp_path):
+    result = CliRunner().invoke(cli, ["recent", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0
+    assert result.stderr.strip().endswith(f"under {tmp_path} (it has no occurrences/: see tapio-agent --sink file)")
+    occurrences_dir(tmp_path).mkdir()
+    assert CliRunner().invoke(cli, ["recent", "--data-dir", str(tmp_path)]).stderr.strip().endswith(f"under {tmp_path}")

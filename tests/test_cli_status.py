@@ -225,4 +225,5 @@ def test_as_another_user_the_private_files_say_run_as_root(tmp_path):
     assert done.returncode == 0
     assert f"skipping {data_dir}/occurrences: permission denied (the agent's files are private: run as root)" \
         in done.stderr
+    assert "it has no occurrences/" not in done.stderr  # it has; it cannot be read
     assert "Traceback" not in done.stderr
