@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from tapio_core.occurrence import SEVERITIES, parse_timestamp
+from tapio_core.state import describe_os_error
 from tapio_core.store import SUFFIX, occurrences_dir
 
 log = logging.getLogger("tapio.reader")
@@ -142,7 +143,7 @@ def list_files(directory: Path, skips: SkipLog, since_ns: int | None = None) -> 
     except FileNotFoundError:
         return []
     except OSError as exc:
-        skips.skip(str(directory), why(exc))
+        skips.skip(str(directory), describe_os_error(exc))
         return []
     with entries:
         for entry in entries:
@@ -169,7 +170,7 @@ def read_file(directory: Path, name: str, skips: SkipLog) -> Iterator[StoredOccu
     except FileNotFoundError:
         return  # removed by retention since the listing
     except OSError as exc:
-        skips.skip(name, why(exc))
+        skips.skip(name, describe_os_error(exc))
         return
     with os.fdopen(fd, "rb", buffering=256 * 1024) as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -193,15 +194,7 @@ def read_file(directory: Path, name: str, skips: SkipLog) -> Iterator[StoredOccu
                     continue
                 yield occurrence
         except OSError as exc:
-            skips.skip(f"{name} after line {number}", why(exc))
-
-
-def why(exc: OSError) -> str:
-    if isinstance(exc, PermissionError):
-        return "permission denied (the agent's files are private: run as root)"
-    if exc.errno == errno.ELOOP:
-        return "a symbolic link, which is not followed"
-    return exc.strerror or str(exc)
+            skips.skip(f"{name} after line {number}", describe_os_error(exc))
 
 
 def to_ns(when: datetime) -> int:

@@ -60,14 +60,14 @@ def read_state(data_dir: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateError(f"cannot read {path}: {_why(exc)}") from None
+        raise StateError(f"cannot read {path}: {describe_os_error(exc)}") from None
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise StateError(f"{path} is not a regular file")
         try:
             raw = handle.read(MAX_STATE_BYTES + 1)
         except OSError as exc:
-            raise StateError(f"cannot read {path}: {_why(exc)}") from None
+            raise StateError(f"cannot read {path}: {describe_os_error(exc)}") from None
     if len(raw) > MAX_STATE_BYTES:
         raise StateError(f"{path} is over {MAX_STATE_BYTES // 2**20} MiB: not a Tapio agent state")
     try:
@@ -84,11 +84,12 @@ def read_state(data_dir: Path) -> dict[str, Any] | None:
     return state
 
 
-def _why(exc: OSError) -> str:
+def describe_os_error(exc: OSError) -> str:
+    """Why an agent file could not be opened, with what to do when that is the usual reason."""
     if isinstance(exc, PermissionError):
         return "permission denied (the agent's files are private: run as root)"
     if exc.errno == errno.ELOOP:
-        return "it is a symbolic link, which is not followed"
+        return "a symbolic link, which is not followed"
     return exc.strerror or str(exc)
 
 
