@@ -172,7 +172,7 @@ def read_file(directory: Path, name: str, skips: SkipLog) -> Iterator[StoredOccu
     except OSError as exc:
         skips.skip(name, describe_os_error(exc))
         return
-    with os.fdopen(fd, "rb", buffering=256 * 1024) as handle:
+    with os.fdopen(fd, "rb", buffering=64 * 1024) as handle:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             skips.skip(name, "not a regular file")
             return
