@@ -8,7 +8,6 @@ process, so interpreter start-up is included (`cli_startup_s` shows that floor).
 
 Baselines measured in the same run, in-process, over the same files:
 - json_loads_100k_s: read every file and ``json.loads`` every line, nothing else;
-- store_read_100k_s: the store's full model path (``read_occurrences``, cattrs).
 
 Rounds interleave the baseline and the commands; figures are medians of ROUNDS
 rounds, ratios the median of per-round ratios. The page cache is warm throughout.
@@ -30,7 +29,7 @@ from common import BenchError, median, note, timed
 
 from tapio_core.occurrence import format_timestamp, occurrence_id
 from tapio_core.state import write_state
-from tapio_core.store import SUFFIX, occurrences_dir, read_occurrences
+from tapio_core.store import SUFFIX, occurrences_dir
 
 OCCURRENCES = 100_000
 PER_FILE = 10
@@ -139,10 +138,7 @@ def run() -> dict[str, float]:
         lines = json_loads_only(data_dir)  # warms the page cache too
         if lines != OCCURRENCES:
             raise BenchError(f"wrote {OCCURRENCES} occurrences but read back {lines}")
-        seconds, count = timed(lambda: sum(1 for _ in read_occurrences(data_dir)))
-        if count != OCCURRENCES:
-            raise BenchError(f"read_occurrences found {count} of {OCCURRENCES}")
-        figures = {"store_read_100k_s": seconds}
+        figures = {}
         where = ("--data-dir", str(data_dir))
         commands = {
             "cli_startup_s": ("--help",),

@@ -190,6 +190,7 @@ class Agent:
             before_records, before_anomalies = previous.get(name, (0, 0))
             observers[name] = {
                 "status": obs.status, "reason": obs.status_reason, "plugin": obs.plugin_name,
+                "type_prefix": obs.type_prefix,
                 "records": obs.records, "anomalies": obs.anomalies, "lost": obs.lost, "malformed": obs.malformed,
                 "records_per_s": round((obs.records - before_records) / elapsed, 3),
                 "anomalies_per_s": round((obs.anomalies - before_anomalies) / elapsed, 3),

@@ -72,6 +72,8 @@ class ObserverSpec:
     config_type: type | None = None
     #: Extra compiler flags for the BPF source, e.g. ``("-DMAX_CPUS=64",)``.
     cflags: tuple[str, ...] = ()
+    #: What its occurrence types start with, when not ``kernel.<name>.``.
+    type_prefix: str | None = None
     bpf_counters: tuple[BpfCounter, ...] = ()
 
 
@@ -103,6 +105,10 @@ class RunningObserver:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def type_prefix(self) -> str:
+        return self.spec.type_prefix or f"kernel.{self.spec.name}."
 
 
 @attrs.define(slots=True)

@@ -1,24 +1,20 @@
-"""The occurrence files under ``<data-dir>/occurrences/``: how they are written and read.
+"""The occurrence files under ``<data-dir>/occurrences/``: how they are written.
 
 Each batch becomes one JSON-lines file, written to a temporary name and renamed
 into place, so a reader sees a whole file or none. Files are private (0600 in a
 0700 directory) and the oldest are removed past a count or size bound, so a busy
-node cannot fill its disk.
+node cannot fill its disk. ``occurrence_reader`` reads them back.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
 
 from tapio_core.occurrence import Occurrence
-
-log = logging.getLogger("tapio.store")
 
 SUFFIX = ".jsonl"
 DEFAULT_MAX_FILES = 10_000
@@ -68,32 +64,3 @@ class OccurrenceWriter:
             path, size = self._files.pop(0)
             path.unlink(missing_ok=True)
             self._total_bytes -= size
-
-
-def read_occurrences(data_dir: Path, since: datetime | None = None) -> Iterator[Occurrence]:
-    """Every readable occurrence, oldest file first; bad files and lines are skipped with a warning."""
-    directory = occurrences_dir(data_dir)
-    if not directory.is_dir():
-        return
-    since_ns = int(since.timestamp() * 1e9) if since else None
-    for path in sorted(directory.glob("*" + SUFFIX)):
-        if path.name.startswith("."):
-            continue
-        try:
-            if since_ns is not None and path.stat().st_mtime_ns < since_ns:
-                continue  # written before the window opened: nothing in it can be newer
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            log.warning("skipping %s: %s", path, exc)
-            continue
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                occurrence = Occurrence.from_json(line)
-            except ValueError as exc:
-                log.warning("skipping %s line %d: %s", path.name, number, exc)
-                continue
-            if since is None or occurrence.timestamp >= since:
-                yield occurrence
-

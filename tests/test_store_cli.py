@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from tapio_core.cli import cli
 from tapio_core.occurrence import Occurrence, occurrence_id
-from tapio_core.store import OccurrenceWriter, occurrences_dir, read_occurrences
+from tapio_core.occurrence_reader import EPOCH, read_since
+from tapio_core.store import OccurrenceWriter, occurrences_dir
 
 
 def occurrence(age=timedelta(0), type_="kernel.network.connection_refused", pid=1):
@@ -33,7 +34,7 @@ def test_retention_bounds_files_and_bytes(tmp_path):
     writer = OccurrenceWriter(tmp_path, max_files=3)
     for pid in range(10):
         writer.write([occurrence(pid=pid)])
-    assert [o.data["pid"] for o in read_occurrences(tmp_path)] == [7, 8, 9]
+    assert sorted(o.data["pid"] for o in read_since(tmp_path, EPOCH)) == [7, 8, 9]
     size = len(occurrence().to_json()) + 1
     writer = OccurrenceWriter(tmp_path, max_files=100, max_bytes=2 * size + 10)
     writer.write([occurrence(pid=10)])
@@ -43,7 +44,7 @@ def test_retention_bounds_files_and_bytes(tmp_path):
 def test_retention_counts_files_left_by_an_earlier_run(tmp_path):
     OccurrenceWriter(tmp_path).write([occurrence(pid=1)])
     OccurrenceWriter(tmp_path, max_files=1).write([occurrence(pid=2)])
-    assert [o.data["pid"] for o in read_occurrences(tmp_path)] == [2]
+    assert [o.data["pid"] for o in read_since(tmp_path, EPOCH)] == [2]
 
 
 def test_recent_human_and_json(tmp_path):

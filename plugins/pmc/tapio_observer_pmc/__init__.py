@@ -19,6 +19,7 @@ MAX_CPUS = 1024
 
 OBSERVER = ObserverSpec(
     name="pmc",
+    type_prefix="kernel.node.",
     bpf_source=Path(__file__).with_name("pmc.bpf.c"),
     record_dtype=PMC_RECORD,
     tracepoints=(),  # a perf event program, attached in tapio_observer_started
