@@ -12,8 +12,9 @@ from pathlib import Path
 
 import attrs
 import pytest
+from plugin_helpers import Collect
 
-from tapio_core import Anomaly, BpfCounter, BtfField, ObserverSpec, SinkSpec, hookimpl, record_dtype
+from tapio_core import Anomaly, BpfCounter, BtfField, ObserverSpec, hookimpl, record_dtype
 from tapio_core.agent import Agent
 from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, tracepoint_has_field
 from tapio_core.occurrence import KernelClock
@@ -103,19 +104,6 @@ class ToyObserver:
     def tapio_detect_anomalies(self, observer, events):
         return [Anomaly(type=f"kernel.{observer.name}.seen", timestamp_ns=int(e["timestamp_ns"]), severity="info",
                         outcome="success", data={k: int(e[k]) for k in TOY_RECORD.names}) for e in events]
-
-
-class Collect:
-    def __init__(self):
-        self.received = []
-
-    @hookimpl
-    def tapio_register_sinks(self, register):
-        register(SinkSpec(name="collect"))
-
-    @hookimpl
-    def tapio_sink_emit(self, sink, occurrences):
-        self.received.extend(occurrences)
 
 
 @pytest.fixture

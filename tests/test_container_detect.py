@@ -8,8 +8,8 @@ import attrs
 import numpy as np
 import pytest
 from container_records import CONTAINER_RECORD_C, pack_container_record, pack_exit, pack_oom
+from plugin_helpers import Collect
 
-from tapio_core import SinkSpec, hookimpl
 from tapio_core.btf import Btf
 from tapio_core.config import ConfigError, build_settings
 from tapio_core.occurrence import KernelClock
@@ -144,19 +144,6 @@ def test_mixed_batch_keeps_kernel_order_and_ignores_unknown_kinds():
 
 def test_empty_batch_has_no_anomalies():
     assert container_anomalies(np.frombuffer(b"", CONTAINER_RECORD)) == []
-
-
-class Collect:
-    def __init__(self):
-        self.received = []
-
-    @hookimpl
-    def tapio_register_sinks(self, register):
-        register(SinkSpec(name="collect"))
-
-    @hookimpl
-    def tapio_sink_emit(self, sink, occurrences):
-        self.received.extend(occurrences)
 
 
 def test_installed_plugin_runs_in_the_pipeline_as_replay_does(tmp_path):

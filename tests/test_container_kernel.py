@@ -31,9 +31,10 @@ import attrs
 import numpy as np
 import pytest
 from kernel_helpers import TAPIO, running_agent, tool_env
+from plugin_helpers import Collect
 
 import tapio_observer_container
-from tapio_core import SinkSpec, hookimpl
+from tapio_core import hookimpl
 from tapio_core.agent import Agent
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
@@ -482,19 +483,6 @@ def test_cgroup_mode_v2_names_the_unified_cgroup_and_keeps_the_memory_limit(tmp_
 
 
 # -- in process: what never crosses the ring buffer -------------------------------------------------
-
-
-class Collect:
-    def __init__(self):
-        self.received = []
-
-    @hookimpl
-    def tapio_register_sinks(self, register):
-        register(SinkSpec(name="collect"))
-
-    @hookimpl
-    def tapio_sink_emit(self, sink, occurrences):
-        self.received.extend(occurrences)
 
 
 class ContainerVariant:

@@ -31,8 +31,8 @@ from network_scenarios import (
     tcp_server,
     veth_pair,
 )
+from plugin_helpers import Collect
 
-from tapio_core import SinkSpec, hookimpl
 from tapio_core.agent import Agent
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
@@ -262,21 +262,6 @@ def test_reset_of_a_socket_whose_owner_never_showed_has_no_pid_rather_than_a_wro
 
 
 # -- storm safety (in-process agent: records and losses counted exactly) -------------------------------
-
-
-class Collect:
-    """A sink that keeps what it gets."""
-
-    def __init__(self) -> None:
-        self.received: list = []
-
-    @hookimpl
-    def tapio_register_sinks(self, register):
-        register(SinkSpec(name="collect"))
-
-    @hookimpl
-    def tapio_sink_emit(self, sink, occurrences):
-        self.received.extend(occurrences)
 
 
 def start_agent(settings: dict) -> tuple[Agent, Collect]:

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kernel_helpers import closed_tcp_port, run_connects, running_agent
+from plugin_helpers import Collect
 
 import tapio_observer_pmc
-from tapio_core import SinkSpec, hookimpl
 from tapio_core.agent import Agent
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
@@ -57,19 +57,6 @@ for offset in range(0, size, 4096):
     memory[offset] = 1
 """
 SPIN = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass\n"
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.received = []
-
-    @hookimpl
-    def tapio_register_sinks(self, register):
-        register(SinkSpec(name="collect"))
-
-    @hookimpl
-    def tapio_sink_emit(self, sink, occurrences):
-        self.received.extend(occurrences)
 
 
 def perf_event_fds() -> int:

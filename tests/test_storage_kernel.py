@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kernel_helpers import TAPIO, running_agent, tool_env
+from plugin_helpers import Collect
 
 import tapio_observer_storage
-from tapio_core import RunningObserver, SinkSpec, hookimpl
+from tapio_core import RunningObserver
 from tapio_core.agent import Agent
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
@@ -195,19 +196,6 @@ def on_device(type_: str, device: str):
 
 
 # -- in-process agent ------------------------------------------------------------------------------
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.received = []
-
-    @hookimpl
-    def tapio_register_sinks(self, register):
-        register(SinkSpec(name="collect"))
-
-    @hookimpl
-    def tapio_sink_emit(self, sink, occurrences):
-        self.received.extend(occurrences)
 
 
 @contextlib.contextmanager
