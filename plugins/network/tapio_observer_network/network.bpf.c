@@ -96,7 +96,7 @@ struct socket_owner {
     struct tapio_task task;
     u64 syn_sent_ns;
     u64 sock_cookie;
-    u8 connecting;         /* between CLOSE->SYN_SENT and the attempt's end */
+    u8 connecting;         /* from CLOSE->SYN_SENT to the attempt's end (kept up only without BTF state) */
     u8 reset_received;
     u8 syn_retransmits;
     u8 reserved[5];
@@ -149,6 +149,13 @@ BPF_TABLE("lru_hash", u64, struct socket_owner, sockets, 65536);
 BPF_TABLE("lru_hash", struct flow_key, struct record_limit, record_limits, 16384);
 BPF_TABLE("lru_hash", struct flow_key, struct window_state, windows, 16384);
 BPF_TABLE("lru_hash", struct flow_key, struct rtt_state, rtts, 16384);
+
+/* The socket whose RTT sample this CPU judged last, and in which jiffy. */
+struct probe_gate {
+    u64 sk;
+    u64 jiffies;
+};
+BPF_PERCPU_ARRAY(probe_gates, struct probe_gate, 1);
 
 static __always_inline struct network_settings *settings(void)
 {
@@ -322,19 +329,23 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         return 0;
     }
     if (args->oldstate != TCP_SYN_SENT) {
-        /* A passive socket is born in SYN_RECV: what was remembered at its address was another's.
-         * Most sockets ending here were never remembered: a lookup is cheaper than a delete. */
-        if ((newstate == TCP_CLOSE || newstate == TCP_SYN_RECV) && sockets.lookup(&sk))
+        /* Most sockets ending here were never remembered: a lookup is cheaper than a delete. */
+        if (newstate == TCP_CLOSE && sockets.lookup(&sk))
             sockets.delete(&sk);
+        return 0;
+    }
+    if (newstate != TCP_CLOSE) {  /* connected: the entry stays as the socket's owner */
+#ifndef TAPIO_SKC_STATE_OFFSET
+        /* Without the socket's state, the flag is what tells a later RST from a refusal. */
+        struct socket_owner *connected = sockets.lookup(&sk);
+        if (connected)
+            connected->connecting = 0;
+#endif
         return 0;
     }
     struct socket_owner *owner = sockets.lookup(&sk);
     if (!owner)
         return 0;
-    if (newstate != TCP_CLOSE) {
-        owner->connecting = 0;  /* connected: the entry stays as the socket's owner */
-        return 0;
-    }
     if (owner->connecting) {
         struct network_record rec = {};
         rec.timestamp_ns = bpf_ktime_get_ns();
@@ -380,6 +391,10 @@ static __always_inline void remember_owner(void *sk_ptr, u16 protocol)
     struct socket_owner owner = {};
     tapio_current_task(&owner.task);
     sockets.insert(&sk, &owner);
+    /* Closed meanwhile (by a softirq on another CPU, whose CLOSE found nothing to forget)? Then
+     * forget it here, or a later socket at this address would inherit this owner. */
+    if (socket_state(sk_ptr) == TCP_CLOSE)
+        sockets.delete(&sk);
 }
 
 TRACEPOINT_PROBE(sock, sock_send_length)
@@ -422,7 +437,11 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     u64 now = bpf_ktime_get_ns();
     u8 state = socket_state(args->skaddr);
     struct socket_owner *owner = sockets.lookup(&sk);
+#ifdef TAPIO_SKC_STATE_OFFSET
+    int connecting = owner && state == TCP_SYN_SENT;
+#else
     int connecting = owner && owner->connecting;
+#endif
     if (connecting) {  /* refused: the state change that follows reports it */
         owner->reset_received = 1;
         owner->sock_cookie = args->sock_cookie;
@@ -466,7 +485,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     u64 sk = (u64)args->skaddr;
     if (args->state == TCP_SYN_SENT) {  /* a connect problem, counted on the attempt, not a spike */
         struct socket_owner *owner = sockets.lookup(&sk);
-        if (owner && owner->connecting && owner->syn_retransmits < 255)
+        if (owner && owner->syn_retransmits < 255)
             owner->syn_retransmits++;
         return 0;
     }
@@ -527,9 +546,21 @@ static __always_inline void rtt_learn(struct rtt_state *st, u32 srtt_us, u64 now
 
 TRACEPOINT_PROBE(tcp, tcp_probe)
 {
+    /* This fires for every segment an established socket receives: keep the common case cheap.
+     * Only a socket with data in flight measures RTT (one without reports an unchanged srtt),
+     * and one sample per socket per jiffy is plenty. */
     u32 srtt = args->srtt;  /* tp->srtt_us >> 3: microseconds */
-    if (srtt == 0)
+    if (srtt == 0 || args->snd_una == args->snd_nxt)
         return 0;
+    int zero = 0;
+    struct probe_gate *gate = probe_gates.lookup(&zero);
+    if (!gate)
+        return 0;
+    u64 sk = (u64)args->skaddr, jiffies = bpf_jiffies64();
+    if (gate->sk == sk && gate->jiffies == jiffies)
+        return 0;
+    gate->sk = sk;
+    gate->jiffies = jiffies;
     struct network_settings *cfg = settings();
     if (!cfg)
         return 0;
@@ -592,7 +623,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     rec.suppressed = taken;
     __builtin_memcpy(rec.dst_addr, key.addr, 16);
     copy_addr(rec.src_addr, args->family, &args->saddr[4], &args->saddr[8]);
-    set_owner(&rec, (u64)args->skaddr);
+    set_owner(&rec, sk);
     tapio_submit(&rec, sizeof(rec));
     return 0;
 }
