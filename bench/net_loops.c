@@ -3,6 +3,7 @@
  *   net_loops connect SECONDS          loopback connect/accept/close, one connection at a time
  *   net_loops bulk SECONDS             loopback bulk transfer: 64 KiB written, then read on the other end
  *   net_loops refuse HOST PORT COUNT   COUNT connects to a closed port (each answered by an RST)
+ *   net_loops serve                    runs "connect SECONDS" / "bulk SECONDS" lines read from stdin
  *
  * Prints one JSON line: {"ops": N, "seconds": S, "cpu_seconds": C, "errors": E, "last_errno": X}
  * (bulk: ops are chunks of 64 KiB written and read; refuse: ops are connects refused, errors those
@@ -101,6 +102,7 @@ static int connect_loop(double seconds)
         t = now_s();
     }
     report(ops, t - start, cpu_s() - cpu, errors);
+    close(lfd);
     return 0;
 }
 
@@ -182,6 +184,24 @@ static int refuse_loop(const char *host, int port, long count)
     return 0;
 }
 
+/* Runs "connect SECONDS" / "bulk SECONDS" lines from stdin, one report each, until EOF: a benchmark
+ * switching tracing on and off between short runs pays no process start per run. */
+static int serve(void)
+{
+    char loop[16];
+    double seconds;
+    while (scanf("%15s %lf", loop, &seconds) == 2) {
+        if (strcmp(loop, "connect") == 0)
+            connect_loop(seconds);
+        else if (strcmp(loop, "bulk") == 0)
+            bulk_loop(seconds);
+        else
+            return 2;
+        fflush(stdout);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -191,6 +211,8 @@ int main(int argc, char **argv)
         return bulk_loop(atof(argv[2]));
     if (argc == 5 && strcmp(argv[1], "refuse") == 0)
         return refuse_loop(argv[2], atoi(argv[3]), atol(argv[4]));
-    fprintf(stderr, "usage: %s connect SECONDS | bulk SECONDS | refuse HOST PORT COUNT\n", argv[0]);
+    if (argc == 2 && strcmp(argv[1], "serve") == 0)
+        return serve();
+    fprintf(stderr, "usage: %s connect SECONDS | bulk SECONDS | refuse HOST PORT COUNT | serve\n", argv[0]);
     return 2;
 }
