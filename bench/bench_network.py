@@ -41,9 +41,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from bench_ingest import NullSink  # drops occurrences: only the kernel side is measured
 from common import BENCH_DIR, BenchError, median, note, require_root
-
-from tapio_core import SinkSpec, hookimpl
 
 LOOPS_SOURCE = BENCH_DIR / "net_loops.c"
 ROUNDS = 24
@@ -55,18 +54,6 @@ CONDITIONS = ("untraced", "floor", "observer")
 LOOP_CPU = (os.cpu_count() or 1) - 1
 #: struct bpf_prog_info (uapi/linux/bpf.h): run_time_ns and run_cnt, after 192 bytes of older fields.
 PROG_INFO_SIZE, PROG_INFO_RUN_TIME = 256, 192
-
-
-class NullSink:
-    """Drops occurrences: only the kernel side is measured."""
-
-    @hookimpl
-    def tapio_register_sinks(self, register: Callable[[SinkSpec], None]) -> None:
-        register(SinkSpec(name="bench-null", description="drops occurrences (benchmark)"))
-
-    @hookimpl
-    def tapio_sink_emit(self, sink: Any, occurrences: Any) -> None:
-        pass
 
 
 def tracepoint_function(tracepoint: str) -> bytes:
