@@ -15,11 +15,20 @@ checks use the test's own random port, and node-wide ones only lower bounds.
 from __future__ import annotations
 
 import secrets
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from kernel_helpers import netns_exec, network_namespace, nft_drop_tcp_port, run_connects, running_agent
+from kernel_helpers import (
+    AGENT,
+    netns_exec,
+    network_namespace,
+    nft_drop_tcp_port,
+    run_connects,
+    running_agent,
+    tool_env,
+)
 from network_scenarios import (
     compile_net_loops,
     loop_report,
@@ -261,6 +270,18 @@ def test_reset_of_a_socket_whose_owner_never_showed_has_no_pid_rather_than_a_wro
     assert data["dst_port"] == client["src_ports"][0]
 
 
+def test_an_invalid_setting_stops_the_agent_with_one_line_naming_the_key(tmp_path):
+    done = subprocess.run(
+        [str(AGENT), "--plugins", "network,stdout", "--sink", "stdout", "--data-dir", str(tmp_path),
+         "--set", "network.retransmit_window_s=0"],
+        capture_output=True, text=True, timeout=60, env=tool_env(), cwd=tmp_path,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2, done.stderr
+    assert lines == ["tapio-agent: error: config [network]: 'retransmit_window_s' must be >= 0.01: 0.0"]
+    assert done.stdout == ""
+
+
 # -- storm safety (in-process agent: records and losses counted exactly) -------------------------------
 
 
@@ -300,7 +321,7 @@ def test_a_million_refused_connects_cross_as_a_bounded_number_of_records_with_ex
     })
     observer = agent.pipeline.observers["network"]
 
-    def refuse_all(count: int) -> None:
+    def refuse_all(netns: str, count: int) -> None:
         loops_running = [start_refusals(loops, "127.0.0.1", port, count, netns=netns) for port in ports]
         while any(process.poll() is None for process in loops_running):
             agent.drain("network")
@@ -312,11 +333,11 @@ def test_a_million_refused_connects_cross_as_a_bounded_number_of_records_with_ex
 
     try:
         with network_namespace() as netns:
-            refuse_all(per_port)  # one storm per port, on two CPUs at once
+            refuse_all(netns, per_port)  # one storm per port, both ports at once
             time.sleep(1.2)  # the storms calm down; each limiter earns one record back
-            refuse_all(threshold)  # a second storm per port carries the first one's count
+            refuse_all(netns, threshold)  # a second storm per port carries the first one's count
             time.sleep(1.2)
-            refuse_all(1)  # and a last refusal carries the limiter's
+            refuse_all(netns, 1)  # and a last refusal carries the limiter's
             time.sleep(0.2)
             agent.drain("network")
         agent.housekeeping()  # reads the kernel's counts
