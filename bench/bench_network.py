@@ -32,7 +32,6 @@ import ctypes
 import json
 import os
 import secrets
-import struct
 import subprocess
 import tempfile
 import time
@@ -52,8 +51,7 @@ STORM_CONNECTS = 300_000
 STORM_PORT = 9  # discard: nothing listens on it in the benchmark's namespace
 CONDITIONS = ("untraced", "floor", "observer")
 LOOP_CPU = (os.cpu_count() or 1) - 1
-#: struct bpf_prog_info (uapi/linux/bpf.h): run_time_ns and run_cnt, after 192 bytes of older fields.
-PROG_INFO_SIZE, PROG_INFO_RUN_TIME = 256, 192
+BPF_STATS_RUN_TIME = 0
 
 
 def tracepoint_function(tracepoint: str) -> bytes:
@@ -85,27 +83,21 @@ class Probes:
         """(ns, runs) inside these programs so far, while BPF run-time statistics are on."""
         total_ns = total_runs = 0
         for tracepoint in self.tracepoints:
-            info = ctypes.create_string_buffer(PROG_INFO_SIZE)
-            size = ctypes.c_uint32(PROG_INFO_SIZE)
             fd = self.bpf.funcs[tracepoint_function(tracepoint)].fd
-            if libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) != 0:
-                raise BenchError(f"cannot read BPF program info: errno {ctypes.get_errno()}")
-            ns, runs = struct.unpack_from("QQ", info.raw, PROG_INFO_RUN_TIME)
-            total_ns, total_runs = total_ns + ns, total_runs + runs
+            fdinfo = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+            fields = dict(line.split(":", 1) for line in fdinfo if ":" in line)
+            total_ns += int(fields["run_time_ns"])
+            total_runs += int(fields["run_cnt"])
         return total_ns, total_runs
-
-
-def libbpf() -> Any:
-    return ctypes.CDLL("libbpf.so.1", use_errno=True)
 
 
 @contextmanager
 def bpf_run_time_stats() -> Iterator[None]:
-    """The kernel counts time inside every BPF program while the returned fd is open (all programs
-    on the machine pay a clock read or two meanwhile: keep it short)."""
-    fd = libbpf().bpf_enable_stats(0)  # BPF_STATS_RUN_TIME
+    """The kernel counts time inside every BPF program while the fd ``bpf_enable_stats`` returns is
+    open (all programs on the machine pay a clock read or two meanwhile: keep it short)."""
+    fd = ctypes.CDLL("libbpf.so.1", use_errno=True).bpf_enable_stats(BPF_STATS_RUN_TIME)
     if fd < 0:
-        raise BenchError(f"cannot enable BPF run-time statistics: errno {ctypes.get_errno()}")
+        raise BenchError(f"bpf_enable_stats failed: {os.strerror(-fd)}")
     try:
         yield
     finally:
