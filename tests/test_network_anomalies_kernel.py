@@ -92,7 +92,8 @@ def test_retransmit_spike_is_one_occurrence_with_the_kernels_counts(tmp_path):
         # Input drops make the sender retransmit; output drops make some of those attempts fail.
         nft_random_drop(netns, port, 30, hooks=("input", "output")),
     ):
-        client = run_client(netns, "127.0.0.1", port, "bulk", amount=3_000_000)
+        # 30 % loss each way can stretch RTOs: give the transfer room on a busy machine.
+        client = run_client(netns, "127.0.0.1", port, "bulk", amount=3_000_000, timeout=120)
         spike = of("retransmit_spike", destination=f"127.0.0.1:{port}")
         agent.wait_for(spike, timeout=10)
         time.sleep(SETTLE_S)
