@@ -8,13 +8,17 @@
 BPF_RINGBUF_OUTPUT(events, TAPIO_RING_PAGES);
 BPF_PERCPU_ARRAY(tapio_lost, u64, 1);
 
-/* Sends one record; a full ring buffer is counted in tapio_lost, never silent. */
-static __always_inline void tapio_submit(void *record, u32 size)
+/* Sends one record; a full ring buffer is counted in tapio_lost, never silent.
+ * Returns 0 when sent, so a caller can keep what the record carried (e.g. a
+ * suppressed count) for the next one. */
+static __always_inline int tapio_submit(void *record, u32 size)
 {
-    if (events.ringbuf_output(record, size, 0) != 0) {
+    int err = events.ringbuf_output(record, size, 0);
+    if (err != 0) {
         int zero = 0;
         u64 *lost = tapio_lost.lookup(&zero);
         if (lost)
             (*lost)++;
     }
+    return err;
 }
