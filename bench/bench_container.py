@@ -24,15 +24,13 @@ none and at most 1.5 x the empty program's.
 
 from __future__ import annotations
 
-import ctypes as ct
-import os
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import BenchError, median, note, require_root
+from common import BenchError, bpf_run_time_stats, median, note, program_stats, require_root
 
 FORKS = 1_000
 ROUNDS = 30
@@ -42,7 +40,6 @@ STATS_PASSES = 5
 ABNORMAL_FORKS = 500
 EXIT_TRACEPOINT = b"sched:sched_process_exit"
 EXIT_PROGRAM = b"tracepoint__sched__sched_process_exit"
-BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
 
 HELPER_C = r"""
 #include <stdio.h>
@@ -203,11 +200,7 @@ def bpf_ns_per_exit(helper: str, program: ExitProgram, forks: int, code: int) ->
     Statistics count only while the fd ``bpf_enable_stats`` returns is open, and cost a
     clock read per run themselves, so this pass is apart from the timed rounds.
     """
-    libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
-    stats_fd = libbpf.bpf_enable_stats(BPF_STATS_RUN_TIME)
-    if stats_fd < 0:
-        raise BenchError(f"bpf_enable_stats failed: {os.strerror(-stats_fd)}")
-    try:
+    with bpf_run_time_stats():
         program.attach()
         try:
             run_ns, runs = program_stats(program.fd)
@@ -215,8 +208,6 @@ def bpf_ns_per_exit(helper: str, program: ExitProgram, forks: int, code: int) ->
             run_ns_after, runs_after = program_stats(program.fd)
         finally:
             program.detach()
-    finally:
-        os.close(stats_fd)
     if runs_after - runs < forks:
         raise BenchError(f"sched_process_exit ran {runs_after - runs} times for {forks} exits")
     return (run_ns_after - run_ns) / (runs_after - runs)
@@ -241,11 +232,6 @@ def abnormal_exit_ns(helper: str, container: ExitProgram, observer: Any) -> floa
         raise BenchError(f"{ours} of {ABNORMAL_FORKS} abnormal exits reached the ring buffer")
     return ns
 
-
-def program_stats(fd: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of a loaded BPF program, from /proc/self/fdinfo."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines())
-    return int(fields["run_time_ns"]), int(fields["run_cnt"])
 
 
 def figures(samples: dict[str, list[tuple[float, float]]], bpf_ns: dict[str, float],

@@ -28,7 +28,6 @@ buffer per RST received, in % (goal <= 1).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import secrets
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_ingest import NullSink  # drops occurrences: only the kernel side is measured
-from common import BENCH_DIR, BenchError, median, note, require_root
+from common import BENCH_DIR, BenchError, bpf_run_time_stats, median, note, program_stats, require_root
 
 LOOPS_SOURCE = BENCH_DIR / "net_loops.c"
 ROUNDS = 24
@@ -51,7 +50,6 @@ STORM_CONNECTS = 300_000
 STORM_PORT = 9  # discard: nothing listens on it in the benchmark's namespace
 CONDITIONS = ("untraced", "floor", "observer")
 LOOP_CPU = (os.cpu_count() or 1) - 1
-BPF_STATS_RUN_TIME = 0
 
 
 def tracepoint_function(tracepoint: str) -> bytes:
@@ -83,25 +81,11 @@ class Probes:
         """(ns, runs) inside these programs so far, while BPF run-time statistics are on."""
         total_ns = total_runs = 0
         for tracepoint in self.tracepoints:
-            fd = self.bpf.funcs[tracepoint_function(tracepoint)].fd
-            fdinfo = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
-            fields = dict(line.split(":", 1) for line in fdinfo if ":" in line)
-            total_ns += int(fields["run_time_ns"])
-            total_runs += int(fields["run_cnt"])
+            run_ns, runs = program_stats(self.bpf.funcs[tracepoint_function(tracepoint)].fd)
+            total_ns += run_ns
+            total_runs += runs
         return total_ns, total_runs
 
-
-@contextmanager
-def bpf_run_time_stats() -> Iterator[None]:
-    """The kernel counts time inside every BPF program while the fd ``bpf_enable_stats`` returns is
-    open (all programs on the machine pay a clock read or two meanwhile: keep it short)."""
-    fd = ctypes.CDLL("libbpf.so.1", use_errno=True).bpf_enable_stats(BPF_STATS_RUN_TIME)
-    if fd < 0:
-        raise BenchError(f"bpf_enable_stats failed: {os.strerror(-fd)}")
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 def floor_program(tracepoints: tuple[str, ...]) -> Any:

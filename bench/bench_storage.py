@@ -22,14 +22,12 @@ separate pass): the figure that does not depend on the node being quiet.
 
 from __future__ import annotations
 
-import ctypes as ct
-import os
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import BenchError, note, require_root
+from common import BenchError, bpf_run_time_stats, note, program_stats, require_root
 
 WRITES = 2_000
 ROUNDS = 60
@@ -82,7 +80,6 @@ RAW_TRACEPOINT_PROBE(block_rq_issue) { return 0; }
 RAW_TRACEPOINT_PROBE(block_rq_complete) { return 0; }
 """
 TRACEPOINTS = (b"block_rq_issue", b"block_rq_complete")
-BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
 
 
 def sh(*command: str) -> str:
@@ -215,11 +212,7 @@ def bpf_ns_per_request(helper: str, loop: str, programs: Programs) -> float:
     Statistics are on only while the returned fd of ``bpf_enable_stats`` is open (and cost a clock
     read per run), so this pass is separate from the timed rounds.
     """
-    libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
-    stats_fd = libbpf.bpf_enable_stats(BPF_STATS_RUN_TIME)
-    if stats_fd < 0:
-        raise BenchError(f"bpf_enable_stats failed: {os.strerror(-stats_fd)}")
-    try:
+    with bpf_run_time_stats():
         programs.attach()
         try:
             before = [program_stats(fd) for fd in programs.fds()]
@@ -227,19 +220,12 @@ def bpf_ns_per_request(helper: str, loop: str, programs: Programs) -> float:
             after = [program_stats(fd) for fd in programs.fds()]
         finally:
             programs.detach()
-    finally:
-        os.close(stats_fd)
     run_ns = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
     requests = after[0][1] - before[0][1]  # block_rq_issue runs: one per request issued
     if requests < WRITES:
         raise BenchError(f"block_rq_issue ran {requests} times for {WRITES} writes")
     return run_ns / requests
 
-
-def program_stats(fd: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of a loaded BPF program, from /proc/self/fdinfo."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines())
-    return int(fields["run_time_ns"]), int(fields["run_cnt"])
 
 
 def figures(seconds: dict[str, list[float]], bpf_ns: dict[str, float]) -> dict[str, float]:

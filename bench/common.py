@@ -6,12 +6,14 @@ tools can parse the output with one split. Commentary for humans goes to stderr.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -61,3 +63,27 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+BPF_STATS_RUN_TIME = 0  # enum bpf_stats_type
+
+
+@contextlib.contextmanager
+def bpf_run_time_stats() -> Iterator[None]:
+    """The kernel counts time inside every BPF program while the fd ``bpf_enable_stats`` returns is
+    open. Every program on the machine pays a clock read or two meanwhile, so measure in a pass of
+    its own, apart from timed rounds."""
+    fd = ctypes.CDLL("libbpf.so.1", use_errno=True).bpf_enable_stats(BPF_STATS_RUN_TIME)
+    if fd < 0:
+        raise BenchError(f"bpf_enable_stats failed: {os.strerror(-fd)}")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def program_stats(fd: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded BPF program, from /proc/self/fdinfo."""
+    lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return int(fields["run_time_ns"]), int(fields["run_cnt"])
