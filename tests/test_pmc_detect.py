@@ -17,7 +17,7 @@ from pmc_helpers import ALL_COUNTERS, NO_STALLS, PMC_RECORD_C, SECOND, CounterSt
 
 from tapio_core import RunningObserver
 from tapio_core.config import ConfigError, build_settings
-from tapio_observer_pmc import OBSERVER, tapio_detect_anomalies
+from tapio_observer_pmc import OBSERVER, tapio_detect_anomalies, tapio_observer_stopping
 from tapio_observer_pmc.detect import CPU_STALL, IPC_DEGRADATION, MEMORY_PRESSURE, Detector, intervals
 from tapio_observer_pmc.records import PMC_RECORD
 from tapio_observer_pmc.settings import PmcSettings
@@ -242,6 +242,17 @@ def test_the_hook_keeps_state_across_batches_and_publishes_counts():
     assert anomaly.type == CPU_STALL
     assert observer.counters["intervals"] == 45
     assert observer.counters["episodes_open"] == 0
+
+
+def test_episodes_open_at_stop_go_out_in_progress():
+    observer = RunningObserver(spec=OBSERVER, config=PmcSettings())
+    stream = CounterStream(cpus=(0, 1)).run(40).run(3, stall_pct=90)
+    assert tapio_detect_anomalies(observer, stream.events()) == []
+    assert observer.counters["episodes_open"] == 2
+    stopping = tapio_observer_stopping(observer)
+    assert sorted((a.type, a.outcome, a.data["cpu"], a.data["ended"]) for a in stopping) == [
+        (CPU_STALL, "in_progress", 0, False), (CPU_STALL, "in_progress", 1, False)]
+    assert tapio_observer_stopping(observer) == []  # handed over once
 
 
 # -- settings --------------------------------------------------------------------------------------

@@ -77,3 +77,9 @@ def tapio_detect_anomalies(observer, events):
     observer.counters.update(detector.counts)
     return anomalies
 
+
+@hookimpl
+def tapio_observer_stopping(observer):
+    """The agent stops (or a replay ends): episodes still open go out as in progress."""
+    detector = observer.state.get("detector")
+    return detector.still_open() if detector is not None else None

@@ -202,6 +202,15 @@ class Detector:
                 state.episodes.clear()
         return anomalies
 
+    def still_open(self) -> list[Anomaly]:
+        """Every episode not yet ended, reported as in progress: no more readings will come."""
+        anomalies = [self.report(episode, ended=False)
+                     for state in self.cpus.values() for episode in state.episodes.values()]
+        for state in self.cpus.values():
+            state.episodes.clear()
+        self.counts["episodes_open"] = 0
+        return anomalies
+
     def judge(self, state: CpuState, interval: Interval) -> list[Anomaly]:
         settings = self.settings
         self.counts["intervals"] += 1
