@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from tapio_core.hookspecs import hookimpl
 from tapio_core.occurrence import Occurrence
 from tapio_core.sink import RunningSink, SinkError
 
@@ -415,3 +416,24 @@ def start_delivery(sink: RunningSink, url: str, encoder: Encoder) -> Delivery:
         raise SinkError(f"config [{sink.name}]: {exc}") from None
     sink.state["delivery"] = Delivery(sink.name, sink.config, encoder, transport, sink.counters)
     return sink.state["delivery"]
+
+
+class QueuedSinkHooks:
+    """``tapio_sink_emit`` and ``tapio_sink_close`` of every sink opened with :func:`start_delivery`.
+
+    A remote sink plugin registers an instance next to its own module's hooks
+    (``tapio_register_sinks``, ``tapio_sink_open``), e.g. by exposing
+    ``tapio_sink_emit = QUEUED.tapio_sink_emit`` -- emit only queues, close
+    flushes within the sink's deadline.
+    """
+
+    @hookimpl
+    def tapio_sink_emit(self, sink: RunningSink, occurrences: Sequence[Occurrence]) -> None:
+        sink.state["delivery"].put(occurrences)
+
+    @hookimpl
+    def tapio_sink_close(self, sink: RunningSink) -> None:
+        sink.state["delivery"].close()
+
+
+QUEUED = QueuedSinkHooks()

@@ -5,7 +5,7 @@ plugin only says what a body looks like.
 """
 
 from tapio_core import SinkSpec, hookimpl
-from tapio_core.delivery import DeliverySettings, start_delivery
+from tapio_core.delivery import QUEUED, DeliverySettings, start_delivery
 
 
 class JsonArray:
@@ -35,11 +35,6 @@ def tapio_sink_open(sink):
     start_delivery(sink, sink.config.endpoint, JsonArray())
 
 
-@hookimpl
-def tapio_sink_emit(sink, occurrences):
-    sink.state["delivery"].put(occurrences)
-
-
-@hookimpl
-def tapio_sink_close(sink):
-    sink.state["delivery"].close()
+# Emit queues for the sender thread; close flushes within the deadline (shared by the remote sinks).
+tapio_sink_emit = QUEUED.tapio_sink_emit
+tapio_sink_close = QUEUED.tapio_sink_close
