@@ -9,7 +9,6 @@ occurrences is made on the test's own port and connector.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from kernel_helpers import TAPIO, closed_tcp_port, run_connects, running_agent, tool_env
+from plugin_helpers import install_on_path
 from test_cli_watch import Watch
 
 pytestmark = pytest.mark.kernel
@@ -140,23 +140,11 @@ def tapio_detect_anomalies(observer, events):
 '''
 
 
-def install_probe_plugin(site: Path) -> None:
-    """A real distribution (a ``.dist-info`` with a ``tapio`` entry point) found on PYTHONPATH."""
-    site.mkdir()
-    (site / "tapio_cli_probe.py").write_text(PROBE_PLUGIN)
-    (site / "cliprobe.bpf.c").write_text("TRACEPOINT_PROBE(syscalls, sys_enter_getppid) { return 0; }\n")
-    dist_info = site / "tapio_cli_probe-0.0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: tapio-cli-probe\nVersion: 0.0.1\n")
-    (dist_info / "entry_points.txt").write_text("[tapio]\ncliprobe = tapio_cli_probe\n")
-
-
 def test_status_and_health_show_unsupported_and_failed_observers_as_the_agent_reports_them(tmp_path):
-    site = tmp_path / "site"
-    install_probe_plugin(site)
+    pythonpath = install_on_path(tmp_path / "site", "cliprobe", "tapio_cli_probe", PROBE_PLUGIN, {
+        "cliprobe.bpf.c": "TRACEPOINT_PROBE(syscalls, sys_enter_getppid) { return 0; }\n"})
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     with running_agent(data_dir, plugins="network,cliprobe,file", sinks=("file",),
                        env={"PYTHONPATH": pythonpath}):
         code, report = status_json(data_dir)

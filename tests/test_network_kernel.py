@@ -12,12 +12,10 @@ count is taken over the occurrences for the test's own port.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import stat
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from kernel_helpers import (
@@ -33,6 +31,7 @@ from kernel_helpers import (
     running_agent,
     tool_env,
 )
+from plugin_helpers import install_on_path
 
 pytestmark = pytest.mark.kernel
 
@@ -222,21 +221,9 @@ def tapio_detect_anomalies(observer, events):
 '''
 
 
-def install_broken_plugin(site: Path) -> None:
-    """A real distribution (a ``.dist-info`` with a ``tapio`` entry point) found on PYTHONPATH."""
-    site.mkdir()
-    (site / "tapio_test_broken.py").write_text(BROKEN_PLUGIN)
-    (site / "broken.bpf.c").write_text("TRACEPOINT_PROBE(sock, inet_sock_set_state) { this is not C; }\n")
-    dist_info = site / "tapio_test_broken-0.0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: tapio-test-broken\nVersion: 0.0.1\n")
-    (dist_info / "entry_points.txt").write_text("[tapio]\nbroken = tapio_test_broken\n")
-
-
 def test_an_observer_that_fails_to_load_does_not_stop_the_others(tmp_path):
-    site = tmp_path / "site"
-    install_broken_plugin(site)
-    pythonpath = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    pythonpath = install_on_path(tmp_path / "site", "broken", "tapio_test_broken", BROKEN_PLUGIN, {
+        "broken.bpf.c": "TRACEPOINT_PROBE(sock, inet_sock_set_state) { this is not C; }\n"})
     port = closed_tcp_port("127.0.0.1")
     with running_agent(tmp_path, plugins="network,broken,stdout", env={"PYTHONPATH": pythonpath}) as agent:
         errors = [line for line in agent.stderr_lines if "ERROR" in line and "broken" in line]
