@@ -12,13 +12,8 @@ import pytest
 from http_servers import Receiver, free_port, make_certificates
 
 from tapio_core.config import ConfigError, build_settings
-from tapio_core.delivery import (
-    BearerToken,
-    Delivery,
-    DeliverySettings,
-    HttpTransport,
-    parse_retry_after,
-)
+from tapio_core.delivery import Delivery, DeliverySettings, parse_retry_after
+from tapio_core.http_transport import BearerToken, HttpTransport
 from tapio_core.occurrence import Occurrence
 from tapio_core.sink import SinkError
 
