@@ -203,18 +203,19 @@ def running_agent(
 #: Connects ``count`` times (a new socket each time) and prints its pid, comm and, per
 #: attempt, the errno name and the source port the kernel chose.
 CONNECT_SCRIPT = r"""
-import errno, json, os, socket, sys
+import errno, json, os, socket, sys, time
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 family = socket.AF_INET6 if ":" in host else socket.AF_INET
 attempts = []
 for _ in range(count):
     s = socket.socket(family, socket.SOCK_STREAM)
+    started = time.monotonic_ns()
     try:
         s.connect((host, port))
         code = "OK"
     except OSError as exc:
         code = errno.errorcode.get(exc.errno, str(exc.errno))
-    attempts.append({"errno": code, "src_port": s.getsockname()[1]})
+    attempts.append({"errno": code, "src_port": s.getsockname()[1], "duration_ns": time.monotonic_ns() - started})
     s.close()
 with open("/proc/self/comm") as f:
     comm = f.read().strip()

@@ -14,11 +14,14 @@ checks use the test's own random port, and node-wide ones only lower bounds.
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 from kernel_helpers import (
     AGENT,
@@ -42,6 +45,7 @@ from network_scenarios import (
 )
 from plugin_helpers import Collect
 
+import tapio_observer_network
 from tapio_core.agent import Agent
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
@@ -308,6 +312,118 @@ def test_settings_reach_the_kernel_map_as_written():
     assert in_kernel == kernel_settings(NetworkSettings(**settings))
     assert (in_kernel["retransmit_threshold"], in_kernel["rst_slot_ns"], in_kernel["rtt_factor_x16"]) == (
         7, 312_500_000, 48)
+
+
+def compile_differently(monkeypatch, missing: frozenset[str] = frozenset(), cflags: tuple[str, ...] = ()) -> None:
+    """Make the network plugin register its observer as a kernel without the ``missing`` BTF members
+    would build it, or with extra cflags (for the agents this test starts afterwards)."""
+    spec = tapio_observer_network.OBSERVER
+    fields = tuple(attrs.evolve(field, path="no_such_member") if field.macro in missing else field
+                   for field in spec.btf_fields)
+    monkeypatch.setattr(tapio_observer_network, "OBSERVER",
+                        attrs.evolve(spec, btf_fields=fields, cflags=(*spec.cflags, *cflags)))
+
+
+@pytest.mark.parametrize("source", ["syn_segment", "retrans_stamp", "clock"])
+def test_a_refused_connects_duration_comes_from_the_socket_or_else_the_clock(monkeypatch, source):
+    """Exact from the SYN's own transmit time; to the millisecond from tcp_sock.retrans_stamp when the
+    kernel's BTF has no retransmit queue to read it from; from a clock read at SYN_SENT without either."""
+    missing = {"syn_segment": set(), "retrans_stamp": {"TAPIO_SK_RTX_QUEUE_OFFSET"},
+               "clock": {"TAPIO_SK_RTX_QUEUE_OFFSET", "TAPIO_TCP_RETRANS_STAMP_OFFSET"}}[source]
+    compile_differently(monkeypatch, missing=frozenset(missing))
+    agent, sink = start_agent({})
+    try:
+        port = random_port()
+        connector = run_connects("127.0.0.1", port)
+        assert connector["attempts"][0]["errno"] == "ECONNREFUSED"
+        deadline = time.monotonic() + 5
+        refused = []
+        while not refused and time.monotonic() < deadline:
+            agent.drain("network")
+            refused = [o.data for o in sink.received
+                       if o.type == PREFIX + "connection_refused" and o.data["dst_port"] == port]
+            time.sleep(0.02)
+    finally:
+        agent.shutdown()
+    [data] = refused
+    duration, timed = data["connect_duration_ns"], connector["attempts"][0]["duration_ns"]
+    syn_sent = data["timestamp_ns"] - duration
+    if source == "retrans_stamp":
+        assert syn_sent % 1_000_000 == 0 and 0 <= duration < timed + 1_000_000
+    else:
+        assert syn_sent % 1_000_000 != 0 and 0 < duration < timed
+
+
+#: N connections to a listener of its own, kept open; a forked child (another pid, same comm) then
+#: resets each from the accepting end (SO_LINGER 0) while the parent, which connected them all, waits
+#: for its N ECONNRESETs. Prints the parent's and the child's pid, the port and the client ports.
+RESET_MANY = r"""
+import errno, json, os, socket, struct, sys
+n = int(sys.argv[1])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(n)
+port = listener.getsockname()[1]
+clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+accepted = [listener.accept()[0] for _ in range(n)]
+child = os.fork()
+if child == 0:
+    for conn in accepted:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    os._exit(0)
+for conn in accepted:
+    conn.close()  # the child's copies are the last: its close is what resets
+os.waitpid(child, 0)
+errors = []
+for c in clients:
+    try:
+        c.recv(1)
+        errors.append(None)
+    except OSError as exc:
+        errors.append(errno.errorcode.get(exc.errno))
+print(json.dumps({"pid": os.getpid(), "resetter": child, "port": port,
+                  "src_ports": [c.getsockname()[1] for c in clients], "errors": errors}))
+"""
+
+
+@pytest.mark.parametrize("bucket_bits", [None, 1])
+def test_a_full_owner_table_forgets_owners_but_never_names_a_wrong_one(monkeypatch, bucket_bits):
+    """The table of socket owners compiled with 2 buckets of 4 ways (bucket_bits 1) cannot hold 40 live
+    connections: the sockets it lost are reported without an owner and counted untracked, the others
+    with the process that connected them. At its real size (None) it remembers all 40."""
+    count = 40
+    if bucket_bits is not None:
+        compile_differently(monkeypatch, cflags=(f"-DOWNER_BUCKET_BITS={bucket_bits}",))
+    agent, sink = start_agent({"connection_burst": 1000, "rst_storm_threshold": 1000})
+    observer = agent.pipeline.observers["network"]
+    try:
+        with network_namespace() as netns:
+            done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", RESET_MANY, str(count)],
+                                  capture_output=True, text=True, timeout=30, check=True)
+            report = json.loads(done.stdout)
+            assert report["errors"] == ["ECONNRESET"] * count
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                agent.drain("network")
+                resets = [o.data for o in sink.received
+                          if o.type == PREFIX + "connection_reset" and o.data["dst_port"] == report["port"]]
+                if len(resets) >= count:
+                    break
+                time.sleep(0.05)
+        agent.housekeeping()
+        untracked = observer.counters["untracked"]
+    finally:
+        agent.shutdown()
+    assert sorted(d["src_port"] for d in resets) == sorted(report["src_ports"])
+    known = [d for d in resets if d["owner_known"]]
+    assert {d["pid"] for d in known} <= {report["pid"]}  # never the resetting child, whose softirq ran it
+    assert all((d["pid"], d["comm"]) == (0, "") for d in resets if not d["owner_known"])
+    if bucket_bits is None:
+        assert (len(known), untracked) == (count, 0)
+    else:
+        assert 1 <= len(known) <= 4 << bucket_bits
+        assert untracked >= count - (4 << bucket_bits)
 
 
 def test_a_million_refused_connects_cross_as_a_bounded_number_of_records_with_exact_suppressed_counts(tmp_path):

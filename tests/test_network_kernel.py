@@ -56,6 +56,9 @@ def assert_refused(occ: dict, connector: dict, host: str, port: int, family: str
     assert (data["src_port"], data["dst_port"]) == (connector["attempts"][0]["src_port"], port)
     assert (data["family"], data["protocol"]) == (family, "tcp")
     assert (data["old_state"], data["new_state"]) == ("SYN_SENT", "CLOSE")
+    # From the SYN's own transmit time (read from the socket, not a clock on every connect): the
+    # kernel's part of what the connector timed around connect().
+    assert 0 < data["connect_duration_ns"] < connector["attempts"][0]["duration_ns"]
 
 
 # -- refused ---------------------------------------------------------------------------------------
@@ -113,6 +116,9 @@ def test_timed_out_connect_is_attributed_to_the_connector_not_the_timer(tmp_path
     occ = timeouts[0]
     assert (occ["data"]["pid"], occ["data"]["comm"]) == (connector["pid"], connector["comm"])
     assert occ["data"]["syn_retransmits"] >= 1
+    # From tcp_sock.retrans_stamp (the first SYN's time, to the millisecond): ~3 s, as the connector saw.
+    timed = connector["attempts"][0]["duration_ns"]
+    assert timed - 20_000_000 < occ["data"]["connect_duration_ns"] < timed + 2_000_000
     assert (occ["data"]["family"], occ["data"]["src_ip"], occ["data"]["dst_ip"]) == (family, host, host)
     assert occ["data"]["src_port"] == connector["attempts"][0]["src_port"]
     assert (occ["data"]["old_state"], occ["data"]["new_state"]) == ("SYN_SENT", "CLOSE")

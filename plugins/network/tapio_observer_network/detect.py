@@ -114,7 +114,7 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
                     "family": FAMILIES.get(family, str(family)), "protocol": PROTOCOLS.get(proto, str(proto)),
                     "old_state": _state(old), "new_state": _state(new),
                     "sock_cookie": cookie, "syn_retransmits": syn_rtx,
-                    "connect_duration_ns": ts - syn_sent,
+                    "connect_duration_ns": ts - syn_sent if syn_sent else None,  # None: the kernel did not say
                 }, suppressed),
             ))
     anomalies.sort(key=lambda anomaly: anomaly.timestamp_ns)

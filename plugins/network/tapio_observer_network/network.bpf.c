@@ -13,8 +13,14 @@
  *
  * Attribution: retransmits, resets and RTT samples are often reported from
  * softirq or timer context, where the current task is not the socket's owner.
- * `sockets` remembers the owner of each socket from its own process context
+ * `owners` remembers the owner of each socket from its own process context
  * (connect, send, recv) until the socket closes; records take it from there.
+ * Every connect pays for that, so it is a set-associative table indexed by a
+ * hash of the socket's address rather than a hash map: finding a socket's
+ * bucket is a few instructions with no helper call, its tags share one cache
+ * line, and there is nothing to allocate or free. A bucket holds OWNER_WAYS
+ * sockets; a new socket finding its bucket full takes a live one's place
+ * (counted as untracked), as an LRU map would evict.
  */
 #include <tapio.h>  /* the agent puts events, tapio_lost and tapio_submit() before this */
 
@@ -94,7 +100,7 @@ BPF_ARRAY(network_settings, struct network_settings, 1);
 
 struct socket_owner {
     struct tapio_task task;
-    u64 syn_sent_ns;
+    u64 syn_sent_ns;       /* 0 until the attempt fails, when the socket tells (see connect_started_ns) */
     u64 sock_cookie;
     u8 connecting;         /* from CLOSE->SYN_SENT to the attempt's end (kept up only without BTF state) */
     u8 reset_received;
@@ -145,7 +151,16 @@ struct rtt_state {
 #define COUNT_UNTRACKED  1  /* events their key found no room for in its map: not judged or not limited */
 BPF_PERCPU_ARRAY(network_counts, u64, 2);
 
-BPF_TABLE("lru_hash", u64, struct socket_owner, sockets, 65536);
+#ifndef OWNER_BUCKET_BITS     /* a -D flag may shrink it (the tests fill a small one) */
+#define OWNER_BUCKET_BITS 14  /* 16384 buckets of 4: 65536 sockets, 4 MiB */
+#endif
+#define OWNER_WAYS        4
+#define OWNER_WRITING     1   /* a tag while its way is being filled: never a socket's address */
+struct owner_bucket {
+    u64 sk[OWNER_WAYS];    /* tags: whose each way is, 0 when free */
+    struct socket_owner owner[OWNER_WAYS];
+};
+BPF_ARRAY(owners, struct owner_bucket, 1 << OWNER_BUCKET_BITS);
 BPF_TABLE("lru_hash", struct flow_key, struct record_limit, record_limits, 16384);
 BPF_TABLE("lru_hash", struct flow_key, struct window_state, windows, 16384);
 BPF_TABLE("lru_hash", struct flow_key, struct rtt_state, rtts, 16384);
@@ -178,6 +193,78 @@ static __always_inline void hold_back(u64 *suppressed)
     count(COUNT_SUPPRESSED);
 }
 
+static __always_inline struct owner_bucket *owner_bucket(u64 sk)
+{
+    /* Fibonacci hashing: the top bits of the product spread slab addresses evenly. */
+    u32 index = (u32)((sk * 0x9E3779B97F4A7C15ULL) >> (64 - OWNER_BUCKET_BITS));
+    return owners.lookup(&index);
+}
+
+/* The owner remembered for sk, or 0. */
+static __always_inline struct socket_owner *owner_of(u64 sk)
+{
+    struct owner_bucket *bucket = owner_bucket(sk);
+    if (!bucket)
+        return 0;
+#pragma unroll
+    for (int way = 0; way < OWNER_WAYS; way++) {
+        if (bucket->sk[way] == sk)
+            return &bucket->owner[way];
+    }
+    return 0;
+}
+
+/* A way of sk's bucket taken for filling: sk's own, else a free one, else a live socket's (its owner
+ * is forgotten: counted). 0 when another CPU is filling that way. Once filled, owner_publish(*tag). */
+static __always_inline struct socket_owner *owner_claim(u64 sk, u64 **tag)
+{
+    struct owner_bucket *bucket = owner_bucket(sk);
+    if (!bucket)
+        return 0;
+    u32 way = (u32)(sk >> 10) & (OWNER_WAYS - 1);  /* the live one to take over if nothing better */
+    int rank = 0;                                 /* 1: a free way found, 2: sk's own */
+#pragma unroll
+    for (int i = 0; i < OWNER_WAYS; i++) {
+        u64 held = bucket->sk[i];
+        if (held == sk) {
+            way = i;
+            rank = 2;
+        } else if (held == 0 && rank == 0) {
+            way = i;
+            rank = 1;
+        }
+    }
+    way &= OWNER_WAYS - 1;
+    u64 previous = bucket->sk[way];
+    if (previous == OWNER_WRITING ||
+        __sync_val_compare_and_swap(&bucket->sk[way], previous, OWNER_WRITING) != previous) {
+        count(COUNT_UNTRACKED);
+        return 0;
+    }
+    if (previous != 0 && previous != sk)
+        count(COUNT_UNTRACKED);  /* a live socket's owner is forgotten */
+    *tag = &bucket->sk[way];
+    return &bucket->owner[way];
+}
+
+static __always_inline void owner_publish(u64 *tag, u64 sk)
+{
+    *tag = sk;  /* after the fields: a reader matching sk finds them written */
+}
+
+/* sk closed: its way is free again, so a later socket at this address inherits nothing. */
+static __always_inline void owner_forget(u64 sk)
+{
+    struct owner_bucket *bucket = owner_bucket(sk);
+    if (!bucket)
+        return;
+#pragma unroll
+    for (int way = 0; way < OWNER_WAYS; way++) {
+        if (bucket->sk[way] == sk)
+            __sync_val_compare_and_swap(&bucket->sk[way], sk, 0);
+    }
+}
+
 static __always_inline u64 socket_cookie(const void *sk)
 {
     u64 cookie = 0;
@@ -187,6 +274,45 @@ static __always_inline u64 socket_cookie(const void *sk)
 #endif
     return cookie;
 }
+
+/* When a failed connect's first SYN left, in bpf_ktime_get_ns() time, 0 if unknown. Taking the clock
+ * on every connect would cost each connect more than all the rest of this observer (a clock read is
+ * the dearest thing on that path), so it is read from the socket once the attempt fails:
+ * - the SYN's own transmit time (sk_buff.skb_mstamp_ns of the only segment queued), exact, while it
+ *   was sent once; only the RST handler can read it, before the kernel frees the queue;
+ * - else tcp_sock.retrans_stamp, which the kernel sets to the first SYN's time in milliseconds of
+ *   the same clock (a route with the tcp_usec_ts feature makes it microseconds: not handled).
+ * Kernels whose BTF lacks these members take the clock at SYN_SENT instead (TAPIO_CONNECT_CLOCK). */
+static __always_inline u64 syn_skb_sent_ns(const void *sk)
+{
+    u64 sent = 0;
+#if defined(TAPIO_SK_RTX_QUEUE_OFFSET) && defined(TAPIO_SKB_RBNODE_OFFSET) && defined(TAPIO_SKB_MSTAMP_OFFSET)
+    const char *node = 0;
+    TAPIO_READ_AT(node, sk, TAPIO_SK_RTX_QUEUE_OFFSET);
+    if (node)
+        TAPIO_READ_AT(sent, node - TAPIO_SKB_RBNODE_OFFSET, TAPIO_SKB_MSTAMP_OFFSET);
+#endif
+    return sent;
+}
+
+static __always_inline u64 first_syn_sent_ns(const void *sk, u64 now)
+{
+#ifdef TAPIO_TCP_RETRANS_STAMP_OFFSET
+    u32 stamp_ms = 0;
+    TAPIO_READ_AT(stamp_ms, sk, TAPIO_TCP_RETRANS_STAMP_OFFSET);
+    u64 now_ms = now / 1000000;
+    u32 elapsed_ms = (u32)now_ms - stamp_ms;  /* the stamp is the low 32 bits of the ms count */
+    if (stamp_ms == 0 || elapsed_ms > now_ms)
+        return 0;
+    return (now_ms - elapsed_ms) * 1000000;
+#else
+    return 0;
+#endif
+}
+
+#if !defined(TAPIO_TCP_RETRANS_STAMP_OFFSET)
+#define TAPIO_CONNECT_CLOCK 1
+#endif
 
 /* The socket's TCP state, 0 when this kernel's BTF does not say where it is. */
 static __always_inline u8 socket_state(const void *sk)
@@ -209,7 +335,7 @@ static __always_inline void copy_addr(u8 *dst, u16 family, const u8 *v4, const u
 /* The owner remembered for sk, never the current task: zero and owner_known 0 when unknown. */
 static __always_inline void set_owner(struct network_record *rec, u64 sk)
 {
-    struct socket_owner *owner = sockets.lookup(&sk);
+    struct socket_owner *owner = owner_of(sk);
     if (!owner)
         return;
     rec->task = owner->task;
@@ -321,29 +447,38 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     u64 sk = (u64)args->skaddr;
     int newstate = args->newstate;
     if (newstate == TCP_SYN_SENT) {
-        struct socket_owner owner = {};
-        tapio_current_task(&owner.task);
-        owner.syn_sent_ns = bpf_ktime_get_ns();
-        owner.connecting = 1;
-        sockets.update(&sk, &owner);
+        u64 *tag;
+        struct socket_owner *owner = owner_claim(sk, &tag);
+        if (!owner)
+            return 0;
+        tapio_current_task(&owner->task);
+#ifdef TAPIO_CONNECT_CLOCK
+        owner->syn_sent_ns = bpf_ktime_get_ns();
+#else
+        owner->syn_sent_ns = 0;
+#endif
+        owner->sock_cookie = 0;
+        owner->connecting = 1;
+        owner->reset_received = 0;
+        owner->syn_retransmits = 0;
+        owner_publish(tag, sk);
         return 0;
     }
     if (args->oldstate != TCP_SYN_SENT) {
-        /* Most sockets ending here were never remembered: a lookup is cheaper than a delete. */
-        if (newstate == TCP_CLOSE && sockets.lookup(&sk))
-            sockets.delete(&sk);
+        if (newstate == TCP_CLOSE)
+            owner_forget(sk);
         return 0;
     }
     if (newstate != TCP_CLOSE) {  /* connected: the entry stays as the socket's owner */
 #ifndef TAPIO_SKC_STATE_OFFSET
         /* Without the socket's state, the flag is what tells a later RST from a refusal. */
-        struct socket_owner *connected = sockets.lookup(&sk);
+        struct socket_owner *connected = owner_of(sk);
         if (connected)
             connected->connecting = 0;
 #endif
         return 0;
     }
-    struct socket_owner *owner = sockets.lookup(&sk);
+    struct socket_owner *owner = owner_of(sk);
     if (!owner)
         return 0;
     if (owner->connecting) {
@@ -358,7 +493,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         key.family = args->family;
         key.kind = rec.kind;
         if (limit_allows(settings(), &key, rec.timestamp_ns, &rec.suppressed)) {
-            rec.syn_sent_ns = owner->syn_sent_ns;
+            rec.syn_sent_ns = owner->syn_sent_ns ? owner->syn_sent_ns
+                                                 : first_syn_sent_ns(args->skaddr, rec.timestamp_ns);
             rec.sock_cookie = owner->sock_cookie ? owner->sock_cookie : socket_cookie(args->skaddr);
             rec.task = owner->task;
             rec.owner_known = 1;
@@ -373,7 +509,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             tapio_submit(&rec, sizeof(rec));
         }
     }
-    sockets.delete(&sk);
+    owner_forget(sk);
     return 0;
 }
 
@@ -384,17 +520,25 @@ static __always_inline void remember_owner(void *sk_ptr, u16 protocol)
     if (protocol != PROTO_TCP)
         return;
     u64 sk = (u64)sk_ptr;
-    if (sockets.lookup(&sk))
+    if (owner_of(sk))
         return;
     if (socket_state(sk_ptr) == TCP_CLOSE)
         return;  /* a read after the reset or close: nothing left to attribute */
-    struct socket_owner owner = {};
-    tapio_current_task(&owner.task);
-    sockets.insert(&sk, &owner);
+    u64 *tag;
+    struct socket_owner *owner = owner_claim(sk, &tag);
+    if (!owner)
+        return;
+    tapio_current_task(&owner->task);
+    owner->syn_sent_ns = 0;
+    owner->sock_cookie = 0;
+    owner->connecting = 0;
+    owner->reset_received = 0;
+    owner->syn_retransmits = 0;
+    owner_publish(tag, sk);
     /* Closed meanwhile (by a softirq on another CPU, whose CLOSE found nothing to forget)? Then
      * forget it here, or a later socket at this address would inherit this owner. */
     if (socket_state(sk_ptr) == TCP_CLOSE)
-        sockets.delete(&sk);
+        owner_forget(sk);
 }
 
 TRACEPOINT_PROBE(sock, sock_send_length)
@@ -436,15 +580,20 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     u64 sk = (u64)args->skaddr;
     u64 now = bpf_ktime_get_ns();
     u8 state = socket_state(args->skaddr);
-    struct socket_owner *owner = sockets.lookup(&sk);
+    int connecting = 0;
+    struct socket_owner *owner = owner_of(sk);
+    if (owner) {
 #ifdef TAPIO_SKC_STATE_OFFSET
-    int connecting = owner && state == TCP_SYN_SENT;
+        connecting = state == TCP_SYN_SENT;
 #else
-    int connecting = owner && owner->connecting;
+        connecting = owner->connecting;
 #endif
-    if (connecting) {  /* refused: the state change that follows reports it */
-        owner->reset_received = 1;
-        owner->sock_cookie = args->sock_cookie;
+        if (connecting) {  /* refused: the state change that follows reports it */
+            owner->reset_received = 1;
+            owner->sock_cookie = args->sock_cookie;
+            if (owner->syn_retransmits == 0 && owner->syn_sent_ns == 0)
+                owner->syn_sent_ns = syn_skb_sent_ns(args->skaddr);
+        }
     }
     struct network_settings *cfg = settings();
     struct flow_key key = {};
@@ -484,7 +633,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
     u64 sk = (u64)args->skaddr;
     if (args->state == TCP_SYN_SENT) {  /* a connect problem, counted on the attempt, not a spike */
-        struct socket_owner *owner = sockets.lookup(&sk);
+        struct socket_owner *owner = owner_of(sk);
         if (owner && owner->syn_retransmits < 255)
             owner->syn_retransmits++;
         return 0;
