@@ -262,6 +262,11 @@ def network_namespace() -> Iterator[str]:
         _run(["ip", "netns", "del", name], check=False)
 
 
+def netns_inode(netns: str | None = None) -> int:
+    """The inode number that names ``netns`` (this process's own namespace if None), as the kernel reports it."""
+    return os.stat(f"/run/netns/{netns}" if netns else "/proc/self/ns/net").st_ino
+
+
 def netns_exec(netns: str, *command: str, check: bool = True, timeout: float = 10.0) -> subprocess.CompletedProcess:
     """Run ``command`` inside ``netns`` (``ip netns exec``)."""
     return _run(["ip", "netns", "exec", netns, *command], check=check, timeout=timeout)

@@ -4,18 +4,18 @@ import socket
 import struct
 
 # struct network_record in network.bpf.c, in native C layout ('@' applies C alignment).
-NETWORK_RECORD_C = struct.Struct("@QQQ" "IIQ16s" "IHHHH" "BBBB" "16s16s" "IIIIIIIII" "BBH")
+NETWORK_RECORD_C = struct.Struct("@QQQ" "IIQ16s" "IHHHH" "BBBB" "16s16s" "IIIIIIIII" "BBHII")
 
 
 def pack_network_record(kind, *, ts=1_000, syn_sent=400, cookie=7, pid=4242, tid=4243, cgroup=99, comm=b"curl",
                         family=socket.AF_INET, src="127.0.0.1", dst="127.0.0.1", sport=50000, dport=80,
                         old=2, new=7, syn_rtx=0, in_task=1, count=0, failed=0, suppressed=0, window_ms=0,
                         total_retrans=0, snd_cwnd=0, srtt_us=0, baseline_srtt_us=0, samples=0, owner_known=0,
-                        scope=0, protocol=6):
+                        scope=0, protocol=6, netns=0):
     def addr(text):
         return socket.inet_pton(family, text).ljust(16, b"\0") if text else bytes(16)
 
     return NETWORK_RECORD_C.pack(ts, syn_sent, cookie, pid, tid, cgroup, comm, kind, family, protocol, sport, dport,
                                  old, new, syn_rtx, in_task, addr(src), addr(dst), count, failed, suppressed,
                                  window_ms, total_retrans, snd_cwnd, srtt_us, baseline_srtt_us, samples,
-                                 owner_known, scope, 0)
+                                 owner_known, scope, 0, netns, 0)

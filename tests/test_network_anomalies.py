@@ -56,7 +56,7 @@ def detect(raw: bytes, settings: NetworkSettings | None = None, counters: dict |
 
 
 def test_record_dtype_follows_the_c_struct_member_for_member():
-    assert NETWORK_RECORD.itemsize == NETWORK_RECORD_C.size == 144
+    assert NETWORK_RECORD.itemsize == NETWORK_RECORD_C.size == 152
     assert list(NETWORK_RECORD.names) == c_struct_members("network_record")
 
 
@@ -65,7 +65,7 @@ def test_a_record_packed_as_the_kernel_packs_it_parses_back_field_for_field():
         KIND_RETRANSMIT_SPIKE, ts=11, syn_sent=12, cookie=13, pid=14, tid=15, cgroup=16, comm=b"comm", sport=17,
         dport=18, old=1, new=0, syn_rtx=3, in_task=0, count=19, failed=20, suppressed=21, window_ms=22,
         total_retrans=23, snd_cwnd=24, srtt_us=25, baseline_srtt_us=26, samples=27, owner_known=1, scope=2,
-        src="10.0.0.1", dst="10.0.0.2",
+        netns=28, src="10.0.0.1", dst="10.0.0.2",
     )
     [row] = np.frombuffer(raw, NETWORK_RECORD)
     assert row["task"].tolist() == (14, 15, 16, b"comm")
@@ -76,7 +76,7 @@ def test_a_record_packed_as_the_kernel_packs_it_parses_back_field_for_field():
         "protocol": 6, "src_port": 17, "dst_port": 18, "old_state": 1, "new_state": 0, "syn_retransmits": 3,
         "in_task_context": 0, "count": 19, "failed": 20, "suppressed": 21, "window_ms": 22, "total_retrans": 23,
         "snd_cwnd": 24, "srtt_us": 25, "baseline_srtt_us": 26, "samples": 27, "owner_known": 1, "scope": 2,
-        "reserved": 0,
+        "reserved": 0, "netns": 28, "reserved2": 0,
     }
     assert {name: int(row[name]) for name in expected} == expected
 
@@ -193,6 +193,16 @@ def test_connection_reset_of_a_socket_with_no_known_owner():
     assert (data["pid"], data["comm"], data["owner_known"]) == (0, "", False)
     assert (data["old_state"], data["new_state"], data["src_port"], data["dst_port"]) == (
         "CLOSE_WAIT", "CLOSE", 8080, 51000)
+
+
+@pytest.mark.parametrize("kind", [KIND_CONNECT_REFUSED, KIND_CONNECTION_RESET, KIND_RETRANSMIT_SPIKE,
+                                  KIND_RTT_DEGRADATION, KIND_RST_STORM])
+def test_the_network_namespace_is_in_data_when_the_kernel_said_it(kind):
+    fields = {"count": 1000, "scope": SCOPE_DESTINATION, "srtt_us": 900_000, "baseline_srtt_us": 1000, "samples": 99}
+    known, unknown = detect(pack_network_record(kind, ts=1, netns=4026531840, **fields)
+                            + pack_network_record(kind, ts=2, netns=0, **fields))
+    assert known.data["netns"] == 4026531840
+    assert "netns" not in unknown.data
 
 
 def test_suppressed_counts_travel_in_data_and_add_up_in_the_counters():

@@ -26,6 +26,7 @@ import pytest
 from kernel_helpers import (
     AGENT,
     netns_exec,
+    netns_inode,
     network_namespace,
     nft_drop_tcp_port,
     run_connects,
@@ -187,6 +188,7 @@ def test_rst_storm_is_one_occurrence_per_storm_and_carries_what_it_held_back(tmp
         assert (report["ops"], report["errors"]) == (count, 0)
 
     with network_namespace() as netns, running_agent(tmp_path, extra=settings) as agent:
+        storm_netns = netns_inode(netns)
         refuse(19)  # below the threshold: no storm, and gone from the window a second later
         time.sleep(1.3)
         refuse(50)  # a storm: reported at its 20th RST, the other 30 held back
@@ -199,7 +201,8 @@ def test_rst_storm_is_one_occurrence_per_storm_and_carries_what_it_held_back(tmp
     first, second = agent.matching(storm)
     assert first["data"] == {
         "scope": "destination", "rsts": 20, "window_ms": 1000, "destination": f"127.0.0.1:{port}",
-        "dst_ip": "127.0.0.1", "dst_port": port, "family": "ipv4", "timestamp_ns": first["data"]["timestamp_ns"],
+        "dst_ip": "127.0.0.1", "dst_port": port, "family": "ipv4", "netns": storm_netns,
+        "timestamp_ns": first["data"]["timestamp_ns"],
     }
     assert (second["data"]["rsts"], second["data"]["suppressed"]) == (20, 30)
     assert (first["severity"], first["outcome"]) == ("warning", "failure")
@@ -208,6 +211,36 @@ def test_rst_storm_is_one_occurrence_per_storm_and_carries_what_it_held_back(tmp
     assert all(occ["data"]["rsts"] >= 30 and "destination" not in occ["data"] for occ in node)
     # Every refused connect is still reported on its own: the default limit allows this many.
     assert len(agent.matching(of("connection_refused", dst_port=port))) == 19 + 50 + 20
+
+
+def test_the_same_address_in_two_network_namespaces_is_two_destinations(tmp_path):
+    """127.0.0.1:port in one pod is not the one in the next: 15 RSTs in each of two namespaces are two
+    quiet destinations under a threshold of 20, not one storm of 30; 20 more in one are its storm."""
+    port = random_port()
+    loops = compile_net_loops(tmp_path)
+    settings = settings_args(rst_storm_threshold=20, rst_storm_window_s=5, rst_storm_node_threshold=1000)
+
+    def refuse(netns: str, count: int) -> None:
+        report = loop_report(start_refusals(loops, "127.0.0.1", port, count, netns=netns))
+        assert (report["ops"], report["errors"]) == (count, 0)
+
+    with (
+        network_namespace() as first,
+        network_namespace() as second,
+        running_agent(tmp_path, extra=settings) as agent,
+    ):
+        refuse(first, 15)
+        refuse(second, 15)
+        refuse(second, 5)  # the 20th RST in `second` within the window
+        storm = of("rst_storm", destination=f"127.0.0.1:{port}")
+        agent.wait_for(storm)
+        time.sleep(SETTLE_S)
+        agent.stop()
+        namespaces = {netns_inode(first): "first", netns_inode(second): "second"}
+    [occ] = agent.matching(storm)
+    assert (namespaces[occ["data"]["netns"]], occ["data"]["rsts"]) == ("second", 20)
+    refused = agent.matching(of("connection_refused", dst_port=port))
+    assert sorted(namespaces[o["data"]["netns"]] for o in refused) == ["first"] * 15 + ["second"] * 20
 
 
 def test_reset_by_the_server_is_attributed_to_the_client_not_the_resetting_task(tmp_path):

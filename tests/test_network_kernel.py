@@ -25,6 +25,7 @@ from kernel_helpers import (
     closed_tcp_port,
     loaded_bpf_programs,
     netns_exec,
+    netns_inode,
     network_namespace,
     nft_drop_tcp_port,
     run_connects,
@@ -56,6 +57,7 @@ def assert_refused(occ: dict, connector: dict, host: str, port: int, family: str
     assert (data["src_port"], data["dst_port"]) == (connector["attempts"][0]["src_port"], port)
     assert (data["family"], data["protocol"]) == (family, "tcp")
     assert (data["old_state"], data["new_state"]) == ("SYN_SENT", "CLOSE")
+    assert data["netns"] == netns_inode()
     # From the SYN's own transmit time (read from the socket, not a clock on every connect): the
     # kernel's part of what the connector timed around connect().
     assert 0 < data["connect_duration_ns"] < connector["attempts"][0]["duration_ns"]
@@ -107,6 +109,7 @@ def test_timed_out_connect_is_attributed_to_the_connector_not_the_timer(tmp_path
         netns_exec(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")
         with nft_drop_tcp_port(netns, port), running_agent(tmp_path) as agent:
             connector = run_connects(host, port, netns=netns)
+            timed_out_in = netns_inode(netns)
             assert connector["attempts"][0]["errno"] == "ETIMEDOUT"
             agent.wait_for(for_port(TIMEOUT, port))
             time.sleep(SETTLE_S)
@@ -116,6 +119,7 @@ def test_timed_out_connect_is_attributed_to_the_connector_not_the_timer(tmp_path
     occ = timeouts[0]
     assert (occ["data"]["pid"], occ["data"]["comm"]) == (connector["pid"], connector["comm"])
     assert occ["data"]["syn_retransmits"] >= 1
+    assert occ["data"]["netns"] == timed_out_in
     # From tcp_sock.retrans_stamp (the first SYN's time, to the millisecond): ~3 s, as the connector saw.
     timed = connector["attempts"][0]["duration_ns"]
     assert timed - 20_000_000 < occ["data"]["connect_duration_ns"] < timed + 2_000_000

@@ -79,6 +79,13 @@ def _owner(task: Any, known: int) -> dict[str, Any]:
     return {"pid": pid, "tid": tid, "comm": _text(comm), "cgroup_id": cgroup, "owner_known": bool(known)}
 
 
+def _with_netns(data: dict[str, Any], netns: int) -> dict[str, Any]:
+    """``netns`` (the socket's network namespace inode) is present only when the kernel said it."""
+    if netns:
+        data["netns"] = netns
+    return data
+
+
 def _with_suppressed(data: dict[str, Any], suppressed: int) -> dict[str, Any]:
     """``suppressed`` is present only when occurrences of the same key were held back before this one."""
     if suppressed:
@@ -99,15 +106,15 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
             task["pid"].tolist(), task["tid"].tolist(), task["cgroup_id"].tolist(), task["comm"].tolist(),
             rows["family"].tolist(), rows["protocol"].tolist(), rows["src_port"].tolist(), rows["dst_port"].tolist(),
             rows["old_state"].tolist(), rows["new_state"].tolist(), rows["syn_retransmits"].tolist(),
-            rows["src_addr"].tolist(), rows["dst_addr"].tolist(), rows["suppressed"].tolist(), _fingerprints(rows),
-            strict=True,
+            rows["src_addr"].tolist(), rows["dst_addr"].tolist(), rows["netns"].tolist(), rows["suppressed"].tolist(),
+            _fingerprints(rows), strict=True,
         )
         for (ts, syn_sent, cookie, pid, tid, cgroup, comm, family, proto, sport, dport, old, new, syn_rtx,
-             src, dst, suppressed, fingerprint) in columns:
+             src, dst, netns, suppressed, fingerprint) in columns:
             anomalies.append(Anomaly(
                 type=type_, timestamp_ns=ts, severity="warning", outcome=outcome,
                 error_code=code, error_message=message, fingerprint=fingerprint,
-                data=_with_suppressed({
+                data=_with_suppressed(_with_netns({
                     "pid": pid, "tid": tid, "comm": _text(comm), "cgroup_id": cgroup,
                     "src_ip": format_ip(family, src), "dst_ip": format_ip(family, dst),
                     "src_port": sport, "dst_port": dport,
@@ -115,7 +122,7 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
                     "old_state": _state(old), "new_state": _state(new),
                     "sock_cookie": cookie, "syn_retransmits": syn_rtx,
                     "connect_duration_ns": ts - syn_sent if syn_sent else None,  # None: the kernel did not say
-                }, suppressed),
+                }, netns), suppressed),
             ))
     anomalies.sort(key=lambda anomaly: anomaly.timestamp_ns)
     return anomalies
@@ -125,12 +132,12 @@ def _socket_facts(row: np.void) -> dict[str, Any]:
     """Owner and endpoints of the socket a per-socket record is about."""
     family = int(row["family"])
     src_ip, dst_ip = format_ip(family, row["src_addr"].tobytes()), format_ip(family, row["dst_addr"].tobytes())
-    return {
+    return _with_netns({
         **_owner(row["task"].tolist(), int(row["owner_known"])),
         "src_ip": src_ip, "src_port": int(row["src_port"]), "dst_ip": dst_ip, "dst_port": int(row["dst_port"]),
         "family": FAMILIES.get(family, str(family)), "protocol": PROTOCOLS.get(int(row["protocol"]), "tcp"),
         "sock_cookie": int(row["sock_cookie"]),
-    }
+    }, int(row["netns"]))
 
 
 def connection_resets(rows: np.ndarray) -> list[Anomaly]:
@@ -189,6 +196,7 @@ def rst_storms(rows: np.ndarray) -> list[Anomaly]:
             ip, port = format_ip(family, row["dst_addr"].tobytes()), int(row["dst_port"])
             data.update(destination=destination(ip, port, family), dst_ip=ip, dst_port=port,
                         family=FAMILIES.get(family, str(family)))
+            _with_netns(data, int(row["netns"]))
         anomalies.append(Anomaly(
             type=RST_STORM, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
             data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,

@@ -73,6 +73,8 @@ struct network_record {
     u8 owner_known;        /* task is the socket's owner (else zero: never the current task) */
     u8 scope;              /* rst_storm: SCOPE_DESTINATION or SCOPE_NODE */
     u16 reserved;
+    u32 netns;             /* the socket's network namespace (inode number), 0 if unknown or node-wide */
+    u32 reserved2;
 };
 
 /* Mirrors kernel_settings() in tapio_observer_network/settings.py. */
@@ -108,12 +110,14 @@ struct socket_owner {
     u8 reserved[5];
 };
 
-/* Destination of a kind of event: addr/port of the peer; zero for node-wide counts. */
+/* Destination of a kind of event: addr/port of the peer in a network namespace (127.0.0.1:15001 in
+ * one pod is not the one in the next); zero for node-wide counts. */
 struct flow_key {
     u8 addr[16];
     u16 port;
     u16 family;
     u32 kind;
+    u32 netns;
 };
 
 struct record_limit {
@@ -314,6 +318,20 @@ static __always_inline u64 first_syn_sent_ns(const void *sk, u64 now)
 #define TAPIO_CONNECT_CLOCK 1
 #endif
 
+/* The socket's network namespace by inode number (as /proc/PID/ns/net names it), 0 when this
+ * kernel's BTF does not say. Read only on the paths that key or report a destination. */
+static __always_inline u32 socket_netns(const void *sk)
+{
+    u32 inum = 0;
+#if defined(TAPIO_SKC_NET_OFFSET) && defined(TAPIO_NET_NS_INUM_OFFSET)
+    const char *net = 0;
+    TAPIO_READ_AT(net, sk, TAPIO_SKC_NET_OFFSET);
+    if (net)
+        TAPIO_READ_AT(inum, net, TAPIO_NET_NS_INUM_OFFSET);
+#endif
+    return inum;
+}
+
 /* The socket's TCP state, 0 when this kernel's BTF does not say where it is. */
 static __always_inline u8 socket_state(const void *sk)
 {
@@ -487,11 +505,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         rec.kind = owner->reset_received ? KIND_CONNECT_REFUSED : KIND_CONNECT_TIMEOUT;
         rec.family = args->family;
         copy_addr(rec.dst_addr, args->family, args->daddr, args->daddr_v6);
+        rec.netns = socket_netns(args->skaddr);
         struct flow_key key = {};
         __builtin_memcpy(key.addr, rec.dst_addr, 16);
         key.port = args->dport;
         key.family = args->family;
         key.kind = rec.kind;
+        key.netns = rec.netns;
         if (limit_allows(settings(), &key, rec.timestamp_ns, &rec.suppressed)) {
             rec.syn_sent_ns = owner->syn_sent_ns ? owner->syn_sent_ns
                                                  : first_syn_sent_ns(args->skaddr, rec.timestamp_ns);
@@ -567,6 +587,7 @@ static __always_inline void rst_storm(struct network_settings *cfg, struct flow_
     rec.suppressed = res.suppressed;
     rec.window_ms = cfg->rst_window_ms;
     if (scope == SCOPE_DESTINATION) {
+        rec.netns = key->netns;
         rec.family = key->family;
         rec.protocol = PROTO_TCP;
         rec.dst_port = key->port;
@@ -600,6 +621,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     copy_addr(key.addr, args->family, args->daddr, args->daddr_v6);
     key.port = args->dport;
     key.family = args->family;
+    key.netns = socket_netns(args->skaddr);
     if (cfg) {
         key.kind = KIND_RST_STORM;
         rst_storm(cfg, &key, cfg->rst_threshold, SCOPE_DESTINATION, now);
@@ -616,6 +638,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
         return 0;
     rec.timestamp_ns = now;
     rec.sock_cookie = args->sock_cookie;
+    rec.netns = key.netns;
     rec.family = args->family;
     rec.protocol = PROTO_TCP;
     rec.src_port = args->sport;
@@ -647,6 +670,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     key.port = args->dport;
     key.family = args->family;
     key.kind = KIND_RETRANSMIT_SPIKE;
+    key.netns = socket_netns(args->skaddr);
     struct window_result res = {};
     if (!window_event(&key, now, cfg->retransmit_slot_ns, cfg->retransmit_threshold,
                       cfg->retransmit_cooldown_ns, args->err != 0, &res))
@@ -655,6 +679,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     rec.timestamp_ns = now;
     rec.kind = KIND_RETRANSMIT_SPIKE;
     rec.sock_cookie = socket_cookie(args->skaddr);
+    rec.netns = key.netns;
     rec.family = args->family;
     rec.protocol = PROTO_TCP;
     rec.src_port = args->sport;
@@ -717,6 +742,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     struct flow_key key = {};
     key.family = args->family;
     key.kind = KIND_RTT_DEGRADATION;
+    key.netns = socket_netns(args->skaddr);
     copy_addr(key.addr, args->family, &args->daddr[4], &args->daddr[8]);
     u64 now = bpf_ktime_get_ns();
     struct rtt_state *st = rtts.lookup(&key);
@@ -758,6 +784,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     rec.timestamp_ns = now;
     rec.kind = KIND_RTT_DEGRADATION;
     rec.sock_cookie = args->sock_cookie;
+    rec.netns = key.netns;
     rec.family = args->family;
     rec.protocol = PROTO_TCP;
     rec.src_port = args->sport;

@@ -43,6 +43,8 @@ NETWORK_RECORD = record_dtype([
     ("owner_known", "u1"),
     ("scope", "u1"),
     ("reserved", "<u2"),
+    ("netns", "<u4"),
+    ("reserved2", "<u4"),
 ])
 
 #: include/net/tcp_states.h
