@@ -91,10 +91,16 @@ class Agent:
                 self.plugins.hook_for("tapio_observer_started", observer.plugin_name)(observer=observer)
                 fd, size = ringbuf_map_info(observer.bpf[observer.spec.ring_buffer.encode()])
                 self.readers[observer.name] = RingBufferReader(fd, size, observer.spec.record_dtype.itemsize)
-            except ObserverLoadError as exc:
+            except Exception as exc:  # one observer's failure, of whatever kind, leaves the others running
                 unsupported = isinstance(exc, ObserverUnsupported)
-                observer.status, observer.status_reason = ("unsupported" if unsupported else "failed"), str(exc)
-                log.log(logging.WARNING if unsupported else logging.ERROR, "%s", exc)
+                if isinstance(exc, ObserverLoadError):
+                    reason = str(exc)
+                    log.log(logging.WARNING if unsupported else logging.ERROR, "%s", exc)
+                else:  # a bug in the plugin or the core: its traceback is wanted
+                    reason = f"{observer.name}: failed to start: {type(exc).__name__}: {exc}"
+                    log.exception("%s", reason)
+                observer.status, observer.status_reason = ("unsupported" if unsupported else "failed"), reason
+                self.readers.pop(observer.name, None)
                 if observer.bpf is not None:
                     observer.bpf.cleanup()
                     observer.bpf = None
@@ -166,6 +172,8 @@ class Agent:
                 continue
             reader = self.readers.get(observer.name)
             if reader is not None:
+                # Records of the wrong length in the ring are malformed too (status shows one figure).
+                observer.malformed += reader.malformed - observer.counters.get("ring_malformed", 0)
                 observer.counters["ring_malformed"] = reader.malformed
                 observer.counters["ring_discarded"] = reader.discarded
             for counter in observer.spec.bpf_counters:
@@ -247,6 +255,13 @@ class Agent:
             self.write_state(running=False)
 
 
+def default_sinks(plugins: LoadedPlugins, plugin_list: str | None) -> list[str]:
+    """Without --sink: the sinks --plugins named, or stdout and file when it named none (or was not given)."""
+    chosen = parse_plugin_list(plugin_list) or set()
+    named = sorted(name for name, (plugin, _) in plugins.sinks.items() if plugin in chosen)
+    return named or ["stdout", "file"]
+
+
 def fail(message: str, code: int = 2) -> None:
     click.echo(f"tapio-agent: error: {message}", err=True)
     sys.exit(code)
@@ -256,7 +271,8 @@ def fail(message: str, code: int = 2) -> None:
 @click.option("--plugins", "plugin_list", envvar="TAPIO_LOAD_PLUGINS", metavar="NAMES",
               help="Comma-separated plugins to load (entry point names, e.g. network,stdout). Default: all installed.")
 @click.option("--sink", "sinks", multiple=True, metavar="NAME",
-              help="Where occurrences go; repeatable (stdout, file, or any installed sink). Default: stdout and file.")
+              help="Where occurrences go; repeatable (stdout, file, or any installed sink). "
+                   "Default: the sinks --plugins names, else stdout and file.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=".tapio", envvar="TAPIO_DATA_DIR",
               show_default=True, help="Directory for occurrence files (file sink) and agent state.")
 @click.option("--ebpf-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
@@ -293,7 +309,8 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, conf
     clock = KernelClock()
     try:
         settings = load_settings(config_path, assignments)
-        pipeline = Pipeline.build(plugins, sinks or ("stdout", "file"), SinkOptions(data_dir=data_dir), settings, clock)
+        pipeline = Pipeline.build(plugins, sinks or default_sinks(plugins, plugin_list),
+                                  SinkOptions(data_dir=data_dir), settings, clock)
     except (ConfigError, SinkError) as exc:
         fail(str(exc))
     try:

@@ -120,11 +120,10 @@ def load_plugins(
             continue
         try:
             plugin = ep.load()
+            pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not take the host down
-            failed[ep.name] = f"{type(exc).__name__}: {exc}"
-            log.error("plugin %s (%s) failed to load: %s", ep.name, ep.value, failed[ep.name])
+            _failed(failed, ep.name, exc)
             continue
-        pm.register(plugin, name=ep.name)
         distributions[ep.name] = ep.dist
     for name, plugin in extra:
         found.add(name)
@@ -136,18 +135,37 @@ def load_plugins(
             raise PluginError(
                 f"plugin(s) not installed: {', '.join(missing)} (see `tapio plugins` for what is installed)"
             )
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}") from None
-    observers = _collect(pm, "tapio_register_observers", "observer")
-    sinks = _collect(pm, "tapio_register_sinks", "sink")
-    enrichers = _collect(pm, "tapio_register_enrichers", "enricher")
-    return LoadedPlugins(pm, observers, sinks, enrichers, failed, distributions)
+    while True:  # a misspelled hook leaves that plugin out, named, like one that fails to import
+        try:
+            pm.check_pending()
+            break
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin) or repr(exc.plugin)
+            pm.unregister(exc.plugin)
+            _failed(failed, name, PluginError(f"implements an unknown hook: {exc}"))
+    declared = [_collect(pm, hook, what, failed) for hook, what in (
+        ("tapio_register_observers", "observer"), ("tapio_register_sinks", "sink"),
+        ("tapio_register_enrichers", "enricher"))]
+    for name in failed:  # a plugin that failed in one registration hook declares nothing at all
+        for table in declared:
+            for key in [key for key, (plugin, _) in table.items() if plugin == name]:
+                del table[key]
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+    return LoadedPlugins(pm, *declared, failed, distributions)
 
 
-def _collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict[str, tuple[str, Any]]:
-    """Call a registration hook plugin by plugin, so we know who declared what."""
+def _failed(failed: dict[str, str], name: str, exc: Exception) -> None:
+    failed[name] = f"{type(exc).__name__}: {exc}"
+    log.error("plugin %s failed to load and is left out: %s", name, failed[name])
+
+
+def _collect(pm: pluggy.PluginManager, hook_name: str, what: str, failed: dict[str, str]) -> dict[str, tuple[str, Any]]:
+    """Call a registration hook plugin by plugin, so we know who declared what.
+
+    Two plugins declaring one name stop the host (which one was meant is the
+    user's choice); any other error in a plugin's registration leaves that plugin out.
+    """
     declared: dict[str, tuple[str, Any]] = {}
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
 
@@ -159,5 +177,10 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, what: str) -> dict[str, t
                 )
             declared[spec.name] = (_plugin, spec)
 
-        impl.function(**{name: register for name in impl.argnames})
+        try:
+            impl.function(**{name: register for name in impl.argnames})
+        except PluginError:
+            raise
+        except Exception as exc:
+            _failed(failed, impl.plugin_name, exc)
     return declared

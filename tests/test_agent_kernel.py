@@ -155,13 +155,17 @@ def test_one_observer_failing_leaves_the_others_running(toy_source, tmp_path, ca
         ("broken", ToyObserver("broken", broken_source)),
         ("refuses", ToyObserver("refuses", toy_source, fail_start=ObserverLoadError)),
         ("nopmu", ToyObserver("nopmu", toy_source, fail_start=ObserverUnsupported)),
+        ("buggy", ToyObserver("buggy", toy_source, fail_start=KeyError)),  # a bug, not a declared failure
         ("collect", sink),
     ], {})
     try:
         statuses = {name: obs.status for name, obs in agent.pipeline.observers.items()}
-        assert statuses == {"toy": "running", "broken": "failed", "refuses": "failed", "nopmu": "unsupported"}
+        assert statuses == {"toy": "running", "broken": "failed", "refuses": "failed", "nopmu": "unsupported",
+                            "buggy": "failed"}
         assert set(agent.readers) == {"toy"}
         assert "refusing to start" in agent.pipeline.observers["refuses"].status_reason
+        assert agent.pipeline.observers["buggy"].status_reason.startswith("buggy: failed to start: KeyError")
+        assert agent.pipeline.observers["buggy"].bpf is None  # detached at once
         os.getppid()
         agent.drain("toy")
     finally:

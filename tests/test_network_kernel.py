@@ -69,7 +69,8 @@ def assert_refused(occ: dict, connector: dict, host: str, port: int, family: str
 @pytest.mark.parametrize(("host", "family"), [("127.0.0.1", "ipv4"), ("::1", "ipv6")])
 def test_refused_connect_is_one_occurrence_attributed_to_the_connector(tmp_path, host, family):
     port = closed_tcp_port(host)
-    with running_agent(tmp_path) as agent:
+    # `tapio-agent --plugins network,stdout`, no --sink: the sink --plugins names is the one that runs.
+    with running_agent(tmp_path, plugins="network,stdout", sinks=()) as agent:
         connector = run_connects(host, port)
         assert connector["attempts"][0]["errno"] == "ECONNREFUSED"
         agent.wait_for(for_port(REFUSED, port))
@@ -170,7 +171,7 @@ def test_file_sink_writes_private_files_that_tapio_recent_reads(tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     port = closed_tcp_port("127.0.0.1")
-    with running_agent(data_dir, plugins="network,file", sinks=("file",)) as agent:
+    with running_agent(data_dir, plugins="network,file", sinks=()) as agent:
         connector = run_connects("127.0.0.1", port)
         # The record is in the ring buffer once connect() returned; shutdown drains and writes it.
         assert agent.stop() == 0

@@ -94,9 +94,39 @@ def test_misspelled_hook_is_caught(monkeypatch):
         module.tapio_detect_anomalys = hookimpl(lambda observer, events: [])
         return module
 
-    fake_entry_points(monkeypatch, FakeEntryPoint("typo", typo))
-    with pytest.raises(PluginError, match="unknown hook"):
-        load_plugins(allow=None)
+    fake_entry_points(monkeypatch, FakeEntryPoint("typo", typo), FakeEntryPoint("a", lambda: observer_plugin("a")))
+    loaded = load_plugins(allow=None)
+    assert "unknown hook" in loaded.failed["typo"] and "tapio_detect_anomalys" in loaded.failed["typo"]
+    assert set(loaded.observers) == {"a"}
+    assert loaded.pm.get_plugin("typo") is None
+
+
+def test_a_hook_with_an_argument_the_spec_lacks_leaves_only_that_plugin_out(monkeypatch):
+    def wrong_arguments():
+        module = observer_plugin("w")
+        module.tapio_detect_anomalies = hookimpl(lambda observer, events, colour: [])
+        return module
+
+    fake_entry_points(monkeypatch, FakeEntryPoint("w", wrong_arguments),
+                      FakeEntryPoint("a", lambda: observer_plugin("a")))
+    loaded = load_plugins(allow=None)
+    assert "colour" in loaded.failed["w"]
+    assert set(loaded.observers) == {"a"}
+
+
+def test_a_plugin_whose_registration_raises_declares_nothing_and_the_rest_load(monkeypatch):
+    def half_broken():
+        module = observer_plugin("h")  # registers an observer, then fails in its sinks hook
+
+        def register_sinks(register):
+            raise RuntimeError("config file missing")
+        module.tapio_register_sinks = hookimpl(register_sinks)
+        return module
+
+    fake_entry_points(monkeypatch, FakeEntryPoint("h", half_broken), FakeEntryPoint("a", lambda: observer_plugin("a")))
+    loaded = load_plugins(allow=None)
+    assert loaded.failed["h"] == "RuntimeError: config file missing"
+    assert set(loaded.observers) == {"a"} and "h" not in {i.name for i in loaded.info()}
 
 
 def test_per_batch_hooks_reach_only_the_owning_plugin(monkeypatch):
