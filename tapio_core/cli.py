@@ -299,7 +299,7 @@ def print_plugins(loaded, as_json: bool = False) -> None:
         return
     click.echo(json.dumps([
         {"name": i.name, "distribution": i.distribution, "version": i.version, "hooks": i.hooks,
-         "observers": i.observers, "sinks": i.sinks} for i in loaded.info()
+         "observers": i.observers, "sinks": i.sinks, "enrichers": i.enrichers} for i in loaded.info()
     ] + [{"name": n, "error": e} for n, e in loaded.failed.items()], indent=2))
 
 

@@ -226,12 +226,14 @@ class ObserverHealth:
             self.health = HEALTHY
         if not tally.count:
             self.reason = f"no anomalies in the last {window}"
-            return
-        counts = ", ".join(f"{severities[s]} {s}" for s in reversed(SEVERITIES) if severities[s])
-        common, times = tally.by_type.most_common(1)[0]
-        self.reason = f"{tally.count} occurrence(s) in the last {window} ({counts}); most: {common} x{times}"
-        if not tally.notable:
-            self.reason += "; none warning or worse"
+        else:
+            counts = ", ".join(f"{severities[s]} {s}" for s in reversed(SEVERITIES) if severities[s])
+            common, times = tally.by_type.most_common(1)[0]
+            self.reason = f"{tally.count} occurrence(s) in the last {window} ({counts}); most: {common} x{times}"
+            if not tally.notable:
+                self.reason += "; none warning or worse"
+        if state_reason:  # what a running observer cannot see (a missing counter, a BTF member) is said too
+            self.reason += f"; {state_reason}"
 
     def to_dict(self) -> dict[str, Any]:
         result = {"name": self.name, "health": self.health, "reason": self.reason, "status": self.status,

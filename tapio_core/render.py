@@ -191,7 +191,8 @@ def print_doctor(checks: list[Check], ok: bool, out: Console) -> None:
 def print_plugins(loaded: LoadedPlugins, out: Console) -> None:
     plugins = table("plugin", "distribution", "version", "provides", "hooks")
     for info in loaded.info():
-        provides = [f"observer {name}" for name in info.observers] + [f"sink {name}" for name in info.sinks]
+        provides = ([f"observer {name}" for name in info.observers] + [f"sink {name}" for name in info.sinks]
+                    + [f"enricher {name}" for name in info.enrichers])
         plugins.add_row(info.name, info.distribution or "-", info.version or "", "\n".join(provides),
                         "\n".join(info.hooks))
     for name, error in loaded.failed.items():

@@ -115,6 +115,17 @@ def test_agent_state_failed_is_critical_and_unsupported_is_not_unhealthy(tmp_pat
     assert code == 0  # unsupported is a fact about the node, not a fault
 
 
+def test_what_a_running_observer_runs_without_is_in_its_reason(tmp_path):
+    reason = "degraded: missing stall_cycles (no backend-stall counter); cpu_stall and memory_pressure unseen"
+    write_state(tmp_path, running_state(pmc={"status": "running", "reason": reason, "type_prefix": "kernel.node."}))
+    OccurrenceWriter(tmp_path).write([occ("kernel.node.ipc_degradation", severity="warning")])
+    code, report = health_json(tmp_path, "pmc")
+    [pmc] = [o for o in report["observers"] if o["name"] == "pmc"]
+    assert (code, pmc["health"]) == (1, "degraded")
+    assert pmc["reason"].startswith("1 occurrence(s) in the last 15m (1 warning)")
+    assert pmc["reason"].endswith("; " + reason)
+
+
 def test_without_a_running_agent_the_node_is_at_least_degraded(tmp_path):
     code, report = health_json(tmp_path)
     assert (code, report["health"], report["agent"]["running"]) == (1, "degraded", False)

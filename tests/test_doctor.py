@@ -169,6 +169,10 @@ def test_plugins_lists_what_each_installed_plugin_provides():
     version = importlib.metadata.version("tapio-observer-network")
     assert network.split()[1:5] == ["tapio-observer-network", version, "observer", "network"]
     assert "tapio_register_observers" in result.output
+    kubernetes = next(line for line in result.output.splitlines() if line.split()[:1] == ["kubernetes"])
+    assert kubernetes.split()[1] == "tapio-enrich-kubernetes" and "enricher kubernetes" in kubernetes
+    listed = {p["name"]: p for p in json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).output)}
+    assert (listed["kubernetes"]["enrichers"], listed["network"]["observers"]) == (["kubernetes"], ["network"])
 
 
 # -- the real node -------------------------------------------------------------------------------
