@@ -53,7 +53,9 @@ def tapio_register_observers(register: Callable[[ObserverSpec], None]) -> None:
     Called once at start-up (agent and replay). Call ``register(spec)`` once per
     observer: its name, its BPF C source, the tracepoints it attaches, the BTF
     struct fields it reads and the layout of its ring-buffer records. A name
-    another plugin already registered is rejected with an error naming both.
+    another plugin already registered is rejected with an error naming both;
+    any other exception leaves this whole plugin out, named in ``tapio
+    plugins``. Returns nothing: the ``register`` calls are the answer.
     """
 
 
@@ -68,7 +70,8 @@ def tapio_observer_started(observer: RunningObserver) -> None:
     so changing a setting needs no recompile. Raise
     ``tapio_core.bpf.ObserverLoadError`` to mark the observer failed, or
     ``ObserverUnsupported`` when this machine lacks what it needs (e.g. a
-    hardware PMU); either way the other observers go on.
+    hardware PMU); either way the other observers go on (any other exception
+    marks it failed too, with its traceback in the log). Returns nothing.
     """
 
 
@@ -126,6 +129,7 @@ def tapio_register_enrichers(register: Callable[[EnricherSpec], None]) -> None:
 
     Called once at start-up. Call ``register(spec)`` once per enricher. A name
     another plugin already registered is rejected with an error naming both.
+    Returns nothing, like ``tapio_register_observers``.
     """
 
 
@@ -139,7 +143,7 @@ def tapio_enricher_start(enricher: RunningEnricher) -> None:
     not run here, e.g. outside Kubernetes. Must return quickly: an API that
     is unreachable is the background thread's problem, not start-up's. Raise
     ``tapio_core.config.ConfigError`` for a setting the user must fix: the
-    agent stops with that one line before attaching anything.
+    agent stops with that one line before attaching anything. Returns nothing.
     """
 
 
@@ -152,7 +156,7 @@ def tapio_enrich_occurrence(enricher: RunningEnricher, occurrence: Occurrence) -
     or add keys to ``occurrence.data``; never change ``type``, ``id`` or kernel
     facts. Must not block: answer from a local cache, never a remote call per
     occurrence. An exception is logged and the occurrence goes on without
-    that enrichment.
+    that enrichment. Returns nothing: the occurrence is changed in place.
     """
 
 
@@ -161,7 +165,7 @@ def tapio_enricher_stop(enricher: RunningEnricher) -> None:
     """Stop an enricher's threads and release what it holds.
 
     Called once at agent shutdown for each enricher ``tapio_enricher_start``
-    was called on, only on its own plugin.
+    was called on, only on its own plugin. Returns nothing.
     """
 
 
@@ -175,6 +179,7 @@ def tapio_register_sinks(register: Callable[[SinkSpec], None]) -> None:
     Called once at start-up. Call ``register(spec)`` once per sink name; the
     user picks sinks by that name (``tapio-agent --sink NAME``). A name another
     plugin already registered is rejected with an error naming both.
+    Returns nothing, like ``tapio_register_observers``.
     """
 
 
@@ -185,7 +190,7 @@ def tapio_sink_open(sink: RunningSink) -> None:
     Called once, only on the plugin that registered ``sink.spec``. Read
     ``sink.options`` (e.g. ``data_dir``), keep handles in ``sink.state``. Raise
     ``tapio_core.sink.SinkError`` with one clear line when the sink cannot work:
-    the agent stops before attaching anything.
+    the agent stops before attaching anything. Returns nothing.
     """
 
 
@@ -197,7 +202,8 @@ def tapio_sink_emit(sink: RunningSink, occurrences: Sequence[Occurrence]) -> Non
     registered it, with at least one occurrence. Deliver or hand off quickly:
     the agent's ring-buffer consumption waits for this call. An exception is
     logged and counted as failed for this sink only; other sinks still get the
-    batch.
+    batch. Returns nothing: a sink that delivers later (``SinkSpec.delivers_later``)
+    counts its own outcomes.
     """
 
 
@@ -206,5 +212,5 @@ def tapio_sink_close(sink: RunningSink) -> None:
     """Flush and release a sink at shutdown (SIGINT/SIGTERM or end of replay).
 
     Called once, only on the plugin that registered ``sink.spec``, after the
-    last ``tapio_sink_emit``.
+    last ``tapio_sink_emit``. Returns nothing.
     """

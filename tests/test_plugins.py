@@ -166,6 +166,7 @@ def test_every_hookspec_is_documented_and_tested():
     for name in HOOK_NAMES:
         doc = inspect.getdoc(getattr(hookspecs, name)) or ""
         assert "Called" in doc, f"{name}'s docstring does not say when it is called"
+        assert "Return" in doc, f"{name}'s docstring does not say what it returns"
         assert name in tests_text, f"no test mentions {name}"
         assert name in readme, f"docs/plugins.md does not document {name}"
 
