@@ -197,4 +197,4 @@ def test_a_real_plugin_distribution_is_installed_and_found(tmp_path):
 
     probe = [p for p in json.loads(result.stdout) if p["name"] == "probe"]
     assert probe == [{"name": "probe", "distribution": "tapio-sink-probe", "version": "9.9",
-                      "hooks": ["tapio_register_sinks"], "observers": [], "sinks": ["probe"]}]
+                      "hooks": ["tapio_register_sinks"], "observers": [], "sinks": ["probe"], "enrichers": []}]
