@@ -239,6 +239,7 @@ class Agent:
         for name in self.readers:
             self.drain(name)  # what arrived before the signal still counts
             self.pipeline.finish(name)
+        self.housekeeping()  # the last state written carries the kernel's final counts
         self.pipeline.stop_enrichers()
         self.pipeline.close()
         if self.recorder is not None:

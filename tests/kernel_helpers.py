@@ -3,7 +3,7 @@
 - :func:`running_agent` starts ``tapio-agent`` as a subprocess, waits until its
   observers are attached, collects the occurrences it prints, and always stops
   it (SIGTERM, then SIGKILL) on the way out.
-- :func:`network_namespace`, :func:`netns_exec` and :func:`nft_drop_tcp_port`
+- :func:`network_namespace`, :func:`netns_exec` and :func:`nft_tcp_port_rule`
   build throwaway network namespaces where the kernel can be made to misbehave
   (see /work/shared/kernel-scenarios.md) without touching the host's traffic.
 - :func:`run_connects` makes TCP connects from a separate process and reports
@@ -198,6 +198,21 @@ def running_agent(
         agent.stop()
 
 
+def observer_state(data_dir: Path, observer: str, wait_for_counter: str | None = None,
+                   timeout: float = 10.0) -> dict:
+    """``observer``'s entry in the state the agent writes to ``data_dir`` (once it has ``wait_for_counter``)."""
+    from tapio_core.state import read_state
+
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = ((read_state(data_dir) or {}).get("observers") or {}).get(observer) or {}
+        if wait_for_counter is None or wait_for_counter in entry.get("counters", {}):
+            return entry
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the agent's state has no {observer} counter {wait_for_counter!r}: {entry}")
+        time.sleep(0.2)
+
+
 # -- processes that connect --------------------------------------------------------------------
 
 #: Connects ``count`` times (a new socket each time) and prints its pid, comm and, per
@@ -273,8 +288,9 @@ def netns_exec(netns: str, *command: str, check: bool = True, timeout: float = 1
 
 
 @contextmanager
-def nft_drop_tcp_port(netns: str, port: int, table: str = "tapio_test") -> Iterator[None]:
-    """Drop incoming TCP to ``port`` inside ``netns``; the table is deleted on the way out.
+def nft_tcp_port_rule(netns: str, port: int, *verdict: str, table: str = "tapio_test") -> Iterator[None]:
+    """Apply ``verdict`` (default ``drop``; e.g. ``reject with icmpx type host-unreachable``) to incoming
+    TCP for ``port`` inside ``netns``; the table is deleted on the way out.
 
     Separate ``nft`` commands: the one-line form failed on this machine.
     """
@@ -282,7 +298,8 @@ def nft_drop_tcp_port(netns: str, port: int, table: str = "tapio_test") -> Itera
     try:
         netns_exec(netns, "nft", "add", "chain", "inet", table, "input",
                    "{ type filter hook input priority 0; }")
-        netns_exec(netns, "nft", "add", "rule", "inet", table, "input", "tcp", "dport", str(port), "drop")
+        netns_exec(netns, "nft", "add", "rule", "inet", table, "input", "tcp", "dport", str(port),
+                   *(verdict or ("drop",)))
         yield
     finally:
         netns_exec(netns, "nft", "delete", "table", "inet", table, check=False)

@@ -65,7 +65,7 @@ def test_a_record_packed_as_the_kernel_packs_it_parses_back_field_for_field():
         KIND_RETRANSMIT_SPIKE, ts=11, syn_sent=12, cookie=13, pid=14, tid=15, cgroup=16, comm=b"comm", sport=17,
         dport=18, old=1, new=0, syn_rtx=3, in_task=0, count=19, failed=20, suppressed=21, window_ms=22,
         total_retrans=23, snd_cwnd=24, srtt_us=25, baseline_srtt_us=26, samples=27, owner_known=1, scope=2,
-        netns=28, src="10.0.0.1", dst="10.0.0.2",
+        netns=28, rst_received=1, sk_error=-1, src="10.0.0.1", dst="10.0.0.2",
     )
     [row] = np.frombuffer(raw, NETWORK_RECORD)
     assert row["task"].tolist() == (14, 15, 16, b"comm")
@@ -76,7 +76,7 @@ def test_a_record_packed_as_the_kernel_packs_it_parses_back_field_for_field():
         "protocol": 6, "src_port": 17, "dst_port": 18, "old_state": 1, "new_state": 0, "syn_retransmits": 3,
         "in_task_context": 0, "count": 19, "failed": 20, "suppressed": 21, "window_ms": 22, "total_retrans": 23,
         "snd_cwnd": 24, "srtt_us": 25, "baseline_srtt_us": 26, "samples": 27, "owner_known": 1, "scope": 2,
-        "reserved": 0, "netns": 28, "reserved2": 0,
+        "rst_received": 1, "reserved": 0, "netns": 28, "sk_error": -1,
     }
     assert {name: int(row[name]) for name in expected} == expected
 
@@ -95,6 +95,7 @@ def test_default_settings_in_the_kernels_units():
         "retransmit_slot_ns": 125_000_000, "retransmit_cooldown_ns": 30_000_000_000,
         "rst_slot_ns": 125_000_000, "rst_cooldown_ns": 10_000_000_000,
         "rtt_learn_interval_ns": 1_000_000_000, "rtt_cooldown_ns": 60_000_000_000,
+        "abandoned_min_ns": 1_000_000_000,
         "retransmit_threshold": 10, "retransmit_window_ms": 1000,
         "rst_threshold": 20, "rst_node_threshold": 200, "rst_window_ms": 1000,
         "rtt_factor_x16": 64, "rtt_floor_us": 20_000, "rtt_min_samples": 8,

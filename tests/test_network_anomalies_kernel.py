@@ -28,7 +28,7 @@ from kernel_helpers import (
     netns_exec,
     netns_inode,
     network_namespace,
-    nft_drop_tcp_port,
+    nft_tcp_port_rule,
     run_connects,
     running_agent,
     tool_env,
@@ -125,7 +125,7 @@ def test_syn_retransmits_make_no_spike_but_count_on_the_timed_out_connect(tmp_pa
     with network_namespace() as netns:
         netns_exec(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")
         with (
-            nft_drop_tcp_port(netns, port),
+            nft_tcp_port_rule(netns, port),
             retransmit_witness(port) as witness,
             running_agent(tmp_path, extra=settings_args(retransmit_threshold=1)) as agent,
         ):

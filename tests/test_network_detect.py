@@ -1,12 +1,19 @@
 """The network observer's record layout and classification, from records packed as the kernel packs them."""
 
+import errno
 import socket
 
 import numpy as np
+import pytest
 from network_records import NETWORK_RECORD_C, pack_network_record
 
 from tapio_observer_network.detect import connect_failures
-from tapio_observer_network.records import KIND_CONNECT_REFUSED, KIND_CONNECT_TIMEOUT, NETWORK_RECORD
+from tapio_observer_network.records import (
+    KIND_CONNECT_FAILED,
+    KIND_CONNECT_REFUSED,
+    KIND_CONNECT_TIMEOUT,
+    NETWORK_RECORD,
+)
 
 
 def test_numpy_layout_matches_the_c_struct():
@@ -35,6 +42,32 @@ def test_timeout_ipv6_record():
     assert (anomaly.outcome, anomaly.error_code) == ("timeout", "ETIMEDOUT")
     assert (anomaly.data["family"], anomaly.data["src_ip"], anomaly.data["dst_ip"]) == ("ipv6", "::1", "fd00::5")
     assert anomaly.data["syn_retransmits"] == 2
+
+
+@pytest.mark.parametrize(("kind", "sk_error", "rst", "expected"), [
+    (KIND_CONNECT_REFUSED, errno.ECONNREFUSED, 1,
+     ("connection_refused", "failure", "ECONNREFUSED", "connection refused: peer answered SYN with RST", None)),
+    (KIND_CONNECT_REFUSED, errno.ECONNREFUSED, 0,
+     ("connection_refused", "failure", "ECONNREFUSED", "connection refused: ICMP port unreachable", None)),
+    (KIND_CONNECT_FAILED, errno.EHOSTUNREACH, 0,
+     ("connection_unreachable", "failure", "EHOSTUNREACH", "connection attempt failed: No route to host", None)),
+    (KIND_CONNECT_FAILED, errno.ENETUNREACH, 0,
+     ("connection_unreachable", "failure", "ENETUNREACH", "connection attempt failed: Network is unreachable",
+      None)),
+    (KIND_CONNECT_TIMEOUT, errno.ETIMEDOUT, 0,
+     ("connection_timeout", "timeout", "ETIMEDOUT", "SYN unanswered: the kernel gave up after 2 retransmit(s)",
+      "kernel")),
+    (KIND_CONNECT_TIMEOUT, 0, 0,
+     ("connection_timeout", "timeout", "ETIMEDOUT",
+      "connection attempt abandoned by the application without a reply", "application")),
+    (KIND_CONNECT_TIMEOUT, -1, 0,  # a kernel whose BTF does not say where sk_err is
+     ("connection_timeout", "timeout", "ETIMEDOUT", "connection attempt ended in SYN_SENT without a reply", None)),
+])
+def test_how_a_failed_connect_ended_is_in_its_type_error_and_data(kind, sk_error, rst, expected):
+    raw = pack_network_record(kind, sk_error=sk_error, rst_received=rst, syn_rtx=2)
+    [anomaly] = connect_failures(np.frombuffer(raw, NETWORK_RECORD))
+    assert (anomaly.type.rsplit(".", 1)[1], anomaly.outcome, anomaly.error_code, anomaly.error_message,
+            anomaly.data.get("ended_by")) == expected
 
 
 def test_mixed_batch_keeps_kernel_order_and_ignores_unknown_kinds():

@@ -27,7 +27,7 @@ from kernel_helpers import (
     netns_exec,
     netns_inode,
     network_namespace,
-    nft_drop_tcp_port,
+    nft_tcp_port_rule,
     run_connects,
     running_agent,
     tool_env,
@@ -108,7 +108,7 @@ def test_timed_out_connect_is_attributed_to_the_connector_not_the_timer(tmp_path
     with network_namespace() as netns:
         # The connect gives up after ~3 s instead of ~2 minutes; this sysctl governs IPv6 too.
         netns_exec(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")
-        with nft_drop_tcp_port(netns, port), running_agent(tmp_path) as agent:
+        with nft_tcp_port_rule(netns, port), running_agent(tmp_path) as agent:
             connector = run_connects(host, port, netns=netns)
             timed_out_in = netns_inode(netns)
             assert connector["attempts"][0]["errno"] == "ETIMEDOUT"
@@ -249,7 +249,7 @@ def test_an_observer_that_fails_to_load_does_not_stop_the_others(tmp_path):
 
 
 def test_kernel_helpers_clean_up_their_namespace_and_table():
-    with network_namespace() as netns, nft_drop_tcp_port(netns, 5555):
+    with network_namespace() as netns, nft_tcp_port_rule(netns, 5555):
         assert "tapio_test" in netns_exec(netns, "nft", "list", "tables").stdout
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert netns not in listed

@@ -30,6 +30,8 @@ OBSERVER = ObserverSpec(
                  feature="destinations told apart by network namespace, and data.netns"),
         BtfField("TAPIO_NET_NS_INUM_OFFSET", "net", "ns.inum",
                  feature="destinations told apart by network namespace, and data.netns"),
+        BtfField("TAPIO_SK_ERR_OFFSET", "sock", "sk_err",
+                 feature="failed connects told apart by the kernel's error (unreachable, abandoned, timed out)"),
         BtfField("TAPIO_TCP_RETRANS_STAMP_OFFSET", "tcp_sock", "retrans_stamp",
                  feature="failed connects' durations without a clock read on every connect"),
         BtfField("TAPIO_SK_RTX_QUEUE_OFFSET", "sock", "tcp_rtx_queue",
@@ -39,8 +41,10 @@ OBSERVER = ObserverSpec(
         BtfField("TAPIO_SKB_MSTAMP_OFFSET", "sk_buff", "skb_mstamp_ns",
                  feature="refused connects' durations to the nanosecond (else the millisecond)"),
     ),
-    description="TCP connects refused or timed out, resets, retransmit spikes, RTT degradation, RST storms",
-    bpf_counters=(BpfCounter("suppressed", "network_counts", 0), BpfCounter("untracked", "network_counts", 1)),
+    description="TCP connects refused, unreachable or timed out, resets, retransmit spikes, RTT degradation,"
+                " RST storms",
+    bpf_counters=(BpfCounter("suppressed", "network_counts", 0), BpfCounter("untracked", "network_counts", 1),
+                  BpfCounter("abandoned_connects", "network_counts", 2)),
     config_type=NetworkSettings,
 )
 

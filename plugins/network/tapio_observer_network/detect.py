@@ -9,6 +9,8 @@ under stricter settings -- and only then build Python objects for them.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import MutableMapping
 from typing import Any
@@ -18,6 +20,7 @@ import numpy as np
 from tapio_core import Anomaly
 from tapio_observer_network.records import (
     FAMILIES,
+    KIND_CONNECT_FAILED,
     KIND_CONNECT_REFUSED,
     KIND_CONNECT_TIMEOUT,
     KIND_CONNECTION_RESET,
@@ -32,16 +35,14 @@ from tapio_observer_network.records import (
 from tapio_observer_network.settings import NetworkSettings, rtt_factor_x16
 
 PREFIX = "kernel.network."
+#: kind -> (type, outcome); the error code and message come from the record (``connect_error``).
 CONNECT_FAILURES = {
-    KIND_CONNECT_REFUSED: (
-        PREFIX + "connection_refused", "failure", "ECONNREFUSED",
-        "connection refused: peer answered SYN with RST",
-    ),
-    KIND_CONNECT_TIMEOUT: (
-        PREFIX + "connection_timeout", "timeout", "ETIMEDOUT",
-        "connection attempt ended in SYN_SENT without a reply",
-    ),
+    KIND_CONNECT_REFUSED: (PREFIX + "connection_refused", "failure"),
+    KIND_CONNECT_TIMEOUT: (PREFIX + "connection_timeout", "timeout"),
+    KIND_CONNECT_FAILED: (PREFIX + "connection_unreachable", "failure"),
 }
+#: ``sk_error`` of a record whose kernel's BTF did not say where the socket's error is.
+ERROR_UNKNOWN = -1
 CONNECTION_RESET = PREFIX + "connection_reset"
 RETRANSMIT_SPIKE = PREFIX + "retransmit_spike"
 RTT_DEGRADATION = PREFIX + "rtt_degradation"
@@ -93,10 +94,28 @@ def _with_suppressed(data: dict[str, Any], suppressed: int) -> dict[str, Any]:
     return data
 
 
+def connect_error(kind: int, sk_error: int, rst_received: int, syn_retransmits: int) -> tuple[str, str, dict]:
+    """Error code, message and the ``data`` facts that tell how a failed connect ended."""
+    if kind == KIND_CONNECT_REFUSED:
+        if rst_received or sk_error == ERROR_UNKNOWN:
+            return "ECONNREFUSED", "connection refused: peer answered SYN with RST", {}
+        return "ECONNREFUSED", "connection refused: ICMP port unreachable", {}
+    if kind == KIND_CONNECT_FAILED:
+        code = errno.errorcode.get(sk_error, f"E{sk_error}")
+        return code, f"connection attempt failed: {os.strerror(sk_error)}", {}
+    if sk_error == 0:
+        return "ETIMEDOUT", "connection attempt abandoned by the application without a reply", {
+            "ended_by": "application"}
+    if sk_error == ERROR_UNKNOWN:
+        return "ETIMEDOUT", "connection attempt ended in SYN_SENT without a reply", {}
+    return "ETIMEDOUT", f"SYN unanswered: the kernel gave up after {syn_retransmits} retransmit(s)", {
+        "ended_by": "kernel"}
+
+
 def connect_failures(events: np.ndarray) -> list[Anomaly]:
     """One anomaly per failed-connect record, in kernel time order; other kinds are not this function's."""
     anomalies: list[Anomaly] = []
-    for kind, (type_, outcome, code, message) in CONNECT_FAILURES.items():
+    for kind, (type_, outcome) in CONNECT_FAILURES.items():
         rows = events[events["kind"] == kind]
         if rows.size == 0:
             continue
@@ -107,10 +126,11 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
             rows["family"].tolist(), rows["protocol"].tolist(), rows["src_port"].tolist(), rows["dst_port"].tolist(),
             rows["old_state"].tolist(), rows["new_state"].tolist(), rows["syn_retransmits"].tolist(),
             rows["src_addr"].tolist(), rows["dst_addr"].tolist(), rows["netns"].tolist(), rows["suppressed"].tolist(),
-            _fingerprints(rows), strict=True,
+            rows["sk_error"].tolist(), rows["rst_received"].tolist(), _fingerprints(rows), strict=True,
         )
         for (ts, syn_sent, cookie, pid, tid, cgroup, comm, family, proto, sport, dport, old, new, syn_rtx,
-             src, dst, netns, suppressed, fingerprint) in columns:
+             src, dst, netns, suppressed, sk_error, rst, fingerprint) in columns:
+            code, message, how = connect_error(kind, sk_error, rst, syn_rtx)
             anomalies.append(Anomaly(
                 type=type_, timestamp_ns=ts, severity="warning", outcome=outcome,
                 error_code=code, error_message=message, fingerprint=fingerprint,
@@ -122,6 +142,7 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
                     "old_state": _state(old), "new_state": _state(new),
                     "sock_cookie": cookie, "syn_retransmits": syn_rtx,
                     "connect_duration_ns": ts - syn_sent if syn_sent else None,  # None: the kernel did not say
+                    **how,
                 }, netns), suppressed),
             ))
     anomalies.sort(key=lambda anomaly: anomaly.timestamp_ns)

@@ -37,6 +37,11 @@
 #define KIND_RETRANSMIT_SPIKE 4
 #define KIND_RTT_DEGRADATION  5
 #define KIND_RST_STORM        6
+#define KIND_CONNECT_FAILED   7  /* ended by another error: an ICMP host or network unreachable, ... */
+
+/* errno values (asm-generic, the same on every architecture Tapio runs on) */
+#define TAPIO_ETIMEDOUT    110
+#define TAPIO_ECONNREFUSED 111
 
 #define SCOPE_DESTINATION 1
 #define SCOPE_NODE        2
@@ -72,9 +77,10 @@ struct network_record {
     u32 samples;           /* RTT samples the baseline was learned from */
     u8 owner_known;        /* task is the socket's owner (else zero: never the current task) */
     u8 scope;              /* rst_storm: SCOPE_DESTINATION or SCOPE_NODE */
-    u16 reserved;
+    u8 rst_received;       /* failed connect: the peer answered the SYN with RST */
+    u8 reserved;
     u32 netns;             /* the socket's network namespace (inode number), 0 if unknown or node-wide */
-    u32 reserved2;
+    int sk_error;          /* failed connect: the socket's error (errno) as it closed, 0 none, -1 unknown */
 };
 
 /* Mirrors kernel_settings() in tapio_observer_network/settings.py. */
@@ -88,6 +94,7 @@ struct network_settings {
     u64 rst_cooldown_ns;
     u64 rtt_learn_interval_ns;
     u64 rtt_cooldown_ns;
+    u64 abandoned_min_ns;       /* a connect the application ends sooner, unanswered, is not reported */
     u32 retransmit_threshold;
     u32 retransmit_window_ms;
     u32 rst_threshold;
@@ -153,7 +160,8 @@ struct rtt_state {
 /* Counts the agent reads into the observer's counters every second (BpfCounter in __init__.py). */
 #define COUNT_SUPPRESSED 0  /* events held back by a rate limit, an episode or a cool-down */
 #define COUNT_UNTRACKED  1  /* events their key found no room for in its map: not judged or not limited */
-BPF_PERCPU_ARRAY(network_counts, u64, 2);
+#define COUNT_ABANDONED  2  /* connects the application ended early, before any answer: not reported */
+BPF_PERCPU_ARRAY(network_counts, u64, 3);
 
 #ifndef OWNER_BUCKET_BITS     /* a -D flag may shrink it (the tests fill a small one) */
 #define OWNER_BUCKET_BITS 14  /* 16384 buckets of 4: 65536 sockets, 4 MiB */
@@ -332,6 +340,19 @@ static __always_inline u32 socket_netns(const void *sk)
     return inum;
 }
 
+/* The socket's error (sock.sk_err, an errno), -1 when this kernel's BTF does not say where it is.
+ * The kernel sets it before it moves a failing connect to CLOSE: ECONNREFUSED for a RST or an ICMP
+ * port unreachable, ETIMEDOUT (or an earlier ICMP error) when the SYNs went unanswered, the ICMP
+ * error's errno for an unreachable host or network; 0 when the application itself ended the attempt. */
+static __always_inline int socket_error(const void *sk)
+{
+    int err = -1;
+#ifdef TAPIO_SK_ERR_OFFSET
+    TAPIO_READ_AT(err, sk, TAPIO_SK_ERR_OFFSET);
+#endif
+    return err;
+}
+
 /* The socket's TCP state, 0 when this kernel's BTF does not say where it is. */
 static __always_inline u8 socket_state(const void *sk)
 {
@@ -502,7 +523,25 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     if (owner->connecting) {
         struct network_record rec = {};
         rec.timestamp_ns = bpf_ktime_get_ns();
-        rec.kind = owner->reset_received ? KIND_CONNECT_REFUSED : KIND_CONNECT_TIMEOUT;
+        rec.sk_error = socket_error(args->skaddr);
+        rec.rst_received = owner->reset_received;
+        if (owner->reset_received || rec.sk_error == TAPIO_ECONNREFUSED)
+            rec.kind = KIND_CONNECT_REFUSED;
+        else if (rec.sk_error > 0 && rec.sk_error != TAPIO_ETIMEDOUT)
+            rec.kind = KIND_CONNECT_FAILED;
+        else
+            rec.kind = KIND_CONNECT_TIMEOUT;  /* the kernel gave up, the application did, or unknown */
+        rec.syn_sent_ns = owner->syn_sent_ns ? owner->syn_sent_ns
+                                             : first_syn_sent_ns(args->skaddr, rec.timestamp_ns);
+        struct network_settings *cfg = settings();
+        /* Ended by the application before any SYN retransmit and sooner than the setting: a
+         * cancelled attempt (a happy-eyeballs loser, a close() while connecting), not a timeout. */
+        if (rec.sk_error == 0 && owner->syn_retransmits == 0 && cfg &&
+            (!rec.syn_sent_ns || rec.timestamp_ns - rec.syn_sent_ns < cfg->abandoned_min_ns)) {
+            count(COUNT_ABANDONED);
+            owner_forget(sk);
+            return 0;
+        }
         rec.family = args->family;
         copy_addr(rec.dst_addr, args->family, args->daddr, args->daddr_v6);
         rec.netns = socket_netns(args->skaddr);
@@ -512,9 +551,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         key.family = args->family;
         key.kind = rec.kind;
         key.netns = rec.netns;
-        if (limit_allows(settings(), &key, rec.timestamp_ns, &rec.suppressed)) {
-            rec.syn_sent_ns = owner->syn_sent_ns ? owner->syn_sent_ns
-                                                 : first_syn_sent_ns(args->skaddr, rec.timestamp_ns);
+        if (limit_allows(cfg, &key, rec.timestamp_ns, &rec.suppressed)) {
             rec.sock_cookie = owner->sock_cookie ? owner->sock_cookie : socket_cookie(args->skaddr);
             rec.task = owner->task;
             rec.owner_known = 1;

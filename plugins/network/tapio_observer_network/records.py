@@ -9,6 +9,7 @@ KIND_CONNECTION_RESET = 3
 KIND_RETRANSMIT_SPIKE = 4
 KIND_RTT_DEGRADATION = 5
 KIND_RST_STORM = 6
+KIND_CONNECT_FAILED = 7
 
 #: ``scope`` of an rst_storm record.
 SCOPE_DESTINATION = 1
@@ -42,9 +43,10 @@ NETWORK_RECORD = record_dtype([
     ("samples", "<u4"),
     ("owner_known", "u1"),
     ("scope", "u1"),
-    ("reserved", "<u2"),
+    ("rst_received", "u1"),
+    ("reserved", "u1"),
     ("netns", "<u4"),
-    ("reserved2", "<u4"),
+    ("sk_error", "<i4"),
 ])
 
 #: include/net/tcp_states.h

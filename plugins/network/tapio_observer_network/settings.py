@@ -55,6 +55,10 @@ class NetworkSettings:
     rst_storm_node_threshold: WholeNumber = attrs.field(default=200, validator=COUNT)
     rst_storm_window_s: float = _seconds(1.0, low=0.01, high=3600.0)
     rst_storm_cooldown_s: float = _seconds(10.0)
+    #: A connect the application ends itself while the peer has not answered (no kernel error) is a
+    #: connection_timeout once it waited this long or its SYN was retransmitted; sooner, it is a
+    #: cancelled attempt (a happy-eyeballs loser, a close() while connecting): counted, not reported.
+    abandoned_connect_min_s: float = _seconds(1.0, high=3600.0)
     #: connection_refused / _timeout / _reset occurrences per destination and second, on average...
     connection_rate_per_s: float = attrs.field(
         default=20.0, converter=float, validator=[v.ge(0.001), v.le(1_000_000.0)]
@@ -85,6 +89,7 @@ def kernel_settings(settings: NetworkSettings) -> dict[str, int]:
         "rst_cooldown_ns": ns(settings.rst_storm_cooldown_s),
         "rtt_learn_interval_ns": ns(settings.rtt_learn_interval_s),
         "rtt_cooldown_ns": ns(settings.rtt_cooldown_s),
+        "abandoned_min_ns": ns(settings.abandoned_connect_min_s),
         "retransmit_threshold": settings.retransmit_threshold,
         "retransmit_window_ms": round(settings.retransmit_window_s * 1000),
         "rst_threshold": settings.rst_storm_threshold,
