@@ -2,15 +2,16 @@
 
 A remote sink's ``tapio_sink_emit`` only puts occurrences on a bounded queue; one
 sender thread per sink forms batches (bounded by count, bytes and age), posts
-them through a transport, and retries connection errors, 5xx and 429 with
-exponential backoff and jitter (a ``Retry-After`` is honoured). So a slow or
-dead endpoint never holds up the ring buffers, nor any other sink.
+them through a transport, and retries connection errors and the statuses the
+sink names (by default 429 and every 5xx) with exponential backoff and jitter
+(a ``Retry-After`` is honoured). So a slow or dead endpoint never holds up the
+ring buffers, nor any other sink.
 
 Every occurrence handed to the sink (``emitted``) ends up counted once as:
 
 - ``delivered``: the endpoint accepted it;
-- ``failed``: it was sent and refused for good -- another 4xx, a redirect (never
-  followed), a certificate the CA bundle does not vouch for, retries used up,
+- ``failed``: it was sent and refused for good -- a status not retried, a redirect
+  (never followed), a certificate the CA bundle does not vouch for, retries used up,
   rejected in an OTLP partial success, or still unanswered at the shutdown
   deadline;
 - ``dropped``: it was never sent -- the queue was full (policy ``drop = "oldest"``,
@@ -32,7 +33,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -47,6 +48,8 @@ log = logging.getLogger("tapio.delivery")
 COUNTS = ("emitted", "delivered", "failed", "dropped", "retried")
 #: A server asking for a longer pause than this gets this long; the queue keeps filling meanwhile.
 RETRY_AFTER_CAP_S = 300.0
+#: Statuses sent again unless the sink names others: throttling and every server error.
+RETRY_STATUSES = frozenset({429, *range(500, 600)})
 
 
 def _endpoint(_instance: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -130,11 +133,12 @@ class Delivery:
     """One sink's queue, sender thread and counts."""
 
     def __init__(self, name: str, settings: DeliverySettings, encoder: Encoder, transport: Transport,
-                 counts: dict[str, int] | None = None) -> None:
+                 counts: dict[str, int] | None = None, *, retry_statuses: Container[int] = RETRY_STATUSES) -> None:
         self.name = name
         self.settings = settings
         self.encoder = encoder
         self.transport = transport
+        self.retry_statuses = retry_statuses
         self.counts = {} if counts is None else counts
         self.counts.update(dict.fromkeys(COUNTS, 0))
         self._queue: deque[tuple[float, Occurrence]] = deque()
@@ -272,7 +276,7 @@ class Delivery:
                 if 300 <= reply.status < 400:
                     return self._give_up(items, f"HTTP {reply.status} redirect, not followed: "
                                                 "set the endpoint to the final URL")
-                if reply.status != 429 and reply.status < 500:
+                if reply.status not in self.retry_statuses:
                     return self._give_up(items, f"HTTP {reply.status} (not retried)")
                 problem = f"HTTP {reply.status}"
                 retry_after = parse_retry_after(reply.headers.get("Retry-After"))
@@ -314,23 +318,30 @@ class Delivery:
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date), capped; None when absent or unreadable."""
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), capped; None when absent or unreadable.
+
+    "nan", "inf" or a negative number is unreadable too: the normal backoff applies, not a sleep that fails.
+    """
     if not value:
         return None
     try:
         seconds = float(value)
     except ValueError:
         try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            seconds = max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)  # a past date
         except (TypeError, ValueError):
             return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return None
+    return min(seconds, RETRY_AFTER_CAP_S)
 
 
-def start_delivery(sink: RunningSink, url: str, encoder: Encoder) -> Delivery:
+def start_delivery(sink: RunningSink, url: str, encoder: Encoder, *,
+                   retry_statuses: Container[int] = RETRY_STATUSES) -> Delivery:
     """What a remote sink's ``tapio_sink_open`` does; raises SinkError naming a setting that cannot work.
 
-    The counts go in ``sink.counters``, which `tapio status` shows.
+    The counts go in ``sink.counters``, which `tapio status` shows; ``retry_statuses`` are the
+    HTTP statuses worth sending a batch again for (a protocol may narrow them, as OTLP does).
     """
     from tapio_core import __version__
     from tapio_core.http_transport import HttpTransport
@@ -339,7 +350,8 @@ def start_delivery(sink: RunningSink, url: str, encoder: Encoder) -> Delivery:
         transport = HttpTransport(url, sink.config, user_agent=f"tapio/{__version__}")
     except SinkError as exc:
         raise SinkError(f"config [{sink.name}]: {exc}") from None
-    sink.state["delivery"] = Delivery(sink.name, sink.config, encoder, transport, sink.counters)
+    sink.state["delivery"] = Delivery(sink.name, sink.config, encoder, transport, sink.counters,
+                                      retry_statuses=retry_statuses)
     return sink.state["delivery"]
 
 

@@ -2,11 +2,13 @@
 
 A :class:`Receiver` records every request and answers from a script of replies
 (then 200). ``hold()`` makes it keep every request waiting until ``release()``:
-a slow or hung endpoint without sleeping on a clock.
+a slow or hung endpoint without sleeping on a clock. A :class:`HandshakeCutter`
+hangs up on every TLS handshake: an https endpoint in the middle of a restart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.server
 import shutil
@@ -32,7 +34,20 @@ class Received:
     at: float
 
 
-class Receiver:
+class Polled:
+    """A server whose state a test polls, instead of sleeping for a guessed time."""
+
+    def wait_for(self, predicate, timeout: float = 15.0) -> bool:
+        """Poll until ``predicate(self)`` is true; False at ``timeout`` (a bound for hung code, not a measure)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate(self):
+                return True
+            time.sleep(0.01)
+        return bool(predicate(self))
+
+
+class Receiver(Polled):
     """An HTTP server on 127.0.0.1 that records requests and answers from a script."""
 
     def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
@@ -75,15 +90,6 @@ class Receiver:
     def release(self) -> None:
         self._open.set()
 
-    def wait_for(self, predicate, timeout: float = 15.0) -> bool:
-        """Poll until ``predicate(self)`` is true; False at ``timeout`` (a bound for hung code, not a measure)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if predicate(self):
-                return True
-            time.sleep(0.01)
-        return bool(predicate(self))
-
     def _handler_class(self):
         receiver = self
 
@@ -109,6 +115,38 @@ class Receiver:
                 pass
 
         return Handler
+
+
+class HandshakeCutter(Polled):
+    """A TCP listener on 127.0.0.1 that reads each ClientHello and hangs up: TLS fails with an EOF, not a refusal."""
+
+    def __init__(self) -> None:
+        self.cut = 0
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.05)  # to notice the end of the test
+        self.port = self._socket.getsockname()[1]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> HandshakeCutter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._thread.join()
+        self._socket.close()  # the port is free again, for a Receiver to take
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            with connection, contextlib.suppress(OSError):  # a client that hung up first is not news
+                connection.settimeout(5.0)
+                connection.recv(4096)
+            self.cut += 1
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from http_servers import Receiver, free_port, make_certificates
+from http_servers import HandshakeCutter, Receiver, free_port, make_certificates
 
 from tapio_core.config import ConfigError, build_settings
 from tapio_core.delivery import Delivery, DeliverySettings, parse_retry_after
@@ -156,6 +156,19 @@ def test_retry_after_values():
     in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
     assert 55 <= parse_retry_after(in_a_minute) <= 60
     assert parse_retry_after(email.utils.formatdate(time.time() - 60, usegmt=True)) == 0.0
+    for unusable in ("nan", "NaN", "inf", "-inf", "1e999", "-1"):
+        assert parse_retry_after(unusable) is None, unusable
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5"])
+def test_an_unusable_retry_after_falls_back_to_the_backoff(value):
+    with Receiver() as receiver:
+        receiver.reply(429, {"Retry-After": value})
+        delivery = start(receiver.url, **FAST_RETRIES)
+        delivery.put(occurrences(2))
+        delivery.close()
+    assert len(receiver.received) == 2
+    assert delivery.counts == {"emitted": 2, "delivered": 2, "failed": 0, "dropped": 0, "retried": 1}
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 413])
@@ -275,6 +288,32 @@ def test_https_refuses_a_certificate_no_trusted_ca_signed(tmp_path, caplog):
     assert "certificate verify failed" in caplog.text
 
 
+def test_https_refuses_a_certificate_for_another_host(tmp_path, caplog):
+    certificates = make_certificates(tmp_path)  # for 127.0.0.1 only
+    with Receiver(tls=certificates.server_context()) as receiver:
+        delivery = start(f"https://localhost:{receiver.port}", ca_bundle=str(certificates.ca), **FAST_RETRIES)
+        delivery.put(occurrences(3))
+        delivery.close()
+    assert receiver.received == []
+    assert delivery.counts == {"emitted": 3, "delivered": 0, "failed": 3, "dropped": 0, "retried": 0}
+    assert "Hostname mismatch" in caplog.text
+
+
+def test_an_https_endpoint_cutting_handshakes_while_it_restarts_is_retried(tmp_path):
+    certificates = make_certificates(tmp_path)
+    with HandshakeCutter() as restarting:
+        delivery = start(f"https://127.0.0.1:{restarting.port}", ca_bundle=str(certificates.ca), max_retries=1000,
+                         **FAST_RETRIES)
+        delivery.put(occurrences(3))
+        assert restarting.wait_for(lambda c: c.cut >= 2)  # TLS errors, yet the sender keeps trying
+    with Receiver(port=restarting.port, tls=certificates.server_context()) as receiver:
+        assert receiver.wait_for(lambda r: len(ids(r)) == 3)
+        delivery.close()
+    assert ids(receiver) == [o.id for o in occurrences(3)]
+    assert (delivery.counts["delivered"], delivery.counts["failed"]) == (3, 0)
+    assert delivery.counts["retried"] >= 2
+
+
 def test_an_http_endpoint_stays_http_and_an_https_one_stays_https(tmp_path):
     certificates = make_certificates(tmp_path)
     with Receiver(tls=certificates.server_context()) as receiver:
@@ -321,6 +360,66 @@ def test_a_token_file_is_read_again_when_it_is_rotated(tmp_path):
         delivery.close()
     assert [r.headers["Authorization"] for r in receiver.received] == ["Bearer first-token",
                                                                         "Bearer second-token-longer"]
+
+
+def test_the_token_read_at_start_up_is_kept_if_the_variable_is_emptied(monkeypatch):
+    monkeypatch.setenv("TAPIO_TEST_TOKEN", SECRET)
+    with Receiver() as receiver:
+        delivery = start(receiver.url, token_env="TAPIO_TEST_TOKEN")
+        monkeypatch.setenv("TAPIO_TEST_TOKEN", "")
+        delivery.put(occurrences(1))
+        delivery.close()
+    assert receiver.received[0].headers["Authorization"] == f"Bearer {SECRET}"
+
+
+@pytest.mark.parametrize("token", [f"{SECRET}\nsecond-line", f"{SECRET}\r\nX-Injected: 1", f"{SECRET}\x7f",
+                                   f"{SECRET}\u00e9"], ids=["two lines", "CRLF", "DEL", "not ASCII"])
+def test_a_token_no_header_can_hold_stops_start_up_without_showing_it(tmp_path, monkeypatch, token):
+    monkeypatch.setenv("TAPIO_TEST_TOKEN", token)
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    for setting, source in (({"token_env": "TAPIO_TEST_TOKEN"}, "token_env: the environment variable TAPIO_TEST_TOKEN"),
+                            ({"token_file": str(token_file)}, f"token_file: {token_file}")):
+        with pytest.raises(SinkError) as caught:
+            BearerToken(DeliverySettings(endpoint="https://example.invalid/", **setting))
+        message = str(caught.value)
+        assert message.startswith(f"{source} holds a line break or another character not allowed in an HTTP header")
+        assert SECRET not in message and "\n" not in message
+
+
+def test_a_token_file_rotated_to_two_lines_is_not_sent_nor_shown(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token\n")
+    with Receiver() as receiver:
+        delivery = start(receiver.url, token_file=str(token_file), batch_max_count=1, max_retries=1000,
+                         **FAST_RETRIES)
+        delivery.put(occurrences(1))
+        assert receiver.wait_for(lambda r: len(r.received) == 1)
+        token_file.write_text(f"{SECRET}\nsecond-line\n")
+        delivery.put(occurrences(1, start=1))
+        assert receiver.wait_for(lambda r: delivery.counts["retried"] >= 2)  # held back, and tried again
+        token_file.write_text("third-token-fixed\n")
+        delivery.close()
+    assert [r.headers["Authorization"] for r in receiver.received] == ["Bearer first-token", "Bearer third-token-fixed"]
+    assert "holds a line break" in caplog.text
+    assert SECRET not in caplog.text
+    assert delivery.counts["delivered"] == 2
+
+
+def test_a_header_requests_refuses_fails_at_once_and_its_value_is_never_shown(monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("TAPIO_TEST_TOKEN", "start-up-token")
+    with Receiver() as receiver:
+        delivery = start(receiver.url, token_env="TAPIO_TEST_TOKEN", **FAST_RETRIES)
+        # Past the start-up check by some other route: the transport must still keep it out of every message.
+        monkeypatch.setattr(delivery.transport.token, "header", lambda: f"Bearer {SECRET}\r\nX-Injected: 1")
+        delivery.put(occurrences(2))
+        delivery.close()
+    assert receiver.received == []
+    assert delivery.counts == {"emitted": 2, "delivered": 0, "failed": 2, "dropped": 0, "retried": 0}
+    assert "InvalidHeader" in caplog.text
+    assert SECRET not in caplog.text
 
 
 def test_a_missing_token_stops_start_up_naming_the_setting(tmp_path, monkeypatch):

@@ -113,6 +113,19 @@ def test_a_missing_or_invalid_setting_stops_start_up_with_one_line(tmp_path, mon
     assert result.output.count("\n") == 1
 
 
+def test_a_two_line_token_file_stops_start_up_with_one_line_that_does_not_show_it(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cr3t-first-line\nsecond-line\n")
+    recording = tmp_path / "rec"
+    write_recording(recording, [pack_network_record(KIND_CONNECT_REFUSED)])
+    result = CliRunner().invoke(cli, ["replay", str(recording), "--plugins", "network,http", "--sink", "http",
+                                      "--set", 'http.endpoint="https://127.0.0.1:9"',
+                                      "--set", f'http.token_file="{token_file}"'])
+    assert result.exit_code != 0
+    assert result.output == (f"Error: config [http]: token_file: {token_file} holds a line break or another "
+                             "character not allowed in an HTTP header: put the token alone on one line\n")
+
+
 def test_settings_come_from_the_config_file_table_named_after_the_sink(tmp_path):
     with Receiver() as receiver:
         config = tmp_path / "tapio.toml"

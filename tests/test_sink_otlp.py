@@ -56,10 +56,23 @@ def attributes(key_values) -> dict[str, str]:
     return {kv.key: kv.value.string_value for kv in key_values}
 
 
+CONTAINER_ID = "0123456789abcdef" * 4  # as the runtime names the container's cgroup
+
+
+def enriched(pod: str, workload: tuple[str, str] | None = None, namespace: str = "shop") -> Context:
+    """A context as tapio_enrich_kubernetes fills it (enrich.py): pod and workload named "namespace/name",
+    the container by its name in the pod spec, the workload kind lowercased."""
+    entities = [Entity(kind="pod", id=f"uid-{pod}", name=f"{namespace}/{pod}"),
+                Entity(kind="container", id=CONTAINER_ID, name="app")]
+    if workload is not None:
+        kind, name = workload
+        entities.append(Entity(kind=kind, id=f"uid-{name}", name=f"{namespace}/{name}"))
+    return Context(node="node-1", namespace=namespace, entities=entities)
+
+
 def test_every_field_of_the_export_request(tmp_path):
-    pod = Context(node="node-1", namespace="shop", entities=[Entity(kind="container", id="c1", name="app"),
-                                                             Entity(kind="pod", id="uid-1", name="cart-0")])
-    refused = occurrence(1, context=pod, error=Error(code="ECONNREFUSED", message="connection refused"))
+    refused = occurrence(1, context=enriched("cart-0", ("statefulset", "cart")),
+                         error=Error(code="ECONNREFUSED", message="connection refused"))
     bare = occurrence(2, severity="critical")
     before = time.time_ns()
     with Receiver() as receiver:
@@ -74,9 +87,10 @@ def test_every_field_of_the_export_request(tmp_path):
     assert len(message.resource_logs) == 2  # one per Kubernetes resource
     in_pod, on_host = message.resource_logs
     common = {"service.name": "tapio", "service.version": tapio_core.__version__, "host.name": "worker-7"}
-    assert attributes(in_pod.resource.attributes) == {**common, "k8s.node.name": "node-1",
-                                                      "k8s.namespace.name": "shop", "k8s.pod.name": "cart-0",
-                                                      "k8s.pod.uid": "uid-1"}
+    assert attributes(in_pod.resource.attributes) == {
+        **common, "k8s.node.name": "node-1", "k8s.namespace.name": "shop", "k8s.pod.name": "cart-0",
+        "k8s.pod.uid": "uid-cart-0", "k8s.container.name": "app", "container.id": CONTAINER_ID,
+        "k8s.statefulset.name": "cart", "k8s.statefulset.uid": "uid-cart"}
     assert attributes(on_host.resource.attributes) == common
     for resource_logs, expected in ((in_pod, refused), (on_host, bare)):
         [scope_logs] = resource_logs.scope_logs
@@ -111,9 +125,43 @@ def test_severity_numbers(tmp_path, severity, number):
     assert message.resource_logs[0].scope_logs[0].log_records[0].severity_number == number
 
 
+def test_names_are_bare_and_workloads_map_to_their_semantic_conventions(tmp_path):
+    contexts = {
+        "deployment": enriched("web-7d4b9-x2x", ("deployment", "web")),
+        "replicaset": enriched("web-7d4b9-x2x", ("replicaset", "web-7d4b9")),  # its Deployment not known yet
+        "daemonset": enriched("agent-q8z", ("daemonset", "agent"), namespace="kube-system"),
+        "job": enriched("backup-29-abc", ("job", "backup-29")),
+        "cronjob": enriched("backup-29-abc", ("cronjob", "backup")),
+        "other owner": enriched("canary-0", ("rollout", "canary")),  # a custom controller: no convention for it
+        "bare pod name": Context(namespace="shop", entities=[Entity(kind="pod", id="uid-cart-0", name="cart-0")]),
+    }
+    batch = [occurrence(n, context=context) for n, context in enumerate(contexts.values())]
+    with Receiver() as receiver:
+        pipeline = open_pipeline(tmp_path, endpoint=receiver.url)
+        pipeline.emit(batch)
+        pipeline.close()
+    [message] = export(receiver)
+    k8s = [{key: value for key, value in attributes(rl.resource.attributes).items() if key.startswith("k8s.")}
+           for rl in message.resource_logs]
+    pod, container = {"k8s.node.name": "node-1", "k8s.namespace.name": "shop"}, {"k8s.container.name": "app"}
+    assert dict(zip(contexts, k8s, strict=True)) == {
+        "deployment": {**pod, **container, "k8s.pod.name": "web-7d4b9-x2x", "k8s.pod.uid": "uid-web-7d4b9-x2x",
+                       "k8s.deployment.name": "web", "k8s.deployment.uid": "uid-web"},
+        "replicaset": {**pod, **container, "k8s.pod.name": "web-7d4b9-x2x", "k8s.pod.uid": "uid-web-7d4b9-x2x",
+                       "k8s.replicaset.name": "web-7d4b9", "k8s.replicaset.uid": "uid-web-7d4b9"},
+        "daemonset": {**pod, **container, "k8s.namespace.name": "kube-system", "k8s.pod.name": "agent-q8z",
+                      "k8s.pod.uid": "uid-agent-q8z", "k8s.daemonset.name": "agent", "k8s.daemonset.uid": "uid-agent"},
+        "job": {**pod, **container, "k8s.pod.name": "backup-29-abc", "k8s.pod.uid": "uid-backup-29-abc",
+                "k8s.job.name": "backup-29", "k8s.job.uid": "uid-backup-29"},
+        "cronjob": {**pod, **container, "k8s.pod.name": "backup-29-abc", "k8s.pod.uid": "uid-backup-29-abc",
+                    "k8s.cronjob.name": "backup", "k8s.cronjob.uid": "uid-backup"},
+        "other owner": {**pod, **container, "k8s.pod.name": "canary-0", "k8s.pod.uid": "uid-canary-0"},
+        "bare pod name": {"k8s.namespace.name": "shop", "k8s.pod.name": "cart-0", "k8s.pod.uid": "uid-cart-0"},
+    }
+
+
 def test_occurrences_of_one_pod_share_one_resource_in_order(tmp_path):
-    pod = Context(namespace="shop", entities=[Entity(kind="pod", id="u", name="cart-0")])
-    other = Context(namespace="shop", entities=[Entity(kind="pod", id="v", name="cart-1")])
+    pod, other = enriched("cart-0"), enriched("cart-1")
     batch = [occurrence(1, context=pod), occurrence(2, context=other), occurrence(3, context=pod)]
     with Receiver() as receiver:
         pipeline = open_pipeline(tmp_path, endpoint=receiver.url)
@@ -125,12 +173,22 @@ def test_occurrences_of_one_pod_share_one_resource_in_order(tmp_path):
     assert grouped == [[batch[0].id, batch[2].id], [batch[1].id]]
 
 
-def test_a_partial_success_counts_the_rejected_records_as_failed(tmp_path, caplog):
+PARTIAL = ExportLogsServiceResponse(partial_success=ExportLogsPartialSuccess(
+    rejected_log_records=2, error_message="2 records older than the retention window"))
+
+
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("application/x-protobuf", PARTIAL.SerializeToString()),
+    # The OTLP/HTTP JSON mapping: lowerCamelCase keys, an int64 as a string (a plain number is read too).
+    ("application/json", json.dumps({"partialSuccess": {
+        "rejectedLogRecords": "2", "errorMessage": "2 records older than the retention window"}}).encode()),
+    ("application/json; charset=utf-8", json.dumps({"partialSuccess": {
+        "rejectedLogRecords": 2, "errorMessage": "2 records older than the retention window"}}).encode()),
+], ids=["protobuf", "json", "json with a number"])
+def test_a_partial_success_counts_the_rejected_records_as_failed(tmp_path, caplog, content_type, body):
     caplog.set_level(logging.WARNING)
-    partial = ExportLogsServiceResponse(partial_success=ExportLogsPartialSuccess(
-        rejected_log_records=2, error_message="2 records older than the retention window"))
     with Receiver() as receiver:
-        receiver.reply(200, {"Content-Type": "application/x-protobuf"}, partial.SerializeToString())
+        receiver.reply(200, {"Content-Type": content_type}, body)
         pipeline = open_pipeline(tmp_path, endpoint=receiver.url)
         pipeline.emit([occurrence(n) for n in range(5)])
         pipeline.close()
@@ -138,10 +196,15 @@ def test_a_partial_success_counts_the_rejected_records_as_failed(tmp_path, caplo
     assert "rejected 2 of 5 occurrences: 2 records older than the retention window" in caplog.text
 
 
-def test_an_empty_success_response_accepts_everything(tmp_path):
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("application/x-protobuf", ExportLogsServiceResponse().SerializeToString()),
+    ("application/json", b"{}"),
+    ("application/json", b""),
+    ("text/html", b"<html>ok</html>"),
+])
+def test_an_empty_or_unreadable_success_response_accepts_everything(tmp_path, content_type, body):
     with Receiver() as receiver:
-        receiver.reply(200, {"Content-Type": "application/x-protobuf"},
-                       ExportLogsServiceResponse().SerializeToString())
+        receiver.reply(200, {"Content-Type": content_type}, body)
         pipeline = open_pipeline(tmp_path, endpoint=receiver.url)
         pipeline.emit([occurrence(n) for n in range(3)])
         pipeline.close()
@@ -159,6 +222,22 @@ def test_throttling_is_retried_like_the_http_sink(tmp_path):
     # First batch: 429, 503, then refused with 400 (no retry); second batch: accepted at once.
     assert len(receiver.received) == 4
     assert pipeline.sinks[0].counters == {"emitted": 4, "delivered": 2, "failed": 2, "dropped": 0, "retried": 2}
+
+
+@pytest.mark.parametrize(("status", "retried"), [(500, False), (501, False), (505, False), (429, True),
+                                                (502, True), (503, True), (504, True)])
+def test_only_the_statuses_otlp_allows_are_retried(tmp_path, status, retried):
+    with Receiver() as receiver:
+        receiver.reply(status)
+        pipeline = open_pipeline(tmp_path, endpoint=receiver.url)
+        pipeline.emit([occurrence(n) for n in range(3)])
+        pipeline.close()
+    if retried:
+        assert len(receiver.received) == 2
+        assert pipeline.sinks[0].counters == {"emitted": 3, "delivered": 3, "failed": 0, "dropped": 0, "retried": 1}
+    else:
+        assert len(receiver.received) == 1
+        assert pipeline.sinks[0].counters == {"emitted": 3, "delivered": 0, "failed": 3, "dropped": 0, "retried": 0}
 
 
 def test_the_endpoint_is_required(tmp_path):

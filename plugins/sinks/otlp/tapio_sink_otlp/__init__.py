@@ -1,7 +1,8 @@
 """Tapio sink: occurrences as OTLP/HTTP log records (Grafana, any OpenTelemetry backend).
 
 Queueing, batching, retries and counts are ``tapio_core.delivery``'s; this
-plugin only builds ``ExportLogsServiceRequest`` bodies and reads partial successes.
+plugin only builds ``ExportLogsServiceRequest`` bodies, reads partial successes and
+names the statuses OTLP/HTTP lets a client retry.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import attrs
 from tapio_core import SinkSpec, hookimpl
 from tapio_core.delivery import QUEUED, DeliverySettings, start_delivery
 from tapio_sink_otlp.encode import OtlpLogs
+
+#: The only statuses OTLP/HTTP allows a client to retry; any other error is final.
+OTLP_RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @attrs.define(kw_only=True)
@@ -32,7 +36,8 @@ def tapio_register_sinks(register):
 
 @hookimpl
 def tapio_sink_open(sink):
-    start_delivery(sink, sink.config.endpoint.rstrip("/") + "/v1/logs", OtlpLogs(sink.config.host_name))
+    start_delivery(sink, sink.config.endpoint.rstrip("/") + "/v1/logs", OtlpLogs(sink.config.host_name),
+                   retry_statuses=OTLP_RETRY_STATUSES)
 
 
 # Emit queues for the sender thread; close flushes within the deadline (shared by the remote sinks).

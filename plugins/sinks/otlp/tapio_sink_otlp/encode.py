@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
@@ -15,7 +16,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationSc
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs, SeverityNumber
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
-from tapio_core import Occurrence, __version__
+from tapio_core import Context, Occurrence, __version__
 from tapio_core.delivery import Reply
 
 SEVERITY_NUMBERS = {
@@ -25,6 +26,9 @@ SEVERITY_NUMBERS = {
     "error": SeverityNumber.SEVERITY_NUMBER_ERROR,
     "critical": SeverityNumber.SEVERITY_NUMBER_FATAL,
 }
+
+#: Owner kinds the Kubernetes enricher names (lowercased) that the OTel conventions have k8s.<kind>.name/uid for.
+WORKLOAD_KINDS = frozenset({"deployment", "statefulset", "daemonset", "replicaset", "job", "cronjob"})
 
 ResourceKey = tuple[tuple[str, str], ...]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -45,17 +49,8 @@ class OtlpLogs:
 
     def resource_key(self, occurrence: Occurrence) -> ResourceKey:
         attributes = {"service.name": "tapio", "service.version": __version__, "host.name": self.host_name}
-        context = occurrence.context
-        if context is not None:
-            if context.node:
-                attributes["k8s.node.name"] = context.node
-            if context.namespace:
-                attributes["k8s.namespace.name"] = context.namespace
-            for entity in context.entities:
-                if entity.kind.lower() == "pod":
-                    attributes["k8s.pod.name"] = entity.name
-                    attributes["k8s.pod.uid"] = entity.id
-                    break
+        if occurrence.context is not None:
+            attributes.update(k8s_attributes(occurrence.context))
         return tuple(attributes.items())
 
     def body(self, items: Sequence[tuple[ResourceKey, LogRecord]]) -> bytes:
@@ -70,13 +65,42 @@ class OtlpLogs:
         return request.SerializeToString()
 
     def rejected(self, reply: Reply, sent: int) -> tuple[int, str]:
-        """The ``partial_success`` of a 2xx ``ExportLogsServiceResponse``: records the backend refused."""
+        """The ``partial_success`` of a 2xx ``ExportLogsServiceResponse``, protobuf or JSON: records refused."""
+        response = ExportLogsServiceResponse()
         try:
-            response = ExportLogsServiceResponse.FromString(reply.body)
-        except DecodeError:
-            return 0, ""  # not protobuf (e.g. an empty JSON object from a proxy): nothing says it refused any
+            if reply.headers.get("Content-Type", "").partition(";")[0].strip().lower() == "application/json":
+                # The OTLP/HTTP JSON mapping: {"partialSuccess": {"rejectedLogRecords": "2", "errorMessage": ...}}
+                json_format.Parse(reply.body, response, ignore_unknown_fields=True)
+            else:
+                response.ParseFromString(reply.body)
+        except (DecodeError, json_format.ParseError, ValueError):
+            return 0, ""  # unreadable (e.g. a proxy's own page): nothing says it refused any
         partial = response.partial_success
-        return min(partial.rejected_log_records, sent), partial.error_message
+        return min(max(partial.rejected_log_records, 0), sent), partial.error_message
+
+
+def k8s_attributes(context: Context) -> dict[str, str]:
+    """OTel Kubernetes (``k8s.*``, ``container.id``) resource attributes from an enriched context.
+
+    The enricher names pods and workloads ``namespace/name``; the conventions want the bare
+    name, unique within ``k8s.namespace.name``. The first entity of each kind counts.
+    """
+    attributes = {"k8s.node.name": context.node} if context.node else {}
+    namespace = context.namespace
+    for entity in context.entities:
+        kind = entity.kind.lower()
+        if kind == "container":
+            attributes.setdefault("k8s.container.name", entity.name)  # the name in the pod spec
+            attributes.setdefault("container.id", entity.id)
+        elif kind == "pod" or kind in WORKLOAD_KINDS:
+            prefix, _, name = entity.name.rpartition("/")
+            if kind == "pod" and "k8s.pod.name" not in attributes:
+                namespace = prefix or namespace  # the pod's own namespace, where its name is unique
+            attributes.setdefault(f"k8s.{kind}.name", name)
+            attributes.setdefault(f"k8s.{kind}.uid", entity.id)
+    if namespace:
+        attributes["k8s.namespace.name"] = namespace
+    return attributes
 
 
 def log_record(occurrence: Occurrence) -> LogRecord:
