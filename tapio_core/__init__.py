@@ -6,7 +6,15 @@ plus the declaration types re-exported below.
 
 from tapio_core.enricher import EnricherSpec, RunningEnricher
 from tapio_core.hookspecs import hookimpl
-from tapio_core.observer import Anomaly, BpfCounter, BtfField, ObserverSpec, RunningObserver, record_dtype
+from tapio_core.observer import (
+    Anomaly,
+    BpfCounter,
+    BtfField,
+    ObserverSpec,
+    RunningObserver,
+    TracepointField,
+    record_dtype,
+)
 from tapio_core.occurrence import Context, Entity, Error, Occurrence
 from tapio_core.sink import RunningSink, SinkSpec
 
@@ -26,6 +34,7 @@ __all__ = [
     "RunningObserver",
     "RunningSink",
     "SinkSpec",
+    "TracepointField",
     "hookimpl",
     "record_dtype",
 ]

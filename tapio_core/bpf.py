@@ -66,9 +66,22 @@ def btf_cflags(spec: ObserverSpec, btf: Btf | None) -> tuple[list[str], list[str
     return flags, disabled
 
 
+def tracepoint_cflags(spec: ObserverSpec) -> tuple[list[str], list[str]]:
+    """``-D`` flags for the tracepoint fields this kernel has, and the features lost to those it lacks."""
+    flags, disabled = [], []
+    for field in spec.tracepoint_fields:
+        if tracepoint_has_field(field.tracepoint, field.field):
+            flags.append(f"-D{field.macro}=1")
+        else:
+            disabled.append(field.feature)
+            log.warning("%s: tracepoint %s has no field %s on this kernel; %s disabled",
+                        spec.name, field.tracepoint, field.field, field.feature)
+    return flags, disabled
+
+
 def missing_tracepoints(spec: ObserverSpec) -> list[str]:
     """Declared tracepoints this kernel lacks (``raw:NAME`` entries are checked in tracefs too)."""
-    tracefs = Path("/sys/kernel/tracing/events")
+    tracefs = TRACEFS_EVENTS
     missing = []
     for name in spec.tracepoints:
         category, _, event = name.partition(":")
@@ -79,11 +92,14 @@ def missing_tracepoints(spec: ObserverSpec) -> list[str]:
     return missing
 
 
-def tracepoint_has_field(tracepoint: str, field: str) -> bool:
+TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
+
+
+def tracepoint_has_field(tracepoint: str, field: str, events_dir: Path | None = None) -> bool:
     """Whether ``category:name`` carries ``field`` on this kernel (from its tracefs format)."""
     category, _, event = tracepoint.partition(":")
     try:
-        text = (Path("/sys/kernel/tracing/events") / category / event / "format").read_text()
+        text = ((events_dir or TRACEFS_EVENTS) / category / event / "format").read_text()
     except OSError:
         return False
     return any(line.strip().startswith("field:") and line.split(";")[0].split()[-1].split("[")[0] == field
@@ -110,6 +126,9 @@ def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) ->
     if not source.is_file():
         raise ObserverLoadError(f"{spec.name}: BPF source {source} not found")
     flags, disabled = btf_cflags(spec, btf)
+    tracepoint_flags, tracepoint_disabled = tracepoint_cflags(spec)
+    flags += tracepoint_flags
+    disabled += tracepoint_disabled
     includes = [f"-I{ebpf_dir}"] if ebpf_dir is not None else []
     includes.append(f"-I{shared_include_dir()}")
     from bcc import BPF

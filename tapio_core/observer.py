@@ -43,6 +43,23 @@ class BtfField:
 
 
 @attrs.frozen
+class TracepointField:
+    """A tracepoint argument the BPF source reads only where this kernel's tracepoint carries it.
+
+    bcc builds a ``TRACEPOINT_PROBE``'s ``args`` from the tracepoint's tracefs
+    format, so naming a field an older kernel lacks fails the whole compile. The
+    agent compiles with ``-D<macro>=1`` where ``tracepoint`` (``category:name``)
+    has ``field``; elsewhere the macro stays undefined, the C code's ``#ifdef``
+    path is taken and the agent logs that ``feature`` is unavailable.
+    """
+
+    macro: str
+    tracepoint: str
+    field: str
+    feature: str
+
+
+@attrs.frozen
 class BpfCounter:
     """A count the BPF side keeps (an array map slot, per-CPU or not) that `tapio status` should show.
 
@@ -64,6 +81,7 @@ class ObserverSpec:
     record_dtype: np.dtype
     tracepoints: tuple[str, ...]
     btf_fields: tuple[BtfField, ...] = ()
+    tracepoint_fields: tuple[TracepointField, ...] = ()
     ring_buffer: str = "events"
     lost_counter: str | None = "tapio_lost"
     description: str = ""

@@ -14,9 +14,10 @@ import attrs
 import pytest
 from plugin_helpers import Collect
 
-from tapio_core import Anomaly, BpfCounter, BtfField, ObserverSpec, hookimpl, record_dtype
+import tapio_core.bpf
+from tapio_core import Anomaly, BpfCounter, BtfField, ObserverSpec, TracepointField, hookimpl, record_dtype
 from tapio_core.agent import Agent
-from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, tracepoint_has_field
+from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, tracepoint_cflags, tracepoint_has_field
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
@@ -190,6 +191,20 @@ def test_ebpf_dir_overrides_the_installed_source(toy_source, tmp_path):
         agent.shutdown()
     assert [o.data["setting"] for o in sink.received] == [1007]
 
+
+
+def test_tracepoint_fields_define_their_macro_only_where_the_kernel_has_them(tmp_path, monkeypatch, caplog):
+    fmt = tmp_path / "sched" / "sched_process_exit" / "format"
+    fmt.parent.mkdir(parents=True)
+    fmt.write_text("\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:bool group_dead;\toffset:32;\n")
+    monkeypatch.setattr(tapio_core.bpf, "TRACEFS_EVENTS", tmp_path)
+    spec = ObserverSpec(name="t", bpf_source=Path("t.bpf.c"), record_dtype=TOY_RECORD, tracepoints=(),
+                        tracepoint_fields=(
+                            TracepointField("HAS_GROUP_DEAD", "sched:sched_process_exit", "group_dead", "one"),
+                            TracepointField("HAS_PRIO", "sched:sched_process_exit", "prio", "two"),
+                            TracepointField("HAS_ERR", "tcp:tcp_retransmit_skb", "err", "three")))
+    assert tracepoint_cflags(spec) == (["-DHAS_GROUP_DEAD=1"], ["two", "three"])
+    assert "tracepoint sched:sched_process_exit has no field prio on this kernel; two disabled" in caplog.text
 
 
 def test_tracepoint_has_field_reads_this_kernels_format():

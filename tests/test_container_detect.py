@@ -16,7 +16,7 @@ from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
 from tapio_core.sink import SinkOptions
-from tapio_observer_container import bitmap, exit_tracepoint_cflags
+from tapio_observer_container import bitmap
 from tapio_observer_container import records as records_module
 from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import (
@@ -262,15 +262,4 @@ def test_kinds_and_flags_match_the_c_defines():
     assert {name: eval(value) for name, value in defines.items()} == python  # "(1 << 3)" and plain ints
 
 
-@pytest.mark.parametrize(("format_text", "cflags"), [
-    ("\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:bool group_dead;\toffset:32;\tsize:1;\n",
-     ("-DTAPIO_EXIT_HAS_GROUP_DEAD",)),
-    ("\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:int prio;\toffset:28;\tsize:4;\n", ()),
-    (None, ()),
-])
-def test_group_dead_is_used_only_where_the_tracepoint_has_it(tmp_path, format_text, cflags):
-    fmt = tmp_path / "format"
-    if format_text is not None:
-        fmt.write_text(format_text)
-    assert exit_tracepoint_cflags(fmt) == cflags
 

@@ -36,6 +36,7 @@ from plugin_helpers import Collect
 import tapio_observer_container
 from tapio_core import hookimpl
 from tapio_core.agent import Agent
+from tapio_core.bpf import tracepoint_cflags
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
@@ -490,11 +491,12 @@ class ContainerVariant:
     """The container plugin compiled differently: some BtfFields pointing at members no kernel has,
     or other cflags -- what an older or differently built kernel would give it."""
 
-    def __init__(self, missing: set[str] = frozenset(), cflags: tuple[str, ...] | None = None):
+    def __init__(self, missing: set[str] = frozenset(), tracepoint_fields: tuple | None = None):
         spec = tapio_observer_container.OBSERVER
         fields = tuple(attrs.evolve(field, path="no_such_member") if field.macro in missing else field
                        for field in spec.btf_fields)
-        self.spec = attrs.evolve(spec, btf_fields=fields, cflags=spec.cflags if cflags is None else cflags)
+        self.spec = attrs.evolve(spec, btf_fields=fields, tracepoint_fields=(
+            spec.tracepoint_fields if tracepoint_fields is None else tracepoint_fields))
 
     @hookimpl
     def tapio_register_observers(self, register):
@@ -597,8 +599,8 @@ def start_threaded(mode: str) -> tuple[subprocess.Popen, str]:
 
 def test_without_group_dead_threads_dying_together_still_make_one_record():
     """Kernels whose sched_process_exit lacks group_dead: the last thread is found through signal->live."""
-    assert "-DTAPIO_EXIT_HAS_GROUP_DEAD" in tapio_observer_container.OBSERVER.cflags  # this kernel has it
-    with agent_in_process({}, ContainerVariant(cflags=())) as agent:
+    assert "-DTAPIO_EXIT_HAS_GROUP_DEAD=1" in tracepoint_cflags(tapio_observer_container.OBSERVER)[0]  # it has
+    with agent_in_process({}, ContainerVariant(tracepoint_fields=())) as agent:
         pids = {}
         for _ in range(5):  # exit_group from a worker: nine threads die at once, racing for the last
             proc, _leader = start_threaded("exit")

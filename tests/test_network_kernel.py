@@ -17,6 +17,7 @@ import stat
 import subprocess
 import time
 
+import attrs
 import pytest
 from kernel_helpers import (
     AGENT,
@@ -33,6 +34,10 @@ from kernel_helpers import (
     tool_env,
 )
 from plugin_helpers import install_on_path
+
+import tapio_observer_network
+from tapio_core.bpf import load_observer
+from tapio_core.btf import Btf
 
 pytestmark = pytest.mark.kernel
 
@@ -246,6 +251,19 @@ def test_an_observer_that_fails_to_load_does_not_stop_the_others(tmp_path):
         time.sleep(SETTLE_S)
         assert agent.process.poll() is None, agent.stderr_text()
         assert agent.stop() == 0
+
+
+def test_on_a_kernel_whose_retransmit_tracepoint_lacks_err_the_observer_still_compiles():
+    """Older kernels' tcp_retransmit_skb has no ``err``; naming it there would fail the whole compile."""
+    spec = tapio_observer_network.OBSERVER
+    older = attrs.evolve(spec, tracepoint_fields=tuple(
+        attrs.evolve(field, field="no_such_field") for field in spec.tracepoint_fields))
+    bpf, disabled = load_observer(older, None, Btf.load())
+    bpf.cleanup()
+    assert disabled == ["failed retransmit attempts told apart in retransmit spikes"]
+    bpf, disabled = load_observer(spec, None, Btf.load())  # this kernel has it
+    bpf.cleanup()
+    assert disabled == []
 
 
 def test_kernel_helpers_clean_up_their_namespace_and_table():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from tapio_core import BtfField, ObserverSpec, hookimpl
+from tapio_core import BtfField, ObserverSpec, TracepointField, hookimpl
 from tapio_core.bpf import ObserverLoadError
 from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import CGROUP_V1, KernelLayout, detect_cgroup_mode, kernel_layout
@@ -15,23 +15,6 @@ from tapio_observer_container.records import CONTAINER_RECORD
 from tapio_observer_container.settings import ContainerSettings
 
 log = logging.getLogger("tapio.container")
-
-EXIT_FORMAT = Path("/sys/kernel/tracing/events/sched/sched_process_exit/format")
-
-
-def exit_tracepoint_cflags(format_file: Path = EXIT_FORMAT) -> tuple[str, ...]:
-    """``-DTAPIO_EXIT_HAS_GROUP_DEAD`` where sched_process_exit carries ``group_dead`` (newer kernels).
-
-    bcc builds the tracepoint's argument struct from this file, so the BPF source
-    may name the field only where it exists; elsewhere it finds the last thread
-    through ``signal_struct.live``.
-    """
-    try:
-        fields = format_file.read_text()
-    except OSError:
-        return ()  # not root, or no tracefs: the agent would not load the program anyway
-    return ("-DTAPIO_EXIT_HAS_GROUP_DEAD",) if "group_dead;" in fields else ()
-
 
 _CGROUP = "cgroup id and path"
 _MEMORY = "memory limit and usage of OOM victims"
@@ -70,9 +53,12 @@ OBSERVER = ObserverSpec(
         BtfField("TAPIO_MEMCG_MAX_OFFSET", "mem_cgroup", "memory.max", feature=_MEMORY),
         BtfField("TAPIO_MEMCG_USAGE_OFFSET", "mem_cgroup", "memory.usage", feature=_MEMORY),
     ),
+    # Newer kernels mark a process's last thread in the tracepoint; older ones are asked signal_struct.live.
+    tracepoint_fields=(TracepointField("TAPIO_EXIT_HAS_GROUP_DEAD", "sched:sched_process_exit", "group_dead",
+                                       feature="the process's last thread from the tracepoint "
+                                               "(found through signal_struct.live instead)"),),
     description="OOM kills with their memory cgroup and limit; abnormal process exits",
     config_type=ContainerSettings,
-    cflags=exit_tracepoint_cflags(),
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tapio_core import BpfCounter, BtfField, ObserverSpec, hookimpl
+from tapio_core import BpfCounter, BtfField, ObserverSpec, TracepointField, hookimpl
 from tapio_observer_network.detect import network_anomalies
 from tapio_observer_network.records import NETWORK_RECORD
 from tapio_observer_network.settings import NetworkSettings, write_kernel_settings
@@ -41,6 +41,8 @@ OBSERVER = ObserverSpec(
         BtfField("TAPIO_SKB_MSTAMP_OFFSET", "sk_buff", "skb_mstamp_ns",
                  feature="refused connects' durations to the nanosecond (else the millisecond)"),
     ),
+    tracepoint_fields=(TracepointField("TAPIO_RETRANSMIT_HAS_ERR", "tcp:tcp_retransmit_skb", "err",
+                                       feature="failed retransmit attempts told apart in retransmit spikes"),),
     description="TCP connects refused, unreachable or timed out, resets, retransmit spikes, RTT degradation,"
                 " RST storms",
     bpf_counters=(BpfCounter("suppressed", "network_counts", 0), BpfCounter("untracked", "network_counts", 1),

@@ -689,6 +689,14 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     return 0;
 }
 
+/* Whether the kernel reported this retransmit attempt failed: the tracepoint's err, which older
+ * kernels' tracepoint lacks (bcc then has no such member, so it may not even be named). */
+#ifdef TAPIO_RETRANSMIT_HAS_ERR
+#define retransmit_failed(args) ((args)->err != 0)
+#else
+#define retransmit_failed(args) 0
+#endif
+
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
     u64 sk = (u64)args->skaddr;
@@ -710,7 +718,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     key.netns = socket_netns(args->skaddr);
     struct window_result res = {};
     if (!window_event(&key, now, cfg->retransmit_slot_ns, cfg->retransmit_threshold,
-                      cfg->retransmit_cooldown_ns, args->err != 0, &res))
+                      cfg->retransmit_cooldown_ns, retransmit_failed(args), &res))
         return 0;
     struct network_record rec = {};
     rec.timestamp_ns = now;
