@@ -14,8 +14,9 @@ It speaks the real wire protocol the ``kubernetes`` client uses, on 127.0.0.1:
   ``/apis/batch/v1/namespaces/NS/jobs/NAME`` for owner resolution.
 
 Tests drive failures: :meth:`drop_watches` cuts open watch connections
-mid-stream, :meth:`fail_requests` answers with an HTTP error, and every request
-is recorded (:attr:`requests`) so tests can check what the client asked.
+mid-stream, :meth:`fail_requests` answers with an HTTP error, :meth:`hold`
+keeps requests unanswered (a slow server), and every request is recorded
+(:attr:`requests`, with when it came) so tests can check what the client asked.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def make_pod(
     owner: dict[str, Any] | None = None,
     runtime: str = "containerd",
     restarted: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A pod as the API returns it; ``containers`` are (name, 64-hex id); ``restarted`` maps a name
     to the id of its previous run (``lastState.terminated``)."""
@@ -68,7 +70,7 @@ def make_pod(
         "metadata": {
             "name": name, "namespace": namespace, "uid": uid or str(uuid.uuid4()),
             "creationTimestamp": "2026-01-01T00:00:00Z",
-            "ownerReferences": [owner] if owner else [],
+            "ownerReferences": [owner] if owner else [], "annotations": annotations or {},
         },
         "spec": {"nodeName": node, "containers": [{"name": c, "image": "busybox:1.36"} for c, _ in containers]},
         "status": {"phase": "Running", "qosClass": "BestEffort", "containerStatuses": statuses},
@@ -116,6 +118,7 @@ class FakeApiServer:
         self.requests: list[dict[str, Any]] = []
         self.failures: list[tuple[str | None, int]] = []  # (request kind or None for any, HTTP code)
         self.unavailable = False  # while set, every request gets 503
+        self.held: set[str] = set()  # request kinds left unanswered while held
         self.watches_open = 0
         self._bookmarks = 0
         self._drops = 0
@@ -192,6 +195,18 @@ class FakeApiServer:
                 self.unavailable = False
                 self.lock.notify_all()
 
+    @contextmanager
+    def hold(self, kind: str) -> Iterator[None]:
+        """While inside: requests of ``kind`` (list, watch, get) get no answer; they are answered after."""
+        with self.lock:
+            self.held.add(kind)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.held.discard(kind)
+                self.lock.notify_all()
+
     def fail_requests(self, *codes: int, kind: str | None = None) -> None:
         """Answer the next ``len(codes)`` requests (of ``kind``: list, watch, get) with these HTTP codes."""
         with self.lock:
@@ -237,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
         watch = query.get("watch") in ("true", "1")
         kind = "watch" if watch else "list" if parts == ["api", "v1", "pods"] else "get"
         with api.lock:
-            api.requests.append({"kind": kind, "path": split.path, "query": query,
+            api.requests.append({"kind": kind, "path": split.path, "query": query, "at": time.monotonic(),
                                  "authorization": self.headers.get("Authorization")})
             failure = 503 if api.unavailable else None
             for index, (only, code) in enumerate(api.failures):
@@ -246,6 +261,8 @@ class _Handler(BaseHTTPRequestHandler):
                     del api.failures[index]
                     break
             api.lock.notify_all()
+            while kind in api.held and not api._closing:
+                api.lock.wait(0.05)
         if failure is not None:
             return self._json(failure, status_object(failure, HTTPStatus(failure).phrase.replace(" ", ""),
                                                       "injected by the test"))
@@ -267,11 +284,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _json(self, code: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass  # the client gave up waiting (a held request)
 
     def _list(self, node: str) -> None:
         api = self.server.api

@@ -102,10 +102,22 @@ UNIFIED_MOUNTINFO = """\
 22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw
 26 24 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate
 """
-#: Inside a container with a private cgroup namespace: its own view first, the host's bind-mounted second.
-CONTAINER_MOUNTINFO = """\
-700 690 0:23 /kubepods.slice/kubepods-pod1.slice/cri-containerd-x.scope /sys/fs/cgroup ro - cgroup2 cgroup rw
-710 690 0:23 / /host/sys/fs/cgroup\\040x ro,relatime - cgroup2 cgroup2 rw
+#: The DaemonSet's pod: in its private cgroup namespace (the default on cgroup v2) the host's hierarchy,
+#: bind-mounted over /sys/fs/cgroup from hostPath, has its root four levels above the namespace's
+#: (kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope).
+DAEMONSET_MOUNTINFO = """\
+1532 1512 0:27 /../../../.. /sys/fs/cgroup ro,relatime master:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+"""
+#: A container with a private cgroup namespace: the runtime's mount of its own cgroup shows as the
+#: namespace's root ``/``; the host's, bind-mounted elsewhere, as above it.
+PRIVATE_NAMESPACE_MOUNTINFO = """\
+700 690 0:27 / /sys/fs/cgroup ro,nosuid,nodev,noexec,relatime - cgroup2 cgroup rw,nsdelegate
+710 690 0:27 /../../../.. /host/sys/fs/cgroup\\040x ro,relatime master:9 - cgroup2 cgroup2 rw,nsdelegate
+"""
+#: A container in the host's cgroup namespace whose runtime bind-mounted only its own cgroup.
+HOST_NAMESPACE_MOUNTINFO = """\
+700 690 0:27 /kubepods.slice/kubepods-pod1.slice/cri-containerd-x.scope /sys/fs/cgroup ro - cgroup2 cgroup rw
+710 690 0:27 / /host/sys/fs/cgroup ro,relatime - cgroup2 cgroup2 rw
 """
 
 
@@ -114,8 +126,19 @@ def test_cgroup2_mount_found_on_hybrid_and_unified_hosts():
     assert cgroup2_mount(UNIFIED_MOUNTINFO) == Path("/sys/fs/cgroup")
 
 
-def test_cgroup2_mount_skips_a_namespaced_view_and_unescapes():
-    assert cgroup2_mount(CONTAINER_MOUNTINFO) == Path("/host/sys/fs/cgroup x")
+def test_cgroup2_mount_in_the_daemonsets_private_cgroup_namespace_is_the_hosts():
+    assert cgroup2_mount(DAEMONSET_MOUNTINFO) == Path("/sys/fs/cgroup")
+
+
+@pytest.mark.parametrize("order", [1, -1], ids=["namespace-view-first", "host-first"])
+def test_cgroup2_mount_prefers_the_one_reaching_above_the_namespace_and_unescapes(order):
+    lines = PRIVATE_NAMESPACE_MOUNTINFO.splitlines()[::order]
+    assert cgroup2_mount("\n".join(lines)) == Path("/host/sys/fs/cgroup x")
+
+
+def test_cgroup2_mount_skips_a_mount_of_part_of_the_hierarchy():
+    assert cgroup2_mount(HOST_NAMESPACE_MOUNTINFO) == Path("/host/sys/fs/cgroup")
+    assert cgroup2_mount(HOST_NAMESPACE_MOUNTINFO.splitlines()[0]) is None
 
 
 def test_no_cgroup2_mount_on_a_v1_only_host():

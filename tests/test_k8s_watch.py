@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import attrs
 import pytest
 from k8s_api_server import (
     FakeApiServer,
@@ -31,15 +32,15 @@ from k8s_api_server import (
 )
 
 from tapio_core import Occurrence
-from tapio_core.config import ConfigError
+from tapio_core.config import ConfigError, load_settings
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
 from tapio_core.sink import SinkOptions
 from tapio_enrich_kubernetes.cgroups import CgroupMap
 from tapio_enrich_kubernetes.enrich import KubernetesEnricher
-from tapio_enrich_kubernetes.pods import PodCache, Workload
-from tapio_enrich_kubernetes.settings import KubernetesSettings, SettingsError
+from tapio_enrich_kubernetes.pods import PodCache, PodInfo, Workload
+from tapio_enrich_kubernetes.settings import KubernetesSettings, KubernetesTable, SettingsError
 from tapio_enrich_kubernetes.watch import Backoff, PodWatcher
 
 NODE = "node-a"
@@ -327,25 +328,51 @@ def test_owners_resolved_once_each_to_the_workload_users_name(api, tmp_path):
     ]
 
 
-def test_owner_lookup_refused_names_the_replicaset_until_a_retry_succeeds(api, tmp_path):
+def test_owner_lookup_refused_is_retried_on_its_own_until_it_succeeds(api, tmp_path):
     rs, deployment = rs_with_deployment(api, "web")
     pod = make_pod("web-a", node=NODE, owner=rs)
     api.add_pod(pod)
-    api.fail_requests(403, kind="get")
+    api.fail_requests(403, 403, kind="get")
     cache = PodCache()
-    with watching(settings_for(write_kubeconfig(tmp_path / "kc", api.url), backoff_max_s=0.2), cache) as watcher:
+    settings = settings_for(write_kubeconfig(tmp_path / "kc", api.url), backoff_initial_s=0.3, backoff_max_s=0.6)
+    with watching(settings, cache) as watcher:
         synced(watcher, api)
         info = cache.get(pod["metadata"]["uid"])
         assert cache.workload_of(info) == Workload("ReplicaSet", rs["name"], rs["uid"])
         assert watcher.counters["owner_lookup_failures"] == 1
+        assert watcher.status()["owners_awaiting_retry"] == 1
+        # no further event for the pod: the retries come on their own, after 0.3 s then 0.6 s
+        eventually(lambda: cache.workload_of(info) == Workload("Deployment", "web", deployment["uid"]))
+        gets = [r["at"] for r in api.requests_of("get")]
+        assert watcher.counters["watch_events"] == 0
+        assert watcher.counters["owner_lookup_failures"] == 2
+        assert watcher.status()["owners_awaiting_retry"] == 0
+        time.sleep(0.7)
+    assert len(gets) == len(api.requests_of("get")) == 3, "once resolved, never looked up again"
+    assert gets[1] - gets[0] >= 0.3 and gets[2] - gets[1] >= 0.6, "the retries back off"
 
-        def resolved() -> bool:
-            api.update_pod(pod)  # the next event for the pod retries once the retry time has come
-            time.sleep(0.05)
-            return cache.workload_of(info) == Workload("Deployment", "web", deployment["uid"])
 
-        eventually(resolved)
-    assert len(api.requests_of("get")) == 2
+def test_a_slow_owner_lookup_does_not_hold_up_the_watch(api, tmp_path):
+    rs, deployment = rs_with_deployment(api, "web")
+    other_rs, other_deployment = rs_with_deployment(api, "shop")
+    first = make_pod("web-a", node=NODE, owner=rs)
+    second = make_pod("shop-a", node=NODE, owner=other_rs)
+    api.add_pod(first)
+    cache = PodCache()
+    settings = settings_for(write_kubeconfig(tmp_path / "kc", api.url), request_timeout_s=1.0)
+    with watching(settings, cache) as watcher:
+        with api.hold("get"):  # the API server takes forever to answer GETs
+            synced(watcher, api)  # the list waited for the first lookup, its short timeout at most
+            assert watcher.counters["owner_lookup_failures"] == 1
+            added = time.monotonic()
+            api.add_pod(second)
+            eventually(lambda: cache.get(second["metadata"]["uid"]) is not None)
+            assert time.monotonic() - added < 0.5, "while lookups time out, a new owner is not waited for"
+        # the API answers again; no event comes for either pod
+        workload = lambda pod: cache.workload_of(cache.get(pod["metadata"]["uid"]))
+        eventually(lambda: workload(first) == Workload("Deployment", "web", deployment["uid"]))
+        eventually(lambda: workload(second) == Workload("Deployment", "shop", other_deployment["uid"]))
+        assert watcher.counters["watch_events"] == 1
 
 
 def test_ended_pods_are_forgotten_after_the_grace_period(api, tmp_path):
@@ -466,6 +493,73 @@ def test_enricher_names_pod_container_and_workload_from_local_caches_only(api, t
     assert status["cgroups"]["resolve_by"] == "rescan"
 
 
+CONFIG_HASH = "0b6b7e1e4a0c5e0e8f8c6a1b2c3d4e5f"  # kubelet's UID of a static pod, which its cgroup is named after
+
+
+def static_pod(uid: str, containers: list[tuple[str, str]]) -> dict:
+    """kube-apiserver's mirror pod as kubelet writes it to the API: another UID, kubelet's in an annotation."""
+    return make_pod(f"kube-apiserver-{NODE}", node=NODE, namespace="kube-system", uid=uid, containers=containers,
+                    owner=owner_ref("Node", NODE, api_version="v1"),
+                    annotations={"kubernetes.io/config.mirror": CONFIG_HASH, "kubernetes.io/config.hash": CONFIG_HASH,
+                                 "kubernetes.io/config.source": "file"})
+
+
+def test_a_static_pod_is_found_through_its_mirrors_annotation(api, tmp_path):
+    mirror_uid = str(uuid.uuid4())
+    api.add_pod(static_pod(mirror_uid, [("kube-apiserver", cid(1))]))
+    container = pod_dir(tmp_path / "cg", CONFIG_HASH) / f"cri-containerd-{cid(1)}.scope"
+    container.mkdir()
+    settings = settings_for(write_kubeconfig(tmp_path / "kc", api.url))
+    cgroups = CgroupMap(tmp_path / "cg", clock=lambda: 0.0)
+    cgroups.scan()
+    cache = PodCache()
+    enricher = KubernetesEnricher(settings, cache, cgroups)
+    changes: list[dict[str, set[str]]] = []
+
+    def new_containers(changed: dict[str, set[str]]) -> None:
+        changes.append(changed)
+        enricher._rescan_pods(changed)
+
+    with watching(settings, cache, on_new_containers=new_containers) as watcher:
+        synced(watcher, api)
+        by_id = occurrence(cgroup_id=os.stat(container).st_ino)
+        by_path = occurrence(cgroup_path=f"/kubepods/burstable/pod{CONFIG_HASH}/{cid(1)}")
+        for occ in (by_id, by_path):
+            enricher.enrich(occ)
+            assert occ.context.namespace == "kube-system"
+            assert entities(occ) == [("pod", mirror_uid, f"kube-system/kube-apiserver-{NODE}"),
+                                     ("container", cid(1), "kube-apiserver")]  # owned by the node: no workload
+
+        late = container.parent / f"cri-containerd-{cid(2)}.scope"  # restarted after the scan
+        late.mkdir()
+        api.update_pod(static_pod(mirror_uid, [("kube-apiserver", cid(2))]))
+        eventually(lambda: len(changes) == 2)  # the list's, then this update's
+        assert changes == [{CONFIG_HASH: {cid(1)}}, {CONFIG_HASH: {cid(2)}}], "cgroups are named by kubelet's UID"
+        restarted = occurrence(cgroup_id=os.stat(late).st_ino)
+        enricher.enrich(restarted)
+        assert entities(restarted)[1] == ("container", cid(2), "kube-apiserver")
+
+
+def test_a_mirror_made_again_takes_over_and_the_static_pods_cgroups_are_forgotten_with_the_last():
+    now = [0.0]
+    cache = PodCache(grace_s=10, clock=lambda: now[0])
+    old = PodInfo(uid="mirror-1", namespace="kube-system", name="etcd-n", containers={}, owner=None,
+                  mirror_of=CONFIG_HASH)
+    new = PodInfo(uid="mirror-2", namespace="kube-system", name="etcd-n", containers={}, owner=None,
+                  mirror_of=CONFIG_HASH)
+    cache.upsert(old)
+    cache.mark_ended(old.uid)  # someone deleted the mirror; kubelet makes it again
+    cache.upsert(new)
+    assert cache.get(CONFIG_HASH).uid == "mirror-2"
+    now[0] += 10
+    assert cache.prune() == [], "the static pod still runs: its cgroups must stay known"
+    assert cache.get(CONFIG_HASH).uid == "mirror-2"
+    cache.mark_ended(new.uid)
+    now[0] += 10
+    assert cache.prune() == [CONFIG_HASH]
+    assert cache.get(CONFIG_HASH) is None
+
+
 # -- the plugin as the agent loads it -----------------------------------------------------------------
 
 
@@ -477,10 +571,11 @@ def fresh_plugin(monkeypatch):
     return monkeypatch
 
 
-def started_pipeline():
-    """The kubernetes plugin through its entry point, built and started as the agent does."""
+def started_pipeline(settings: dict | None = None):
+    """The kubernetes plugin through its entry point, built (with ``settings``: the config file and
+    ``--set`` flags, see :func:`load_settings`) and started as the agent does."""
     plugins = load_plugins(["kubernetes"])
-    pipeline = Pipeline.build(plugins, [], SinkOptions(data_dir=Path(".")), {}, KernelClock(0))
+    pipeline = Pipeline.build(plugins, [], SinkOptions(data_dir=Path(".")), settings or {}, KernelClock(0))
     pipeline.start_enrichers()
     return plugins, pipeline
 
@@ -502,6 +597,70 @@ def test_settings_from_the_environment():
         assert str(raised.value) == message
 
 
+def test_table_keys_override_their_environment_variables():
+    env = {"NODE_NAME": "n1", "TAPIO_K8S_ENDED_POD_GRACE_S": "30", "TAPIO_K8S_WATCH_TIMEOUT_S": "60"}
+    assert KubernetesSettings.from_config(KubernetesTable(), env) == KubernetesSettings.from_env(env)
+    table = KubernetesTable(ended_pod_grace_s=90, kubeconfig="/etc/kc", watch_timeout_s=120.0)
+    both = KubernetesSettings.from_config(table, env)
+    assert (both.enabled, both.node_name, both.kubeconfig, both.ended_pod_grace_s, both.watch_timeout_s) == (
+        True, "n1", Path("/etc/kc"), 90, 120)
+    assert type(both.watch_timeout_s) is int
+    assert KubernetesSettings.from_config(KubernetesTable(enabled=False), env).enabled is False
+    assert KubernetesSettings.from_config(KubernetesTable(enabled=True), {"TAPIO_K8S_ENABLED": "0"}).enabled is True
+    named = KubernetesSettings.from_config(KubernetesTable(node_name="n2"), env)
+    assert (named.enabled, named.node_name) == (True, "n2")
+    flagged = KubernetesSettings.from_config(KubernetesTable(enabled=True), {})
+    assert (flagged.enabled, flagged.node_name) == (True, os.uname().nodename)
+    overridden = KubernetesSettings.from_config(KubernetesTable(backoff_max_s=5), {"TAPIO_K8S_BACKOFF_MAX_S": "x"})
+    assert overridden.backoff_max_s == 5, "a variable the table overrides is not read"
+
+
+def test_the_table_has_a_key_for_every_setting():
+    assert [f.name for f in attrs.fields(KubernetesTable)] == [f.name for f in attrs.fields(KubernetesSettings)]
+
+
+@pytest.mark.parametrize(("assignment", "message"), [
+    ("kubernetes.enabled=maybe", "'enabled' must be true or false, got 'maybe'"),
+    ("kubernetes.enabled=1", "'enabled' must be true or false, got 1"),
+    ("kubernetes.ended_pod_grace_s=soon", "'ended_pod_grace_s' must be a positive number of seconds, got 'soon'"),
+    ("kubernetes.backoff_max_s=-1", "'backoff_max_s' must be a positive number of seconds, got -1"),
+    ("kubernetes.watch_timeout_s=2.5", "'watch_timeout_s' must be a positive whole number of seconds, got 2.5"),
+    ('kubernetes.node_name=""', "'node_name' must be a non-empty string, got ''"),
+    ("kubernetes.kubeconfig=true", "'kubeconfig' must be a path, got True"),
+    ("kubernetes.node=x", "unknown key node (known: backoff_initial_s, backoff_max_s, cgroup_root, enabled, "
+                          "ended_pod_grace_s, kubeconfig, node_name, request_timeout_s, rescan_interval_s, "
+                          "watch_timeout_s)"),
+])
+def test_a_bad_key_in_the_table_stops_start_up_with_one_line_naming_it(fresh_plugin, assignment, message):
+    with pytest.raises(ConfigError) as raised:
+        started_pipeline(load_settings(None, [assignment]))
+    assert str(raised.value) == f"config [kubernetes]: {message}"
+
+
+def test_turned_on_by_the_config_file_and_set_flags_without_node_name(fresh_plugin, api, tmp_path):
+    """`tapio-agent --config tapio.toml --set kubernetes.enabled=true`, no NODE_NAME in the environment."""
+    uid = str(uuid.uuid4())
+    api.add_pod(make_pod("web-1", node=NODE, namespace="shop", uid=uid, containers=[("app", cid(1))]))
+    config = tmp_path / "tapio.toml"
+    kubeconfig = write_kubeconfig(tmp_path / "kc", api.url)
+    config.write_text(f'[kubernetes]\nnode_name = "{NODE}"\nkubeconfig = "{kubeconfig}"\nended_pod_grace_s = 60\n')
+    fresh_plugin.setenv("TAPIO_K8S_ENABLED", "0")  # the flag wins over the variable
+    _, pipeline = started_pipeline(load_settings(config, ["kubernetes.enabled=true"]))
+    try:
+        [enricher] = pipeline.enrichers
+        assert enricher.status == "running"
+        assert enricher.config == KubernetesTable(enabled=True, node_name=NODE, kubeconfig=str(tmp_path / "kc"),
+                                                  ended_pod_grace_s=60)
+        eventually(lambda: enricher.report()["api"]["state"] == "synced" and enricher.report()["pods"]["known"] == 1)
+        occ = occurrence(cgroup_path=f"/kubepods/besteffort/pod{uid}/{cid(1)}")
+        pipeline.enrich(enricher, occ)
+        assert occ.context.node == NODE
+        assert entities(occ) == [("pod", uid, "shop/web-1"), ("container", cid(1), "app")]
+    finally:
+        pipeline.stop_enrichers()
+    eventually(lambda: not [t for t in threading.enumerate() if t.name == "tapio-k8s-watch"])
+
+
 def test_bad_setting_stops_start_up_with_one_line(fresh_plugin):
     fresh_plugin.setenv("NODE_NAME", NODE)
     fresh_plugin.setenv("TAPIO_K8S_ENDED_POD_GRACE_S", "soon")
@@ -515,7 +674,7 @@ def test_without_node_name_the_plugin_is_off(fresh_plugin):
     _, pipeline = started_pipeline()
     [enricher] = pipeline.enrichers
     assert (enricher.status, enricher.status_reason) == (
-        "disabled", "NODE_NAME is not set (and TAPIO_K8S_ENABLED is not 1)")
+        "disabled", "NODE_NAME is not set (nor kubernetes.enabled = true or TAPIO_K8S_ENABLED=1)")
     assert not [t for t in threading.enumerate() if t.name == "tapio-k8s-watch"]
 
 

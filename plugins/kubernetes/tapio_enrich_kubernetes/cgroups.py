@@ -86,17 +86,27 @@ def parse_cgroup_path(path: str) -> CgroupRef | None:
 def cgroup2_mount(mountinfo: str) -> Path | None:
     """Where the whole v2 (unified) hierarchy is mounted, from ``/proc/self/mountinfo`` text.
 
-    A mount of only part of the hierarchy (a cgroup namespace's view: root
-    field other than ``/``) is skipped: its paths would not name the pods.
+    The root field is the mount's root relative to our cgroup namespace's. On
+    the host, and in a container sharing the host's namespace, the whole
+    hierarchy shows as ``/``. In a container with a private cgroup namespace
+    (the default on cgroup v2) its own cgroup shows as ``/`` and the host's
+    hierarchy, bind-mounted in (the DaemonSet's hostPath), as ``/../..`` -- one
+    ``..`` per level the namespace sits below it. So the mount reaching highest
+    wins; one whose root names a directory (``/kubepods.slice/...``) is part of
+    the hierarchy only, its paths would not name the pods, and is skipped.
     """
+    best: tuple[int, Path] | None = None
     for line in mountinfo.splitlines():
         fields, sep, fs = line.partition(" - ")
         parts = fields.split()
         if not sep or len(parts) < 5 or fs.split(" ", 1)[0] != "cgroup2":
             continue
-        if parts[3] == "/":
-            return Path(_unescape_mountinfo(parts[4]))
-    return None
+        segments = [s for s in _unescape_mountinfo(parts[3]).split("/") if s]
+        if any(segment != ".." for segment in segments):
+            continue
+        if best is None or len(segments) > best[0]:
+            best = (len(segments), Path(_unescape_mountinfo(parts[4])))
+    return best[1] if best is not None else None
 
 
 def _unescape_mountinfo(field: str) -> str:

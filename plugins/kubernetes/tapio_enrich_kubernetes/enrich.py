@@ -132,7 +132,8 @@ def open_cgroup_map(settings: KubernetesSettings) -> CgroupMap | None:
     root: Path | None = settings.cgroup_root or find_cgroup2_root()
     if root is None or not root.is_dir():
         log.warning("kubernetes: no cgroup v2 hierarchy found%s: only occurrences carrying a cgroup_path get "
-                    "pod context (set TAPIO_K8S_CGROUP_ROOT to its mount)", f" at {root}" if root else "")
+                    "pod context (set kubernetes.cgroup_root or TAPIO_K8S_CGROUP_ROOT to its mount)",
+                    f" at {root}" if root else "")
         return None
     cgroups = CgroupMap(root, HandleResolver.open(root), rescan_interval_s=settings.rescan_interval_s)
     cgroups.scan()

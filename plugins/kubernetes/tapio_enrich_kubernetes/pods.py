@@ -17,6 +17,8 @@ import attrs
 INTERMEDIATE_OWNERS = frozenset({"ReplicaSet", "Job"})
 #: Container ids kept per pod: the current ones plus those of earlier restarts, for late events.
 CONTAINERS_KEPT_PER_POD = 64
+#: On a static pod's mirror: the UID kubelet runs the pod under (its config hash), which names its cgroup.
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 
 
 @attrs.frozen
@@ -36,6 +38,13 @@ class PodInfo:
     #: the controller owner reference, as written on the pod
     owner: Workload | None
     resource_version: str | None = None
+    #: a static pod's mirror: the UID kubelet knows the pod by, not the API's
+    mirror_of: str | None = None
+
+    @property
+    def cgroup_uid(self) -> str:
+        """The UID the pod's cgroup is named after."""
+        return self.mirror_of or self.uid
 
 
 def container_id(status_id: str | None) -> str | None:
@@ -67,14 +76,21 @@ def pod_info(pod: Any) -> PodInfo:
                 if cid is not None:
                     containers[cid] = entry.name
     meta = pod.metadata
+    mirror_of = (meta.annotations or {}).get(MIRROR_ANNOTATION) or None
     return PodInfo(
         uid=meta.uid, namespace=meta.namespace, name=meta.name, containers=containers,
         owner=controller_of(meta), resource_version=meta.resource_version,
+        mirror_of=mirror_of if mirror_of != meta.uid else None,
     )
 
 
 class PodCache:
-    """Pods by UID; ended pods stay ``grace_s`` seconds so late kernel events still find them."""
+    """Pods by UID; ended pods stay ``grace_s`` seconds so late kernel events still find them.
+
+    A static pod's mirror is found under its API UID and under the UID kubelet
+    runs it with (the ``kubernetes.io/config.mirror`` annotation), which is the
+    one in its cgroup's name.
+    """
 
     def __init__(self, grace_s: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.grace_s = grace_s
@@ -82,11 +98,16 @@ class PodCache:
         self._lock = threading.Lock()
         self._pods: dict[str, PodInfo] = {}
         self._ended: dict[str, float] = {}  # uid -> when it ended
+        self._mirrors: dict[str, str] = {}  # kubelet's UID of a static pod -> its mirror's API UID
         self._workloads: dict[tuple[str, str, str], Workload] = {}
 
     def get(self, uid: str) -> PodInfo | None:
+        """The pod by its API UID or, for a static pod, by the UID its cgroup is named after."""
         with self._lock:
-            return self._pods.get(uid)
+            found = self._pods.get(uid)
+            if found is None and uid in self._mirrors:
+                found = self._pods.get(self._mirrors[uid])
+            return found
 
     def upsert(self, pod: PodInfo) -> set[str]:
         """Add or update a pod; returns the container ids not known for it before."""
@@ -102,6 +123,8 @@ class PodCache:
                 pod = attrs.evolve(pod, containers=merged)
             self._pods[pod.uid] = pod
             self._ended.pop(pod.uid, None)
+            if pod.mirror_of is not None:  # a mirror deleted and made again points at the newest
+                self._mirrors[pod.mirror_of] = pod.uid
             return new_ids
 
     def mark_ended(self, uid: str) -> None:
@@ -110,9 +133,9 @@ class PodCache:
                 self._ended[uid] = self._clock()
 
     def replace(self, pods: Iterable[PodInfo]) -> dict[str, set[str]]:
-        """A full list from the API: pods absent from it have ended. Returns new container ids per pod."""
+        """A full list from the API: pods absent from it have ended. Returns new container ids per cgroup UID."""
         listed = list(pods)
-        new_ids = {pod.uid: self.upsert(pod) for pod in listed}
+        new_ids = {pod.cgroup_uid: self.upsert(pod) for pod in listed}
         present = {pod.uid for pod in listed}
         with self._lock:
             missing = [uid for uid in self._pods if uid not in present]
@@ -121,22 +144,35 @@ class PodCache:
         return new_ids
 
     def prune(self) -> list[str]:
-        """Forget pods ended more than ``grace_s`` ago; returns their UIDs."""
+        """Forget pods ended more than ``grace_s`` ago; returns the UIDs their cgroups are named after
+        (a static pod's only when no newer mirror of it is known)."""
         now = self._clock()
+        forgotten: list[str] = []
         with self._lock:
             expired = [uid for uid, ended in self._ended.items() if now - ended >= self.grace_s]
             for uid in expired:
                 del self._ended[uid]
-                del self._pods[uid]
+                pod = self._pods.pop(uid)
+                if pod.mirror_of is None:
+                    forgotten.append(uid)
+                elif self._mirrors.get(pod.mirror_of) == uid:
+                    del self._mirrors[pod.mirror_of]
+                    forgotten.append(pod.mirror_of)
             owners = {(p.namespace, p.owner.kind, p.owner.name) for p in self._pods.values() if p.owner}
             self._workloads = {key: w for key, w in self._workloads.items() if key in owners}
-        return expired
+        return forgotten
 
     # -- workloads ------------------------------------------------------------------------
 
     def set_workload(self, namespace: str, owner: Workload, workload: Workload) -> None:
         with self._lock:
             self._workloads[(namespace, owner.kind, owner.name)] = workload
+
+    def names_owner(self, namespace: str, kind: str, name: str) -> bool:
+        """Whether a known pod (ended ones included) has this controller owner."""
+        with self._lock:
+            return any(p.owner is not None and (p.namespace, p.owner.kind, p.owner.name) == (namespace, kind, name)
+                       for p in self._pods.values())
 
     def has_workload(self, namespace: str, owner: Workload) -> bool:
         with self._lock:

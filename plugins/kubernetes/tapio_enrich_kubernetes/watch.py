@@ -5,8 +5,9 @@ watches from the list's resource version (bookmarks move it on while nothing
 changes), re-watches from the last version it saw after a timeout or a dropped
 connection (with exponential backoff after failures), and lists again only
 when the server answers ``410 Gone``. Owner references that point to a
-ReplicaSet or Job are resolved to their Deployment or CronJob here, once per
-owner, never per kernel event.
+ReplicaSet or Job are resolved to their Deployment or CronJob by
+:class:`~tapio_enrich_kubernetes.owners.OwnerResolver`, once per owner, never
+per kernel event.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tapio_enrich_kubernetes.pods import INTERMEDIATE_OWNERS, PodCache, PodInfo, Workload, controller_of, pod_info
+from tapio_enrich_kubernetes.owners import OwnerResolver, describe_error
+from tapio_enrich_kubernetes.pods import PodCache, pod_info
 from tapio_enrich_kubernetes.settings import KubernetesSettings
 
 log = logging.getLogger("tapio.kubernetes")
@@ -97,10 +99,9 @@ class PodWatcher:
         self.last_error = ""
         self.synced_once = False
         self.counters = {"lists": 0, "watches": 0, "relists_after_gone": 0, "failures": 0, "watch_events": 0,
-                         "bookmarks": 0, "malformed_events": 0, "owner_lookups": 0,
-                         "owner_lookup_failures": 0}
-        self._owner_retry_at: dict[tuple[str, str, str], float] = {}
+                         "bookmarks": 0, "malformed_events": 0}
         self._api: Any = None
+        self.owners = OwnerResolver(settings, cache, lambda: self._api, self.counters)
         self._response: Any = None
         self._decoder: Any = None
         self._thread: threading.Thread | None = None
@@ -108,6 +109,7 @@ class PodWatcher:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.owners.start()
         self._thread = threading.Thread(target=self.run, name="tapio-k8s-watch", daemon=True)
         self._thread.start()
 
@@ -118,6 +120,7 @@ class PodWatcher:
             _shutdown(response)  # unblocks the read the thread is waiting in
         if self._thread is not None:
             self._thread.join(timeout)
+        self.owners.stop(timeout)
 
     def run(self) -> None:
         while not self._stopping.is_set():
@@ -147,7 +150,7 @@ class PodWatcher:
             field_selector=self.selector, _request_timeout=self.settings.request_timeout_s)
         infos = [pod_info(pod) for pod in pods.items]
         for info in infos:  # before the pods are published, so none is seen with its ReplicaSet only
-            self.resolve_owner(info)
+            self.owners.resolve(info.namespace, info.owner)
         new_containers = self.cache.replace(infos)
         self.resource_version = pods.metadata.resource_version
         self.counters["lists"] += 1
@@ -170,6 +173,8 @@ class PodWatcher:
         self._response = response
         events = 0
         try:
+            if self._stopping.is_set():
+                return  # stop() ran while the request was on its way and found no response to cut
             if not 200 <= response.status < 300:
                 raise _api_exception(response)
             self.counters["watches"] += 1
@@ -212,14 +217,14 @@ class PodWatcher:
             return
         info = pod_info(event["object"])
         if kind != "DELETED":
-            self.resolve_owner(info)
+            self.owners.resolve(info.namespace, info.owner)
         new_ids = self.cache.upsert(info)
         if kind == "DELETED":
             self.cache.mark_ended(info.uid)
         if info.resource_version:
             self.resource_version = info.resource_version
         if new_ids:
-            self.on_new_containers({info.uid: new_ids})
+            self.on_new_containers({info.cgroup_uid: new_ids})
         self._prune()
 
     def _malformed(self, line: str, exc: Exception) -> None:
@@ -227,55 +232,13 @@ class PodWatcher:
         self.counters["malformed_events"] += 1
         with contextlib.suppress(ValueError, KeyError, TypeError):
             self.resource_version = str(json.loads(line)["object"]["metadata"]["resourceVersion"])
-        log.warning("kubernetes: skipped a pod watch event the client cannot read (%s)", _describe(exc))
-
-    # -- owners ---------------------------------------------------------------------------
-
-    def resolve_owner(self, pod: PodInfo) -> None:
-        """Find the Deployment of a ReplicaSet, the CronJob of a Job: one GET per owner, kept in the cache."""
-        owner = pod.owner
-        if owner is None or owner.kind not in INTERMEDIATE_OWNERS or self.cache.has_workload(pod.namespace, owner):
-            return
-        key = (pod.namespace, owner.kind, owner.name)
-        if time.monotonic() < self._owner_retry_at.get(key, 0.0):
-            return
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
-        self.counters["owner_lookups"] += 1
-        try:
-            if owner.kind == "ReplicaSet":
-                found = client.AppsV1Api(self._api).read_namespaced_replica_set(
-                    owner.name, pod.namespace, _request_timeout=self.settings.request_timeout_s)
-            else:
-                found = client.BatchV1Api(self._api).read_namespaced_job(
-                    owner.name, pod.namespace, _request_timeout=self.settings.request_timeout_s)
-        except ApiException as exc:
-            if exc.status != 404:
-                self._owner_failed(key, f"{exc.status} {exc.reason}")
-                return
-            workload = owner  # deleted already: the owner itself is the best name left
-        except Exception as exc:
-            self._owner_failed(key, _describe(exc))
-            return
-        else:
-            parent = controller_of(found.metadata)
-            workload = parent if parent is not None else owner
-        self._owner_retry_at.pop(key, None)
-        self.cache.set_workload(pod.namespace, owner, Workload(workload.kind, workload.name, workload.uid))
-
-    def _owner_failed(self, key: tuple[str, str, str], reason: str) -> None:
-        self.counters["owner_lookup_failures"] += 1
-        if key not in self._owner_retry_at:
-            log.warning("kubernetes: cannot read %s %s/%s (%s): its pods name it until a retry succeeds",
-                        key[1], key[0], key[2], reason)
-        self._owner_retry_at[key] = time.monotonic() + self.settings.backoff_max_s
+        log.warning("kubernetes: skipped a pod watch event the client cannot read (%s)", describe_error(exc))
 
     # -- state ----------------------------------------------------------------------------
 
     def _failed(self, exc: BaseException) -> None:
         self.counters["failures"] += 1
-        self.last_error = _describe(exc)
+        self.last_error = describe_error(exc)
         delay = self.backoff.next_delay()
         state = "misconfigured" if self._api is None else "unreachable" if self.synced_once else "unreachable_at_start"
         if self.state != state:
@@ -304,7 +267,7 @@ class PodWatcher:
         return {
             "state": self.state, "since": self.state_since, "last_error": self.last_error,
             "field_selector": self.selector, "resource_version": self.resource_version,
-            "counters": dict(self.counters),
+            "counters": dict(self.counters), "owners_awaiting_retry": self.owners.pending(),
         }
 
 
@@ -316,14 +279,6 @@ def _api_exception(response: Any) -> Exception:
     if response.status == 410:
         return WatchGone(exc.body or "")
     return exc
-
-
-def _describe(exc: BaseException) -> str:
-    status = getattr(exc, "status", None)
-    if status is not None:
-        return f"HTTP {status} {getattr(exc, 'reason', '') or ''}".strip()
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
 
 
 def _shutdown(response: Any) -> None:
