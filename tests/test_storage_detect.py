@@ -14,7 +14,7 @@ from storage_records import FLUSH, REQ_SYNC, STORAGE_RECORD_C, WRITE, pack_stora
 
 import tapio_observer_storage
 from tapio_core import RunningObserver
-from tapio_core.btf import Btf, BtfError
+from tapio_core.btf import Btf
 from tapio_core.config import ConfigError, apply_overrides, build_settings
 from tapio_observer_storage.detect import IO_ERROR, LATENCY_SPIKE, DeviceScreens, StorageDetector
 from tapio_observer_storage.records import (
@@ -332,11 +332,9 @@ def test_kernel_dev_is_the_kernels_internal_encoding():
 # -- operations from BTF ----------------------------------------------------------------------------
 
 
+@pytest.mark.kernel  # the running kernel's BTF: required in CI like every kernel test, never skipped quietly
 def test_operations_come_from_the_running_kernels_btf():
-    try:
-        btf = Btf.load()
-    except BtfError as exc:
-        pytest.skip(f"no kernel BTF here: {exc}")
+    btf = Btf.load()
     operations = operations_from_btf(btf)
     assert operations.mask == 0xFF
     assert {operations.name(op) for op in (0, 1, 2, 3)} == {"read", "write", "flush", "discard"}
