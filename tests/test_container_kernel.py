@@ -491,11 +491,12 @@ class ContainerVariant:
     """The container plugin compiled differently: some BtfFields pointing at members no kernel has,
     or other cflags -- what an older or differently built kernel would give it."""
 
-    def __init__(self, missing: set[str] = frozenset(), tracepoint_fields: tuple | None = None):
+    def __init__(self, missing: set[str] = frozenset(), tracepoint_fields: tuple | None = None,
+                 cflags: tuple[str, ...] = ()):
         spec = tapio_observer_container.OBSERVER
         fields = tuple(attrs.evolve(field, path="no_such_member") if field.macro in missing else field
                        for field in spec.btf_fields)
-        self.spec = attrs.evolve(spec, btf_fields=fields, tracepoint_fields=(
+        self.spec = attrs.evolve(spec, btf_fields=fields, cflags=spec.cflags + cflags, tracepoint_fields=(
             spec.tracepoint_fields if tracepoint_fields is None else tracepoint_fields))
 
     @hookimpl
@@ -595,6 +596,24 @@ def start_threaded(mode: str) -> tuple[subprocess.Popen, str]:
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     return proc, leader
+
+
+def test_exits_of_tasks_flagged_as_kernel_threads_are_left_out():
+    """No user command can make a kernel thread exit non-zero, so the filter is shown on the flag it reads:
+    compiled to treat PF_EXITING (0x4, set on every exiting task) as the kernel-thread flag, it leaves out
+    an `exit 3` that the real build reports."""
+    with agent_in_process({}, ContainerVariant(cflags=("-DTAPIO_PF_KTHREAD=0x00000004",))) as agent:
+        pid, status = run_to_end(["sh", "-c", "exit 3"])
+        assert os.WEXITSTATUS(status) == 3
+        marker, _ = run_to_end(["sh", "-c", "kill -9 $$"])  # also filtered: nothing reaches the ring
+        time.sleep(0.5)
+        agent.drain("container")
+        received = agent.plugins.pm.get_plugin("collect").received
+        assert [o for o in received if o.data.get("pid") in (pid, marker)] == []
+    with agent_in_process({}) as agent:
+        pid, _ = run_to_end(["sh", "-c", "exit 3"])
+        [occ] = occurrences_until(agent, lambda o: o.data.get("pid") == pid)
+        assert occ.data["exit_code"] == 3
 
 
 def test_without_group_dead_threads_dying_together_still_make_one_record():

@@ -39,6 +39,8 @@ OBSERVER = ObserverSpec(
         BtfField("TAPIO_TASK_START_TIME_OFFSET", "task_struct", "start_time",
                  feature="telling an OOM victim's exit from a reused pid's"),
         BtfField("TAPIO_TASK_COMM_OFFSET", "task_struct", "comm", feature="process names"),
+        BtfField("TAPIO_TASK_FLAGS_OFFSET", "task_struct", "flags",
+                 feature="kernel threads left out of abnormal exits"),
         BtfField("TAPIO_TASK_TGID_OFFSET", "task_struct", "tgid", feature="OOM kills"),
         BtfField("TAPIO_TASK_PID_OFFSET", "task_struct", "pid", feature="OOM kills"),
         BtfField("TAPIO_TASK_MM_OFFSET", "task_struct", "mm", feature="RSS of OOM victims"),

@@ -32,6 +32,9 @@
 
 #define SIGKILL 9
 #define SIGNAL_GROUP_EXIT 0x00000004  /* include/linux/sched/signal.h, unchanged since 2.6 */
+#ifndef TAPIO_PF_KTHREAD              /* a -D flag may name another task flag (the tests do) */
+#define TAPIO_PF_KTHREAD  0x00200000  /* include/linux/sched.h: task_struct.flags of a kernel thread */
+#endif
 #define CGROUP_SUBSYS_MAX 64          /* only bounds a map-supplied index */
 #define CGROUP_PATH_LEN   256         /* a power of two: the path builder masks with it */
 #define CGROUP_PATH_DEPTH 16
@@ -377,6 +380,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     u32 status = process_exit_status(task, tgid == (u32)pid_tgid);
     if (status == 0)
         return 0;
+#ifdef TAPIO_TASK_FLAGS_OFFSET
+    u32 task_flags = 0;
+    if (TAPIO_READ_AT(task_flags, task, TAPIO_TASK_FLAGS_OFFSET) == 0 && (task_flags & TAPIO_PF_KTHREAD))
+        return 0;  /* a kernel thread's return value (often -errno) is no process's exit status */
+#endif
 #ifndef TAPIO_EXIT_HAS_GROUP_DEAD
     if (!last_thread_first_claim(task, tgid))
         return 0;
