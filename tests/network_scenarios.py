@@ -27,7 +27,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 from kernel_helpers import netns_exec
+from plugin_helpers import Collect
+
+import tapio_observer_network
+from tapio_core.agent import Agent
+from tapio_core.occurrence import KernelClock
+from tapio_core.pipeline import Pipeline
+from tapio_core.plugins import load_plugins
+from tapio_core.sink import SinkOptions
 
 REPO = Path(__file__).resolve().parent.parent
 NET_LOOPS_SOURCE = REPO / "bench" / "net_loops.c"
@@ -323,3 +332,27 @@ def loop_report(process: subprocess.Popen, timeout: float = 60.0) -> dict[str, A
     if process.returncode != 0:
         raise AssertionError(f"net_loops failed ({process.returncode}): {err.strip()}")
     return json.loads(out)
+
+
+# -- the network observer in this process ----------------------------------------------------------
+
+
+def start_agent(settings: dict) -> tuple[Agent, Collect]:
+    sink = Collect()
+    loaded = load_plugins(["network"], extra=[("collect", sink)])
+    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), {"network": settings},
+                              KernelClock())
+    agent = Agent(loaded, pipeline, recorder=None)
+    agent.load(ebpf_dir=None)
+    assert pipeline.observers["network"].status == "running", pipeline.observers["network"].status_reason
+    return agent, sink
+
+
+def compile_differently(monkeypatch, missing: frozenset[str] = frozenset(), cflags: tuple[str, ...] = ()) -> None:
+    """Make the network plugin register its observer as a kernel without the ``missing`` BTF members
+    would build it, or with extra cflags (for the agents this test starts afterwards)."""
+    spec = tapio_observer_network.OBSERVER
+    fields = tuple(attrs.evolve(field, path="no_such_member") if field.macro in missing else field
+                   for field in spec.btf_fields)
+    monkeypatch.setattr(tapio_observer_network, "OBSERVER",
+                        attrs.evolve(spec, btf_fields=fields, cflags=(*spec.cflags, *cflags)))

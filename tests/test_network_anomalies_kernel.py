@@ -19,9 +19,7 @@ import secrets
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import attrs
 import pytest
 from kernel_helpers import (
     AGENT,
@@ -34,24 +32,19 @@ from kernel_helpers import (
     tool_env,
 )
 from network_scenarios import (
+    compile_differently,
     compile_net_loops,
     loop_report,
     nft_random_drop,
     retransmit_witness,
     run_client,
+    start_agent,
     start_refusals,
     tbf,
     tcp_server,
     veth_pair,
 )
-from plugin_helpers import Collect
 
-import tapio_observer_network
-from tapio_core.agent import Agent
-from tapio_core.occurrence import KernelClock
-from tapio_core.pipeline import Pipeline
-from tapio_core.plugins import load_plugins
-from tapio_core.sink import SinkOptions
 from tapio_observer_network.settings import NetworkSettings, kernel_settings
 
 pytestmark = pytest.mark.kernel
@@ -323,17 +316,6 @@ def test_an_invalid_setting_stops_the_agent_with_one_line_naming_the_key(tmp_pat
 # -- storm safety (in-process agent: records and losses counted exactly) -------------------------------
 
 
-def start_agent(settings: dict) -> tuple[Agent, Collect]:
-    sink = Collect()
-    loaded = load_plugins(["network"], extra=[("collect", sink)])
-    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), {"network": settings},
-                              KernelClock())
-    agent = Agent(loaded, pipeline, recorder=None)
-    agent.load(ebpf_dir=None)
-    assert pipeline.observers["network"].status == "running", pipeline.observers["network"].status_reason
-    return agent, sink
-
-
 def test_settings_reach_the_kernel_map_as_written():
     settings = {"retransmit_threshold": 7, "rst_storm_window_s": 2.5, "rtt_factor": 3.0, "connection_burst": 9}
     agent, _ = start_agent(settings)
@@ -345,16 +327,6 @@ def test_settings_reach_the_kernel_map_as_written():
     assert in_kernel == kernel_settings(NetworkSettings(**settings))
     assert (in_kernel["retransmit_threshold"], in_kernel["rst_slot_ns"], in_kernel["rtt_factor_x16"]) == (
         7, 312_500_000, 48)
-
-
-def compile_differently(monkeypatch, missing: frozenset[str] = frozenset(), cflags: tuple[str, ...] = ()) -> None:
-    """Make the network plugin register its observer as a kernel without the ``missing`` BTF members
-    would build it, or with extra cflags (for the agents this test starts afterwards)."""
-    spec = tapio_observer_network.OBSERVER
-    fields = tuple(attrs.evolve(field, path="no_such_member") if field.macro in missing else field
-                   for field in spec.btf_fields)
-    monkeypatch.setattr(tapio_observer_network, "OBSERVER",
-                        attrs.evolve(spec, btf_fields=fields, cflags=(*spec.cflags, *cflags)))
 
 
 @pytest.mark.parametrize("source", ["syn_segment", "retrans_stamp", "clock"])

@@ -25,6 +25,7 @@ from kernel_helpers import (
     run_connects,
     running_agent,
 )
+from network_scenarios import compile_differently, start_agent
 
 pytestmark = pytest.mark.kernel
 
@@ -139,3 +140,62 @@ def test_a_timeout_the_kernel_decided_says_so(tmp_path):
     assert occ["data"]["ended_by"] == "kernel"
     assert occ["error"]["message"] == (
         f"SYN unanswered: the kernel gave up after {occ['data']['syn_retransmits']} retransmit(s)")
+
+
+#: ``count`` non-blocking connects at once; waits until every one has failed and prints the pid and,
+#: per connect, its source port and errno.
+MANY_PENDING_SCRIPT = r"""
+import errno, json, os, select, socket, sys, time
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sockets = []
+for _ in range(count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.connect_ex((host, port))
+    sockets.append(s)
+pending, results, deadline = set(sockets), {}, time.monotonic() + 20
+while pending and time.monotonic() < deadline:
+    _, writable, _ = select.select([], list(pending), [], 0.5)
+    for s in writable:
+        code = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        results[s.getsockname()[1]] = errno.errorcode.get(code, str(code))
+        pending.discard(s)
+print(json.dumps({"pid": os.getpid(), "results": results}))
+"""
+
+
+def test_failed_connects_whose_owners_were_forgotten_are_still_each_reported(monkeypatch):
+    """Owners compiled into 2 buckets of 4 ways cannot hold 30 pending connects: every one that times out
+    is still one occurrence -- the socket's error says how it ended -- with its owner where the table kept
+    it and pid 0 / owner_known false where it did not; none is lost."""
+    count = 30
+    port = 20000 + secrets.randbelow(20000)
+    compile_differently(monkeypatch, cflags=("-DOWNER_BUCKET_BITS=1",))
+    agent, sink = start_agent({})
+    try:
+        with network_namespace() as netns:
+            netns_exec(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")
+            with nft_tcp_port_rule(netns, port):
+                done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", MANY_PENDING_SCRIPT,
+                                       "127.0.0.1", str(port), str(count)],
+                                      capture_output=True, text=True, timeout=40, check=True)
+        report = json.loads(done.stdout)
+        assert set(report["results"].values()) == {"ETIMEDOUT"} and len(report["results"]) == count
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            agent.drain("network")
+            timeouts = [o.data for o in sink.received
+                        if o.type == PREFIX + "connection_timeout" and o.data["dst_port"] == port]
+            if len(timeouts) >= count:
+                break
+            time.sleep(0.05)
+        time.sleep(SETTLE_S)
+        agent.drain("network")
+    finally:
+        agent.shutdown()
+    timeouts = [o.data for o in sink.received if o.data.get("dst_port") == port]
+    assert sorted(d["src_port"] for d in timeouts) == sorted(int(p) for p in report["results"])
+    known = [d for d in timeouts if d["owner_known"]]
+    assert 1 <= len(known) <= 8 and {d["pid"] for d in known} == {report["pid"]}
+    assert all((d["pid"], d["comm"]) == (0, "") for d in timeouts if not d["owner_known"])
+    assert all(d["ended_by"] == "kernel" and d["syn_retransmits"] >= 1 for d in timeouts)

@@ -22,13 +22,13 @@ def test_numpy_layout_matches_the_c_struct():
 
 def test_refused_ipv4_record_becomes_one_exact_anomaly():
     raw = pack_network_record(KIND_CONNECT_REFUSED, ts=5_000_000, syn_sent=4_000_000, src="127.0.0.1",
-                              dst="127.0.0.2", sport=40000, dport=9)
+                              dst="127.0.0.2", sport=40000, dport=9, owner_known=1)
     [anomaly] = connect_failures(np.frombuffer(raw, NETWORK_RECORD))
     assert anomaly.type == "kernel.network.connection_refused"
     assert (anomaly.severity, anomaly.outcome, anomaly.error_code) == ("warning", "failure", "ECONNREFUSED")
     assert anomaly.timestamp_ns == 5_000_000
     assert anomaly.data == {
-        "pid": 4242, "tid": 4243, "comm": "curl", "cgroup_id": 99,
+        "pid": 4242, "tid": 4243, "comm": "curl", "cgroup_id": 99, "owner_known": True,
         "src_ip": "127.0.0.1", "dst_ip": "127.0.0.2", "src_port": 40000, "dst_port": 9,
         "family": "ipv4", "protocol": "tcp", "old_state": "SYN_SENT", "new_state": "CLOSE",
         "sock_cookie": 7, "syn_retransmits": 0, "connect_duration_ns": 1_000_000,

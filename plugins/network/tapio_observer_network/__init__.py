@@ -32,6 +32,8 @@ OBSERVER = ObserverSpec(
                  feature="destinations told apart by network namespace, and data.netns"),
         BtfField("TAPIO_SK_ERR_OFFSET", "sock", "sk_err",
                  feature="failed connects told apart by the kernel's error (unreachable, abandoned, timed out)"),
+        BtfField("TAPIO_ICSK_RETRANSMITS_OFFSET", "inet_connection_sock", "icsk_retransmits",
+                 feature="SYN retransmits of failed connects whose owner was forgotten"),
         BtfField("TAPIO_TCP_RETRANS_STAMP_OFFSET", "tcp_sock", "retrans_stamp",
                  feature="failed connects' durations without a clock read on every connect"),
         BtfField("TAPIO_SK_RTX_QUEUE_OFFSET", "sock", "tcp_rtx_queue",

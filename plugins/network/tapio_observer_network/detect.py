@@ -126,16 +126,17 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
             rows["family"].tolist(), rows["protocol"].tolist(), rows["src_port"].tolist(), rows["dst_port"].tolist(),
             rows["old_state"].tolist(), rows["new_state"].tolist(), rows["syn_retransmits"].tolist(),
             rows["src_addr"].tolist(), rows["dst_addr"].tolist(), rows["netns"].tolist(), rows["suppressed"].tolist(),
-            rows["sk_error"].tolist(), rows["rst_received"].tolist(), _fingerprints(rows), strict=True,
+            rows["sk_error"].tolist(), rows["rst_received"].tolist(), rows["owner_known"].tolist(),
+            _fingerprints(rows), strict=True,
         )
         for (ts, syn_sent, cookie, pid, tid, cgroup, comm, family, proto, sport, dport, old, new, syn_rtx,
-             src, dst, netns, suppressed, sk_error, rst, fingerprint) in columns:
+             src, dst, netns, suppressed, sk_error, rst, known, fingerprint) in columns:
             code, message, how = connect_error(kind, sk_error, rst, syn_rtx)
             anomalies.append(Anomaly(
                 type=type_, timestamp_ns=ts, severity="warning", outcome=outcome,
                 error_code=code, error_message=message, fingerprint=fingerprint,
                 data=_with_suppressed(_with_netns({
-                    "pid": pid, "tid": tid, "comm": _text(comm), "cgroup_id": cgroup,
+                    "pid": pid, "tid": tid, "comm": _text(comm), "cgroup_id": cgroup, "owner_known": bool(known),
                     "src_ip": format_ip(family, src), "dst_ip": format_ip(family, dst),
                     "src_port": sport, "dst_port": dport,
                     "family": FAMILIES.get(family, str(family)), "protocol": PROTOCOLS.get(proto, str(proto)),

@@ -353,6 +353,17 @@ static __always_inline int socket_error(const void *sk)
     return err;
 }
 
+/* SYN retransmits of a connect whose owner entry was lost (inet_connection_sock.icsk_retransmits),
+ * 0 when this kernel's BTF does not say where it is. */
+static __always_inline u8 socket_syn_retransmits(const void *sk)
+{
+    u8 retransmits = 0;
+#ifdef TAPIO_ICSK_RETRANSMITS_OFFSET
+    TAPIO_READ_AT(retransmits, sk, TAPIO_ICSK_RETRANSMITS_OFFSET);
+#endif
+    return retransmits;
+}
+
 /* The socket's TCP state, 0 when this kernel's BTF does not say where it is. */
 static __always_inline u8 socket_state(const void *sk)
 {
@@ -517,31 +528,36 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
         return 0;
     }
+    /* A failed connect: reported whether or not its owner is still remembered (the socket's own error
+     * tells how it ended; the owner, when known, who it was). */
     struct socket_owner *owner = owner_of(sk);
-    if (!owner)
-        return 0;
-    if (owner->connecting) {
-        struct network_record rec = {};
-        rec.timestamp_ns = bpf_ktime_get_ns();
-        rec.sk_error = socket_error(args->skaddr);
+    struct network_record rec = {};
+    rec.timestamp_ns = bpf_ktime_get_ns();
+    rec.sk_error = socket_error(args->skaddr);
+    if (owner) {
         rec.rst_received = owner->reset_received;
-        if (owner->reset_received || rec.sk_error == TAPIO_ECONNREFUSED)
-            rec.kind = KIND_CONNECT_REFUSED;
-        else if (rec.sk_error > 0 && rec.sk_error != TAPIO_ETIMEDOUT)
-            rec.kind = KIND_CONNECT_FAILED;
-        else
-            rec.kind = KIND_CONNECT_TIMEOUT;  /* the kernel gave up, the application did, or unknown */
-        rec.syn_sent_ns = owner->syn_sent_ns ? owner->syn_sent_ns
-                                             : first_syn_sent_ns(args->skaddr, rec.timestamp_ns);
-        struct network_settings *cfg = settings();
-        /* Ended by the application before any SYN retransmit and sooner than the setting: a
-         * cancelled attempt (a happy-eyeballs loser, a close() while connecting), not a timeout. */
-        if (rec.sk_error == 0 && owner->syn_retransmits == 0 && cfg &&
-            (!rec.syn_sent_ns || rec.timestamp_ns - rec.syn_sent_ns < cfg->abandoned_min_ns)) {
-            count(COUNT_ABANDONED);
-            owner_forget(sk);
-            return 0;
-        }
+        rec.syn_retransmits = owner->syn_retransmits;
+    } else if (rec.sk_error < 0) {
+        count(COUNT_UNTRACKED);  /* neither the owner nor this kernel's BTF can say how it ended */
+        return 0;
+    } else {
+        rec.syn_retransmits = socket_syn_retransmits(args->skaddr);
+    }
+    if (rec.rst_received || rec.sk_error == TAPIO_ECONNREFUSED)
+        rec.kind = KIND_CONNECT_REFUSED;
+    else if (rec.sk_error > 0 && rec.sk_error != TAPIO_ETIMEDOUT)
+        rec.kind = KIND_CONNECT_FAILED;
+    else
+        rec.kind = KIND_CONNECT_TIMEOUT;  /* the kernel gave up, the application did, or unknown */
+    rec.syn_sent_ns = owner && owner->syn_sent_ns ? owner->syn_sent_ns
+                                                  : first_syn_sent_ns(args->skaddr, rec.timestamp_ns);
+    struct network_settings *cfg = settings();
+    /* Ended by the application before any SYN retransmit and sooner than the setting: a cancelled
+     * attempt (a happy-eyeballs loser, a close() while connecting), not a timeout. */
+    if (rec.sk_error == 0 && rec.syn_retransmits == 0 && cfg &&
+        (!rec.syn_sent_ns || rec.timestamp_ns - rec.syn_sent_ns < cfg->abandoned_min_ns)) {
+        count(COUNT_ABANDONED);
+    } else {
         rec.family = args->family;
         copy_addr(rec.dst_addr, args->family, args->daddr, args->daddr_v6);
         rec.netns = socket_netns(args->skaddr);
@@ -552,21 +568,23 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         key.kind = rec.kind;
         key.netns = rec.netns;
         if (limit_allows(cfg, &key, rec.timestamp_ns, &rec.suppressed)) {
-            rec.sock_cookie = owner->sock_cookie ? owner->sock_cookie : socket_cookie(args->skaddr);
-            rec.task = owner->task;
-            rec.owner_known = 1;
+            rec.sock_cookie = owner && owner->sock_cookie ? owner->sock_cookie : socket_cookie(args->skaddr);
+            if (owner) {
+                rec.task = owner->task;
+                rec.owner_known = 1;
+                rec.in_task_context = (bpf_get_current_pid_tgid() >> 32) == owner->task.pid;
+            }
             rec.protocol = args->protocol;
             rec.src_port = args->sport;
             rec.dst_port = args->dport;
             rec.old_state = args->oldstate;
             rec.new_state = args->newstate;
-            rec.syn_retransmits = owner->syn_retransmits;
-            rec.in_task_context = (bpf_get_current_pid_tgid() >> 32) == owner->task.pid;
             copy_addr(rec.src_addr, args->family, args->saddr, args->saddr_v6);
             tapio_submit(&rec, sizeof(rec));
         }
     }
-    owner_forget(sk);
+    if (owner)
+        owner_forget(sk);
     return 0;
 }
 
