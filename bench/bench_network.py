@@ -21,7 +21,7 @@ Precise: the kernel's own BPF run-time statistics (``bpf_enable_stats``, on only
 programs per op: ``*_bpf_ns_per_op``, and ``*_observer_bpf_over_floor_pct``, the observer's
 extra program time as % of an untraced op -- what its work adds to the floor, without the noise;
 and ``*_slowdown_vs_floor_by_program_time``, the goal's ratio with that extra cost in place of the
-observer's own (noisy) slowdown: (floor + extra) / floor.
+observer's own (noisy) slowdown: (floor + extra) / floor -- a lower estimate, blind to cache effects.
 
 Storm: STORM_CONNECTS connects to a closed port (each answered by an RST) with the observer at its
 default settings; ``network_rst_storm_records_per_event_pct`` is records that crossed the ring
@@ -255,12 +255,13 @@ def program_time(loop: str, server: LoopServer, probes: dict[str, Probes], untra
 
 
 def program_time_ratio(loop: str, figures: dict[str, float]) -> dict[str, float]:
-    """The observer's slowdown over the floor's with its extra cost taken from program time, not wall time.
+    """The goal's ratio if the observer's only extra cost over the floor were its programs' run time.
 
-    Both conditions attach to the same tracepoints, so they pay the same dispatch; what the observer
-    adds is the work inside its programs, which the kernel's statistics measure without the noise of
-    a second slowdown: (floor + observer_bpf_over_floor) / floor. Only the floor's own slowdown is
-    still a wall-time (CPU-time) figure.
+    Both conditions attach to the same tracepoints and pay the same dispatch; the kernel's statistics
+    measure the work inside the programs without the noise of a second slowdown:
+    (floor + observer_bpf_over_floor) / floor. It is a lower estimate: costs outside the programs
+    (cache and memory traffic their maps cause) are not in it. Where ``*_slowdown_vs_floor`` stays
+    well above it run after run, that difference is what to look for next.
     """
     floor = figures[f"network_{loop}_loop_floor_slowdown_pct"]
     extra = figures[f"network_{loop}_loop_observer_bpf_over_floor_pct"]
