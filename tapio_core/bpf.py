@@ -52,8 +52,17 @@ def resolve_source(spec: ObserverSpec, ebpf_dir: Path | None) -> Path:
 
 
 def btf_cflags(spec: ObserverSpec, btf: Btf | None) -> tuple[list[str], list[str]]:
-    """``-D`` flags for the BTF fields that exist here, and the features lost to those that don't."""
+    """``-D`` flags for the BTF fields and raw tracepoint argument types this kernel has, and the
+    features lost to those it does not."""
     flags, disabled = [], []
+    for arg in spec.raw_tracepoint_args:
+        found = btf.raw_tracepoint_arg(arg.tracepoint, arg.index) if btf is not None else None
+        if found == arg.c_type:
+            flags.append(f"-D{arg.macro}=1")
+        else:
+            disabled.append(arg.feature)
+            log.warning("%s: raw tracepoint %s's argument %d is %s here, not %s; %s disabled", spec.name,
+                        arg.tracepoint, arg.index, found or "unknown", arg.c_type, arg.feature)
     for field in spec.btf_fields:
         offset = btf.field_offset(field.struct, field.path) if btf is not None else None
         if offset is None:

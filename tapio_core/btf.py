@@ -197,6 +197,35 @@ class Btf:
             return st
         return None
 
+    def raw_tracepoint_arg(self, tracepoint: str, index: int) -> str | None:
+        """The C type of a raw tracepoint's argument ``index`` (``ctx->args[index]``), e.g.
+        ``"struct task_struct *"`` or ``"int"``, from the kernel's ``btf_trace_<tracepoint>``
+        prototype; None when BTF does not have it."""
+        for tid in self._names.get(f"btf_trace_{tracepoint}", ()):
+            proto = self._resolve(tid)
+            kind, _kf, _vl, target, _o = self._rec(proto) if proto else (0, 0, 0, 0, 0)
+            if kind == _PTR:
+                proto = self._resolve(target)
+            kind, _kf, vlen, _st, off = self._rec(proto) if proto else (0, 0, 0, 0, 0)
+            if kind != _KINDS.index("func_proto") or index + 1 >= vlen:
+                continue
+            # The first parameter is the tracepoint's own ``void *__data``; ctx->args[] are the rest.
+            _name_off, ptype = unpack_from(self._end + "II", self._data, off + 8 * (index + 1))
+            return self._type_name(ptype)
+        return None
+
+    def _type_name(self, tid: int) -> str:
+        """A C spelling of a type that is enough to tell one argument type from another."""
+        tid = self._resolve(tid)
+        if not tid:
+            return "void"
+        kind, _kf, _vl, st, _o = self._rec(tid)
+        if kind == _PTR:
+            return self._type_name(st) + " *"
+        name_off = unpack_from(self._end + "I", self._data, self._offs[tid])[0]
+        name = self._str(name_off) if name_off else ""
+        return f"{_KINDS[kind]} {name}" if kind in (_STRUCT, _UNION, _ENUM, _ENUM64) else name or _KINDS[kind]
+
     def enum_value(self, enum: str, name: str) -> int | None:
         """Value of enumerator ``name`` in ``enum``; enum "" searches anonymous enums."""
         ids = self._names.get(enum, ()) if enum else range(1, len(self._offs))

@@ -60,6 +60,23 @@ class TracepointField:
 
 
 @attrs.frozen
+class RawTracepointArg:
+    """A raw tracepoint argument whose type changed between kernels (``int pid`` became a task pointer).
+
+    The agent reads the tracepoint's prototype (``btf_trace_<name>``) from the running kernel's BTF
+    and compiles with ``-D<macro>=1`` where argument ``index`` has type ``c_type`` (e.g.
+    ``"struct task_struct *"``); elsewhere the C code's ``#ifndef`` path runs and the agent logs that
+    ``feature`` is unavailable.
+    """
+
+    macro: str
+    tracepoint: str
+    index: int
+    c_type: str
+    feature: str
+
+
+@attrs.frozen
 class BpfCounter:
     """A count the BPF side keeps (an array map slot, per-CPU or not) that `tapio status` should show.
 
@@ -82,6 +99,7 @@ class ObserverSpec:
     tracepoints: tuple[str, ...]
     btf_fields: tuple[BtfField, ...] = ()
     tracepoint_fields: tuple[TracepointField, ...] = ()
+    raw_tracepoint_args: tuple[RawTracepointArg, ...] = ()
     ring_buffer: str = "events"
     lost_counter: str | None = "tapio_lost"
     description: str = ""

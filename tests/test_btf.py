@@ -332,3 +332,22 @@ def test_kernel_parse_is_fast() -> None:
         Btf.load(VMLINUX)
         timings.append(time.perf_counter() - start)
     assert min(timings) < 1.0, timings
+
+
+@pytest.mark.kernel
+def test_raw_tracepoint_argument_types_match_bpftool(kernel_btf: Btf, bpftool_types: dict) -> None:
+    """ctx->args[i] of a raw tracepoint is parameter i + 1 of its btf_trace_ prototype (after __data)."""
+    for tracepoint, index, expected in (("mark_victim", 0, "struct task_struct *"),
+                                        ("block_rq_issue", 0, "struct request *"),
+                                        ("sched_process_exit", 0, "struct task_struct *")):
+        [typedef] = [tid for tid, (kind, name, _a, _m) in bpftool_types.items()
+                     if kind == "TYPEDEF" and name == f"btf_trace_{tracepoint}"]
+        proto = int(bpftool_types[int(bpftool_types[typedef][2]["type_id"])][2]["type_id"])
+        assert bpftool_types[proto][0] == "FUNC_PROTO"
+        param = int(bpftool_types[proto][3][index + 1][1]["type_id"])
+        pointee = bpftool_types[int(bpftool_types[param][2]["type_id"])]
+        assert f"{pointee[0].lower()} {pointee[1]} *" == expected  # bpftool's own walk says so too
+        assert kernel_btf.raw_tracepoint_arg(tracepoint, index) == expected
+    assert kernel_btf.raw_tracepoint_arg("mark_victim", 1) == "unsigned int"  # uid_t, through its typedef
+    assert kernel_btf.raw_tracepoint_arg("no_such_tracepoint", 0) is None
+    assert kernel_btf.raw_tracepoint_arg("mark_victim", 5) is None

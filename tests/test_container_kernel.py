@@ -423,35 +423,42 @@ print("allocated", len(chunks) * 4, flush=True)
 """
 
 
+def oom_kill_holder(cgroup: ScratchCgroup) -> tuple[int, int]:
+    """In ``cgroup`` (128 MiB), a holder of 64 MiB is OOM-killed when an allocator asks for 60 MiB more;
+    returns (holder pid, allocator pid) once both ended as expected."""
+    holder = subprocess.Popen(in_cgroups([cgroup], python(HOLDER, "64")), env=child_env(),
+                              stdout=subprocess.PIPE, text=True)
+    allocator = None
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        # 64 MiB held + 60 MiB more + two interpreters is over 128 MiB. 60 MiB + one interpreter is not,
+        # with room to spare: a cold page cache charges the interpreter's files (~15 MiB) to the cgroup too.
+        allocator = subprocess.Popen(in_cgroups([cgroup], python(ALLOCATOR, "60")), env=child_env(),
+                                     stdout=subprocess.PIPE, text=True)
+        allocator_status = reap(allocator)
+        holder_status = reap(holder)
+    finally:
+        for proc in (holder, allocator):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                reap(proc)
+    assert os.WIFSIGNALED(holder_status) and os.WTERMSIG(holder_status) == signal.SIGKILL
+    assert os.WIFEXITED(allocator_status) and os.WEXITSTATUS(allocator_status) == 0
+    return holder.pid, allocator.pid
+
+
 def test_oom_kill_reports_the_victim_not_the_trigger_with_its_cgroup_and_limit(agent):
     limit = 128 * MIB
     with memory_cgroup(limit) as cgroup:
-        holder = subprocess.Popen(in_cgroups([cgroup], python(HOLDER, "64")), env=child_env(),
-                                  stdout=subprocess.PIPE, text=True)
-        allocator = None
-        try:
-            assert holder.stdout.readline().strip() == "ready"
-            # 64 MiB held + 60 MiB more + two interpreters is over 128 MiB. 60 MiB + one interpreter is not,
-            # with room to spare: a cold page cache charges the interpreter's files (~15 MiB) to the cgroup too.
-            allocator = subprocess.Popen(in_cgroups([cgroup], python(ALLOCATOR, "60")), env=child_env(),
-                                         stdout=subprocess.PIPE, text=True)
-            allocator_status = reap(allocator)
-            holder_status = reap(holder)
-        finally:
-            for proc in (holder, allocator):
-                if proc is not None and proc.returncode is None:
-                    proc.kill()
-                    reap(proc)
-        assert os.WIFSIGNALED(holder_status) and os.WTERMSIG(holder_status) == signal.SIGKILL
-        assert os.WIFEXITED(allocator_status) and os.WEXITSTATUS(allocator_status) == 0
-        [occ] = agent.wait_for(of_pid(OOM, holder.pid))
+        holder_pid, allocator_pid = oom_kill_holder(cgroup)
+        [occ] = agent.wait_for(of_pid(OOM, holder_pid))
         marker_exit(agent)
-        assert len(agent.matching(of_pid(OOM, holder.pid))) == 1
-        assert agent.matching(of_pid(EXIT, holder.pid)) == []  # its SIGKILL is the OOM kill, not a second report
+        assert len(agent.matching(of_pid(OOM, holder_pid))) == 1
+        assert agent.matching(of_pid(EXIT, holder_pid)) == []  # its SIGKILL is the OOM kill, not a second report
         assert (occ["severity"], occ["outcome"], occ["error"]["code"]) == ("critical", "failure", "OOM_KILLED")
         data = occ["data"]
-        assert (data["pid"], data["comm"]) == (holder.pid, process_name(sys.executable))
-        assert data["trigger_pid"] == allocator.pid  # the allocation that hit the limit was the allocator's
+        assert (data["pid"], data["comm"]) == (holder_pid, process_name(sys.executable))
+        assert data["trigger_pid"] == allocator_pid  # the allocation that hit the limit was the allocator's
         assert (data["cgroup_id"], data["cgroup_path"], data["cgroup_version"]) == (
             cgroup.cgroup_id, cgroup.cgroup_path, cgroup.version)
         assert data["memory_limit_bytes"] == limit
@@ -459,6 +466,27 @@ def test_oom_kill_reports_the_victim_not_the_trigger_with_its_cgroup_and_limit(a
         assert data["oom_score_adj"] == 1000
         assert data["anon_rss_bytes"] >= 64 * MIB
         assert data["rss_bytes"] == data["anon_rss_bytes"] + data["file_rss_bytes"] + data["shmem_rss_bytes"]
+
+
+def test_a_kernel_that_names_the_oom_victim_by_pid_still_gets_one_oom_kill_and_no_second_report(caplog):
+    """Kernels before about 6.8 hand mark_victim a pid, not the victim's task (their BTF prototype says
+    so): built as it would be there, the observer reports the victim by pid, with the trigger, and
+    nothing it cannot read; the victim's SIGKILL exit is still not a second occurrence."""
+    spec = tapio_observer_container.OBSERVER
+    older = ContainerVariant(raw_tracepoint_args=tuple(attrs.evolve(arg, c_type="int")
+                                                       for arg in spec.raw_tracepoint_args))
+    with agent_in_process({}, older) as agent:
+        assert "OOM victims' name, cgroup, limit and memory (their pid alone is known)" in (
+            agent.pipeline.observers["container"].status_reason)
+        with memory_cgroup(128 * MIB) as cgroup:
+            holder_pid, allocator_pid = oom_kill_holder(cgroup)
+        [occ] = occurrences_until(agent, lambda o: o.type == OOM and o.data["pid"] == holder_pid)
+        marker, _ = run_to_end(["sh", "-c", f"exit {MARKER_CODE}"])
+        occurrences_until(agent, lambda o: o.type == EXIT and o.data["pid"] == marker)
+        received = agent.plugins.pm.get_plugin("collect").received
+    assert [o for o in received if o.data.get("pid") == holder_pid] == [occ]  # no SIGKILL exit beside it
+    assert (occ.data["trigger_pid"], occ.data["memory_limit_bytes"], occ.data["cgroup_id"]) == (
+        allocator_pid, None, None)
 
 
 def test_cgroup_mode_v2_names_the_unified_cgroup_and_keeps_the_memory_limit(tmp_path):
@@ -491,13 +519,11 @@ class ContainerVariant:
     """The container plugin compiled differently: some BtfFields pointing at members no kernel has,
     or other cflags -- what an older or differently built kernel would give it."""
 
-    def __init__(self, missing: set[str] = frozenset(), tracepoint_fields: tuple | None = None,
-                 cflags: tuple[str, ...] = ()):
+    def __init__(self, missing: set[str] = frozenset(), **spec_changes: object):
         spec = tapio_observer_container.OBSERVER
         fields = tuple(attrs.evolve(field, path="no_such_member") if field.macro in missing else field
                        for field in spec.btf_fields)
-        self.spec = attrs.evolve(spec, btf_fields=fields, cflags=spec.cflags + cflags, tracepoint_fields=(
-            spec.tracepoint_fields if tracepoint_fields is None else tracepoint_fields))
+        self.spec = attrs.evolve(spec, btf_fields=fields, **spec_changes)
 
     @hookimpl
     def tapio_register_observers(self, register):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import attrs
 
-from tapio_core import BtfField, ObserverSpec, TracepointField, hookimpl
+from tapio_core import BtfField, ObserverSpec, RawTracepointArg, TracepointField, hookimpl
 from tapio_core.bpf import ObserverLoadError
 from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import CGROUP_V1, KernelLayout, detect_cgroup_mode, kernel_layout
@@ -59,6 +59,10 @@ OBSERVER = ObserverSpec(
     tracepoint_fields=(TracepointField("TAPIO_EXIT_HAS_GROUP_DEAD", "sched:sched_process_exit", "group_dead",
                                        feature="the process's last thread from the tracepoint "
                                                "(found through signal_struct.live instead)"),),
+    # Kernels before about 6.8 hand mark_victim the victim's pid, not its task.
+    raw_tracepoint_args=(RawTracepointArg("TAPIO_MARK_VICTIM_TASK", "mark_victim", 0, "struct task_struct *",
+                                          feature="OOM victims' name, cgroup, limit and memory "
+                                                  "(their pid alone is known)"),),
     description="OOM kills with their memory cgroup and limit; abnormal process exits",
     config_type=ContainerSettings,
 )

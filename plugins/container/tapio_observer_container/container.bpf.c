@@ -393,7 +393,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (signal == SIGKILL) {
         struct oom_victim *victim = oom_victims.lookup(&tgid);
         if (victim) {
-            int same_process = victim->start_time == process_start_time(task);
+            /* start_time 0: a kernel that named the victim by pid alone (see mark_victim below) */
+            int same_process = !victim->start_time || victim->start_time == process_start_time(task);
             oom_victims.delete(&tgid);
             if (same_process)
                 return 0;  /* already reported as its oom_kill */
@@ -421,6 +422,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     return 0;
 }
 
+#ifdef TAPIO_MARK_VICTIM_TASK
 RAW_TRACEPOINT_PROBE(mark_victim)
 {
     /* TP_PROTO(struct task_struct *task, uid_t uid) */
@@ -463,3 +465,30 @@ RAW_TRACEPOINT_PROBE(mark_victim)
 #endif
     return 0;
 }
+#else
+/* Kernels before about 6.8 hand mark_victim the victim's pid, not its task (TP_PROTO(int pid)): the
+ * victim is known by that pid alone -- its name, cgroup, limit and memory cannot be read from here,
+ * so the record carries none of their flags -- and its SIGKILL exit is still not reported again. */
+TRACEPOINT_PROBE(oom, mark_victim)
+{
+    const struct kernel_layout *layout = configured_layout();
+    if (!layout)
+        return 0;
+    u32 tgid = args->pid;
+    struct oom_victim entry = {};
+    entry.timestamp_ns = bpf_ktime_get_ns();
+    if (oom_victims.lookup(&tgid))
+        return 0;  /* another thread of a process already marked */
+    oom_victims.update(&tgid, &entry);
+    struct container_record *rec = fresh_record(KIND_OOM_KILL);
+    if (!rec)
+        return 0;
+    rec->timestamp_ns = entry.timestamp_ns;
+    rec->task.pid = tgid;
+    rec->task.tid = tgid;
+    rec->trigger_pid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(rec->trigger_comm, sizeof(rec->trigger_comm));
+    tapio_submit(rec, sizeof(*rec));
+    return 0;
+}
+#endif
