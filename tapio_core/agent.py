@@ -71,7 +71,7 @@ class Agent:
         self.readers: dict[str, object] = {}
         self.started_at = time.time()
         self._stop = False
-        self._last_state: tuple[float, dict[str, tuple[int, int]]] | None = None
+        self._last_state: tuple[float, dict[str, tuple[int, int, int]]] | None = None
         self._next_state = 0.0
 
     def load(self, ebpf_dir: Path | None) -> None:
@@ -195,16 +195,17 @@ class Agent:
         elapsed = max(now - previous_time, 1e-9)
         observers = {}
         for name, obs in self.pipeline.observers.items():
-            before_records, before_anomalies = previous.get(name, (0, 0))
+            before_records, before_anomalies, before_lost = previous.get(name, (0, 0, 0))
             observers[name] = {
                 "status": obs.status, "reason": obs.status_reason, "plugin": obs.plugin_name,
                 "type_prefix": obs.type_prefix,
                 "records": obs.records, "anomalies": obs.anomalies, "lost": obs.lost, "malformed": obs.malformed,
                 "records_per_s": round((obs.records - before_records) / elapsed, 3),
                 "anomalies_per_s": round((obs.anomalies - before_anomalies) / elapsed, 3),
+                "lost_per_s": round((obs.lost - before_lost) / elapsed, 3),
                 "counters": dict(obs.counters),
             }
-        self._last_state = (now, {n: (o.records, o.anomalies) for n, o in self.pipeline.observers.items()})
+        self._last_state = (now, {n: (o.records, o.anomalies, o.lost) for n, o in self.pipeline.observers.items()})
         return {
             "agent": {"version": __version__, "pid": os.getpid(), "running": running,
                       "started_at": self.started_at, "node": os.environ.get("NODE_NAME") or os.uname().nodename},

@@ -232,13 +232,17 @@ class ObserverHealth:
             self.reason = f"{tally.count} occurrence(s) in the last {window} ({counts}); most: {common} x{times}"
             if not tally.notable:
                 self.reason += "; none warning or worse"
+        lost_per_s = self.entry.get("lost_per_s") or 0
+        if isinstance(lost_per_s, (int, float)) and lost_per_s > 0:  # anomalies went unseen just now
+            self.health = CRITICAL if self.health == CRITICAL else DEGRADED
+            self.reason += f"; the ring buffer is losing records ({lost_per_s:g}/s): anomalies are going unseen"
         if state_reason:  # what a running observer cannot see (a missing counter, a BTF member) is said too
             self.reason += f"; {state_reason}"
 
     def to_dict(self) -> dict[str, Any]:
         result = {"name": self.name, "health": self.health, "reason": self.reason, "status": self.status,
                   "occurrences": self.tally.to_dict()}
-        for key in ("records_per_s", "anomalies_per_s", "lost", "malformed"):
+        for key in ("records_per_s", "anomalies_per_s", "lost", "lost_per_s", "malformed"):
             if key in self.entry:
                 result[key] = self.entry[key]
         if self.worst:

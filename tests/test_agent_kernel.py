@@ -135,6 +135,11 @@ def test_tapio_observer_started_writes_settings_the_kernel_uses(toy_source, capl
         agent.housekeeping()
         assert agent.pipeline.observers["toy"].counters["seen_in_kernel"] == 3
         assert agent.pipeline.observers["toy"].counters["configured_value"] == 42
+        agent.pipeline.observers["toy"].lost = 6  # as housekeeping finds it when the ring overflowed
+        entry = agent.state()["observers"]["toy"]
+        assert entry["lost"] == 6 and entry["lost_per_s"] > 0  # since the previous state: what health judges
+        assert agent.state()["observers"]["toy"]["lost_per_s"] == 0  # nothing lost since
+        agent.pipeline.observers["toy"].lost = 0
     finally:
         agent.shutdown()
     assert [o.data["setting"] for o in sink.received] == [42, 42, 42]

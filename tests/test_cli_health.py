@@ -126,6 +126,18 @@ def test_what_a_running_observer_runs_without_is_in_its_reason(tmp_path):
     assert pmc["reason"].endswith("; " + reason)
 
 
+def test_records_lost_just_now_degrade_an_observer_and_lost_long_ago_do_not(tmp_path):
+    write_state(tmp_path, running_state(
+        network={"status": "running", "reason": "", "lost": 120, "lost_per_s": 0},
+        storage={"status": "running", "reason": "", "lost": 50, "lost_per_s": 25.0}))
+    code, report = health_json(tmp_path)
+    by_name = {o["name"]: o for o in report["observers"]}
+    assert (code, by_name["network"]["health"], by_name["storage"]["health"]) == (1, "healthy", "degraded")
+    assert by_name["storage"]["reason"] == (
+        "no anomalies in the last 15m; the ring buffer is losing records (25/s): anomalies are going unseen")
+    assert by_name["storage"]["lost_per_s"] == 25.0
+
+
 def test_without_a_running_agent_the_node_is_at_least_degraded(tmp_path):
     code, report = health_json(tmp_path)
     assert (code, report["health"], report["agent"]["running"]) == (1, "degraded", False)
