@@ -422,6 +422,29 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     return 0;
 }
 
+/* A fresh oom_kill record for victim tgid/tid, its trigger (the task whose allocation ran the OOM killer:
+ * the current one) filled in; 0 when another thread of the process was marked already -- one OOM kill
+ * per process. start_time tells a reused pid apart; 0 when the kernel named the victim by pid alone. */
+static __always_inline struct container_record *oom_record(u32 tgid, u32 tid, u64 start_time)
+{
+    struct oom_victim entry = {};
+    entry.timestamp_ns = bpf_ktime_get_ns();
+    entry.start_time = start_time;
+    struct oom_victim *known = oom_victims.lookup(&tgid);
+    if (known && (!start_time || known->start_time == start_time))
+        return 0;
+    oom_victims.update(&tgid, &entry);
+    struct container_record *rec = fresh_record(KIND_OOM_KILL);
+    if (!rec)
+        return 0;
+    rec->timestamp_ns = entry.timestamp_ns;
+    rec->task.pid = tgid;
+    rec->task.tid = tid;
+    rec->trigger_pid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(rec->trigger_comm, sizeof(rec->trigger_comm));
+    return rec;
+}
+
 #ifdef TAPIO_MARK_VICTIM_TASK
 RAW_TRACEPOINT_PROBE(mark_victim)
 {
@@ -434,25 +457,10 @@ RAW_TRACEPOINT_PROBE(mark_victim)
     u32 tgid = 0, tid = 0;
     TAPIO_READ_AT(tgid, victim, TAPIO_TASK_TGID_OFFSET);
     TAPIO_READ_AT(tid, victim, TAPIO_TASK_PID_OFFSET);
-    struct oom_victim entry = {};
-    entry.timestamp_ns = bpf_ktime_get_ns();
-    entry.start_time = process_start_time(victim);
-    /* Another thread of a process already marked: one OOM kill per process. */
-    struct oom_victim *known = oom_victims.lookup(&tgid);
-    if (known && known->start_time == entry.start_time)
-        return 0;
-    oom_victims.update(&tgid, &entry);
-
-    struct container_record *rec = fresh_record(KIND_OOM_KILL);
+    struct container_record *rec = oom_record(tgid, tid, process_start_time(victim));
     if (!rec)
         return 0;
-    rec->timestamp_ns = entry.timestamp_ns;
-    rec->task.pid = tgid;
-    rec->task.tid = tid;
     read_process_name(victim, rec);
-    u64 current = bpf_get_current_pid_tgid();
-    rec->trigger_pid = current >> 32;
-    bpf_get_current_comm(rec->trigger_comm, sizeof(rec->trigger_comm));
 #if defined(TAPIO_TASK_SIGNAL_OFFSET) && defined(TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET)
     const void *signal = read_ptr(victim, TAPIO_TASK_SIGNAL_OFFSET);
     if (signal && TAPIO_READ_AT(rec->oom_score_adj, signal, TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET) == 0)
@@ -474,21 +482,9 @@ TRACEPOINT_PROBE(oom, mark_victim)
     const struct kernel_layout *layout = configured_layout();
     if (!layout)
         return 0;
-    u32 tgid = args->pid;
-    struct oom_victim entry = {};
-    entry.timestamp_ns = bpf_ktime_get_ns();
-    if (oom_victims.lookup(&tgid))
-        return 0;  /* another thread of a process already marked */
-    oom_victims.update(&tgid, &entry);
-    struct container_record *rec = fresh_record(KIND_OOM_KILL);
-    if (!rec)
-        return 0;
-    rec->timestamp_ns = entry.timestamp_ns;
-    rec->task.pid = tgid;
-    rec->task.tid = tgid;
-    rec->trigger_pid = bpf_get_current_pid_tgid() >> 32;
-    bpf_get_current_comm(rec->trigger_comm, sizeof(rec->trigger_comm));
-    tapio_submit(rec, sizeof(*rec));
+    struct container_record *rec = oom_record(args->pid, args->pid, 0);
+    if (rec)
+        tapio_submit(rec, sizeof(*rec));
     return 0;
 }
 #endif
