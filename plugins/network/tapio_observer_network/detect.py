@@ -136,7 +136,7 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
                 type=type_, timestamp_ns=ts, severity="warning", outcome=outcome,
                 error_code=code, error_message=message, fingerprint=fingerprint,
                 data=_with_suppressed(_with_netns({
-                    "pid": pid, "tid": tid, "comm": _text(comm), "cgroup_id": cgroup, "owner_known": bool(known),
+                    **_owner((pid, tid, cgroup, comm), known),
                     "src_ip": format_ip(family, src), "dst_ip": format_ip(family, dst),
                     "src_port": sport, "dst_port": dport,
                     "family": FAMILIES.get(family, str(family)), "protocol": PROTOCOLS.get(proto, str(proto)),
