@@ -356,3 +356,17 @@ def compile_differently(monkeypatch, missing: frozenset[str] = frozenset(), cfla
                    for field in spec.btf_fields)
     monkeypatch.setattr(tapio_observer_network, "OBSERVER",
                         attrs.evolve(spec, btf_fields=fields, cflags=(*spec.cflags, *cflags)))
+
+
+# -- matching occurrences ----------------------------------------------------------------------------
+
+PREFIX = "kernel.network."
+
+
+def of(kind: str, **data: object):
+    """Occurrences (as JSON dicts) of ``kernel.network.<kind>`` whose ``data`` has every given value."""
+
+    def match(occ: dict) -> bool:
+        return occ["type"] == PREFIX + kind and all(occ["data"].get(k) == v for k, v in data.items())
+
+    return match

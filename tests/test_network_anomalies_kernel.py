@@ -32,10 +32,12 @@ from kernel_helpers import (
     tool_env,
 )
 from network_scenarios import (
+    PREFIX,
     compile_differently,
     compile_net_loops,
     loop_report,
     nft_random_drop,
+    of,
     retransmit_witness,
     run_client,
     start_agent,
@@ -49,7 +51,6 @@ from tapio_observer_network.settings import NetworkSettings, kernel_settings
 
 pytestmark = pytest.mark.kernel
 
-PREFIX = "kernel.network."
 TCP_SYN_SENT = 2
 #: After the occurrence we waited for, how long a wrongly repeated one would have had to show up.
 SETTLE_S = 0.5
@@ -66,13 +67,6 @@ def settings_args(**values: object) -> list[str]:
     for key, value in values.items():
         args += ["--set", f"network.{key}={value}"]
     return args
-
-
-def of(kind: str, **data: object):
-    def match(occ: dict) -> bool:
-        return occ["type"] == PREFIX + kind and all(occ["data"].get(k) == v for k, v in data.items())
-
-    return match
 
 
 # -- retransmits ---------------------------------------------------------------------------------

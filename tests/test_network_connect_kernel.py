@@ -25,17 +25,12 @@ from kernel_helpers import (
     run_connects,
     running_agent,
 )
-from network_scenarios import compile_differently, start_agent
+from network_scenarios import PREFIX, compile_differently, of, start_agent
 
 pytestmark = pytest.mark.kernel
 
-PREFIX = "kernel.network."
 SETTLE_S = 0.5
 HOSTS = [("127.0.0.1", "ipv4"), ("::1", "ipv6")]
-
-
-def of(kind: str, port: int):
-    return lambda occ: occ["type"] == PREFIX + kind and occ["data"].get("dst_port") == port
 
 
 def failed_connects(agent, port: int) -> list[dict]:
@@ -60,7 +55,7 @@ def test_an_icmp_error_ends_a_connect_as_what_it_is_not_as_a_timeout(tmp_path, h
         ):
             connector = run_connects(host, port, netns=netns)
             assert connector["attempts"][0]["errno"] == code
-            agent.wait_for(of(kind, port))
+            agent.wait_for(of(kind, dst_port=port))
             time.sleep(SETTLE_S)
             agent.stop()
     [occ] = failed_connects(agent, port)  # one occurrence, of the right type, and no timeout beside it
@@ -108,7 +103,7 @@ def test_a_cancelled_connect_is_counted_and_one_the_application_gave_up_on_is_a_
                               capture_output=True, text=True, timeout=30, check=True)
         report = json.loads(done.stdout)
         assert report["outcome"] == "timed out"
-        agent.wait_for(of("connection_timeout", port))
+        agent.wait_for(of("connection_timeout", dst_port=port))
         time.sleep(SETTLE_S)
         agent.stop()
     after = observer_state(tmp_path, "network")
@@ -133,7 +128,7 @@ def test_a_timeout_the_kernel_decided_says_so(tmp_path):
         with nft_tcp_port_rule(netns, port), running_agent(tmp_path) as agent:
             connector = run_connects("127.0.0.1", port, netns=netns)
             assert connector["attempts"][0]["errno"] == "ETIMEDOUT"
-            agent.wait_for(of("connection_timeout", port))
+            agent.wait_for(of("connection_timeout", dst_port=port))
             time.sleep(SETTLE_S)
             agent.stop()
     [occ] = failed_connects(agent, port)
