@@ -51,6 +51,10 @@ def resolve_source(spec: ObserverSpec, ebpf_dir: Path | None) -> Path:
     return Path(spec.bpf_source)
 
 
+#: Where tracefs lists the kernel's trace events (tests point it elsewhere).
+TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
+
+
 def btf_cflags(spec: ObserverSpec, btf: Btf | None) -> tuple[list[str], list[str]]:
     """``-D`` flags for the BTF fields and raw tracepoint argument types this kernel has, and the
     features lost to those it does not."""
@@ -90,25 +94,22 @@ def tracepoint_cflags(spec: ObserverSpec) -> tuple[list[str], list[str]]:
 
 def missing_tracepoints(spec: ObserverSpec) -> list[str]:
     """Declared tracepoints this kernel lacks (``raw:NAME`` entries are checked in tracefs too)."""
-    tracefs = TRACEFS_EVENTS
     missing = []
     for name in spec.tracepoints:
         category, _, event = name.partition(":")
         # A raw tracepoint has no category of its own: any tracefs event of that name will do.
-        found = any(tracefs.glob(f"*/{event}")) if category == "raw" else (tracefs / category / event).is_dir()
+        found = (any(TRACEFS_EVENTS.glob(f"*/{event}")) if category == "raw"
+                 else (TRACEFS_EVENTS / category / event).is_dir())
         if not found:
             missing.append(name)
     return missing
 
 
-TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
-
-
-def tracepoint_has_field(tracepoint: str, field: str, events_dir: Path | None = None) -> bool:
+def tracepoint_has_field(tracepoint: str, field: str) -> bool:
     """Whether ``category:name`` carries ``field`` on this kernel (from its tracefs format)."""
     category, _, event = tracepoint.partition(":")
     try:
-        text = ((events_dir or TRACEFS_EVENTS) / category / event / "format").read_text()
+        text = (TRACEFS_EVENTS / category / event / "format").read_text()
     except OSError:
         return False
     return any(line.strip().startswith("field:") and line.split(";")[0].split()[-1].split("[")[0] == field
