@@ -581,11 +581,12 @@ def started_pipeline(settings: dict | None = None):
 
 
 def test_settings_from_the_environment():
-    assert KubernetesSettings.from_env({}).enabled is False
-    on = KubernetesSettings.from_env({"NODE_NAME": "n1", "KUBECONFIG": "/k", "TAPIO_K8S_ENDED_POD_GRACE_S": "30"})
+    assert KubernetesSettings.from_config(None, {}).enabled is False
+    on = KubernetesSettings.from_config(
+        None, {"NODE_NAME": "n1", "KUBECONFIG": "/k", "TAPIO_K8S_ENDED_POD_GRACE_S": "30"})
     assert (on.enabled, on.node_name, on.kubeconfig, on.ended_pod_grace_s) == (True, "n1", Path("/k"), 30.0)
-    assert KubernetesSettings.from_env({"NODE_NAME": "n1", "TAPIO_K8S_ENABLED": "0"}).enabled is False
-    flagged = KubernetesSettings.from_env({"TAPIO_K8S_ENABLED": "true"})
+    assert KubernetesSettings.from_config(None, {"NODE_NAME": "n1", "TAPIO_K8S_ENABLED": "0"}).enabled is False
+    flagged = KubernetesSettings.from_config(None, {"TAPIO_K8S_ENABLED": "true"})
     assert (flagged.enabled, flagged.node_name) == (True, os.uname().nodename)
     for env, message in [
         ({"TAPIO_K8S_WATCH_TIMEOUT_S": "x"}, "TAPIO_K8S_WATCH_TIMEOUT_S must be a whole number of seconds, got 'x'"),
@@ -593,13 +594,13 @@ def test_settings_from_the_environment():
         ({"TAPIO_K8S_ENABLED": "maybe"}, "TAPIO_K8S_ENABLED must be 1 or 0 (true/false), got 'maybe'"),
     ]:
         with pytest.raises(SettingsError) as raised:
-            KubernetesSettings.from_env(env)
+            KubernetesSettings.from_config(None, env)
         assert str(raised.value) == message
 
 
 def test_table_keys_override_their_environment_variables():
     env = {"NODE_NAME": "n1", "TAPIO_K8S_ENDED_POD_GRACE_S": "30", "TAPIO_K8S_WATCH_TIMEOUT_S": "60"}
-    assert KubernetesSettings.from_config(KubernetesTable(), env) == KubernetesSettings.from_env(env)
+    assert KubernetesSettings.from_config(KubernetesTable(), env) == KubernetesSettings.from_config(None, env)
     table = KubernetesTable(ended_pod_grace_s=90, kubeconfig="/etc/kc", watch_timeout_s=120.0)
     both = KubernetesSettings.from_config(table, env)
     assert (both.enabled, both.node_name, both.kubeconfig, both.ended_pod_grace_s, both.watch_timeout_s) == (

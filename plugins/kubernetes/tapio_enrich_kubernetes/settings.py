@@ -65,10 +65,6 @@ class KubernetesSettings:
             values["node_name"] = os.uname().nodename
         return cls(enabled=enabled, **values)
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> KubernetesSettings:
-        """The settings with no ``[kubernetes]`` table: environment variables and defaults."""
-        return cls.from_config(None, env)
 
 
 # -- the [kubernetes] table ------------------------------------------------------------------------
