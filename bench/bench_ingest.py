@@ -64,12 +64,12 @@ class SyntheticStream:
     def __init__(self, spec: Any) -> None:
         from bcc import BPF
 
-        from tapio_core.bpf import btf_cflags, program_text, shared_include_dir
+        from tapio_core.bpf import kernel_fit, program_text, shared_include_dir
         from tapio_core.btf import Btf
         from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
 
         self.spec = spec
-        flags, _ = btf_cflags(spec, Btf.load())  # as the agent compiles it
+        flags = list(kernel_fit(spec, Btf.load()).cflags)  # as the agent compiles it
         text = f'{program_text(Path(spec.bpf_source), None)}\n#line 1 "{SOURCE}"\n{SOURCE.read_text()}'
         cflags = [f"-I{shared_include_dir()}", f"-DTAPIO_RING_PAGES={RING_PAGES}", f"-DBENCH_BURST={BURST}"]
         self.bpf = BPF(text=text.encode(), cflags=cflags + flags)

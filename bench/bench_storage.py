@@ -115,15 +115,16 @@ def load_storage_observer() -> tuple[Programs, Any]:
 
     import tapio_observer_storage
     from tapio_core import RunningObserver
-    from tapio_core.bpf import btf_cflags, program_text, shared_include_dir
+    from tapio_core.bpf import kernel_fit, program_text, shared_include_dir
     from tapio_core.btf import Btf
     from tapio_observer_storage.settings import StorageSettings
 
     spec = tapio_observer_storage.OBSERVER
-    flags, disabled = btf_cflags(spec, Btf.load())
-    if disabled:
-        raise BenchError(f"storage observer lacks BTF members here: {', '.join(disabled)}")
-    bpf = BPF(text=program_text(Path(spec.bpf_source), None).encode(), cflags=[f"-I{shared_include_dir()}", *flags])
+    fit = kernel_fit(spec, Btf.load())
+    if fit.missing or fit.disabled:
+        raise BenchError(f"storage observer lacks kernel features here: {'; '.join([*fit.missing, *fit.disabled])}")
+    bpf = BPF(text=program_text(Path(spec.bpf_source), None).encode(),
+              cflags=[f"-I{shared_include_dir()}", *fit.cflags])
     observer = RunningObserver(spec=spec, config=StorageSettings(), bpf=bpf)
     tapio_observer_storage.tapio_observer_started(observer=observer)
     return Programs(bpf), observer

@@ -22,3 +22,49 @@ static __always_inline int tapio_submit(void *record, u32 size)
     }
     return err;
 }
+
+/* Compare-and-swap of a u64 another CPU may be changing: 1 when *word was expected and is now
+ * desired. Where the verifier has no BPF atomics (before Linux 5.12; the agent defines
+ * TAPIO_BPF_ATOMICS where it has them), a hash map insert with BPF_NOEXIST, which the kernel makes
+ * atomic, takes a lock on the word's address for the compare and the store: of CPUs racing on one
+ * word, one wins and the others fail, as with the instruction. Tracing programs cannot use
+ * bpf_spin_lock. Plain stores to the word elsewhere are not ordered against the emulation. */
+#ifndef TAPIO_BPF_ATOMICS
+BPF_HASH(tapio_cas_locks, u64, u8, 1024);
+#endif
+
+static __always_inline int tapio_cas(u64 *word, u64 expected, u64 desired)
+{
+#ifdef TAPIO_BPF_ATOMICS
+    return __sync_val_compare_and_swap(word, expected, desired) == expected;
+#else
+    u64 lock = (u64)word;
+    u8 held = 1;
+    if (tapio_cas_locks.insert(&lock, &held) != 0)
+        return 0;  /* another CPU is swapping this word now: it wins */
+    int swapped = *word == expected;
+    if (swapped)
+        *word = desired;
+    tapio_cas_locks.delete(&lock);
+    return swapped;
+#endif
+}
+
+/* Takes the whole of a count that other CPUs add to (with __sync_fetch_and_add, result unused:
+ * the atomic every supported kernel accepts): every event counted is taken exactly once. */
+static __always_inline u64 tapio_take(u64 *counter)
+{
+#ifdef TAPIO_BPF_ATOMICS
+    return __sync_lock_test_and_set(counter, 0);  /* an atomic exchange */
+#else
+    u64 lock = (u64)counter;
+    u8 held = 1;
+    if (tapio_cas_locks.insert(&lock, &held) != 0)
+        return 0;  /* another CPU is taking it now: it gets the count */
+    u64 taken = *counter;
+    if (taken)
+        __sync_fetch_and_add(counter, -taken);  /* adds that raced in since the read stay */
+    tapio_cas_locks.delete(&lock);
+    return taken;
+#endif
+}

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import os
+import struct
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from tapio_core.btf import Btf
 from tapio_core.observer import ObserverSpec
@@ -55,54 +61,114 @@ def resolve_source(spec: ObserverSpec, ebpf_dir: Path | None) -> Path:
 TRACEFS_EVENTS = Path("/sys/kernel/tracing/events")
 
 
-def btf_cflags(spec: ObserverSpec, btf: Btf | None) -> tuple[list[str], list[str]]:
+def btf_cflags(spec: ObserverSpec, btf: Btf | None) -> tuple[list[str], dict[str, str]]:
     """``-D`` flags for the BTF fields and raw tracepoint argument types this kernel has, and the
-    features lost to those it does not."""
-    flags, disabled = [], []
+    features lost to those it does not (feature -> why)."""
+    flags, disabled = [], {}
     for arg in spec.raw_tracepoint_args:
         found = btf.raw_tracepoint_arg(arg.tracepoint, arg.index) if btf is not None else None
         if found == arg.c_type:
             flags.append(f"-D{arg.macro}=1")
         else:
-            disabled.append(arg.feature)
-            log.warning("%s: raw tracepoint %s's argument %d is %s here, not %s; %s disabled", spec.name,
-                        arg.tracepoint, arg.index, found or "unknown", arg.c_type, arg.feature)
+            disabled.setdefault(arg.feature, f"raw tracepoint {arg.tracepoint}'s argument {arg.index} is "
+                                             f"{found or 'unknown'} here, not {arg.c_type}")
     for field in spec.btf_fields:
         offset = btf.field_offset(field.struct, field.path) if btf is not None else None
         if offset is None:
-            disabled.append(field.feature)
-            log.warning(
-                "%s: kernel has no %s.%s; %s disabled", spec.name, field.struct, field.path, field.feature
-            )
+            disabled.setdefault(field.feature, f"the kernel has no {field.struct}.{field.path}")
         else:
             flags.append(f"-D{field.macro}={offset}")
     return flags, disabled
 
 
-def tracepoint_cflags(spec: ObserverSpec) -> tuple[list[str], list[str]]:
-    """``-D`` flags for the tracepoint fields this kernel has, and the features lost to those it lacks."""
-    flags, disabled = [], []
+def tracepoint_cflags(spec: ObserverSpec) -> tuple[list[str], dict[str, str]]:
+    """``-D`` flags for the optional tracepoints and tracepoint fields this kernel has, and the features
+    lost to those it lacks (feature -> why)."""
+    flags, disabled = [], {}
+    for optional in spec.optional_tracepoints:
+        if tracepoint_exists(optional.tracepoint):
+            flags.append(f"-D{optional.macro}=1")
+        else:
+            disabled.setdefault(optional.feature, f"the kernel has no tracepoint {optional.tracepoint}")
     for field in spec.tracepoint_fields:
         if tracepoint_has_field(field.tracepoint, field.field):
             flags.append(f"-D{field.macro}=1")
         else:
-            disabled.append(field.feature)
-            log.warning("%s: tracepoint %s has no field %s on this kernel; %s disabled",
-                        spec.name, field.tracepoint, field.field, field.feature)
+            disabled.setdefault(field.feature, f"tracepoint {field.tracepoint} has no field {field.field}")
     return flags, disabled
 
 
+def tracepoint_exists(name: str) -> bool:
+    """Whether tracefs lists ``category:name`` (``raw:NAME``: any category's event of that name)."""
+    category, _, event = name.partition(":")
+    # A raw tracepoint has no category of its own: any tracefs event of that name will do.
+    return any(TRACEFS_EVENTS.glob(f"*/{event}")) if category == "raw" else (TRACEFS_EVENTS / category / event).is_dir()
+
+
 def missing_tracepoints(spec: ObserverSpec) -> list[str]:
-    """Declared tracepoints this kernel lacks (``raw:NAME`` entries are checked in tracefs too)."""
-    missing = []
-    for name in spec.tracepoints:
-        category, _, event = name.partition(":")
-        # A raw tracepoint has no category of its own: any tracefs event of that name will do.
-        found = (any(TRACEFS_EVENTS.glob(f"*/{event}")) if category == "raw"
-                 else (TRACEFS_EVENTS / category / event).is_dir())
-        if not found:
-            missing.append(name)
-    return missing
+    """Required tracepoints this kernel lacks (``raw:NAME`` entries are checked in tracefs too)."""
+    return [name for name in spec.tracepoints if not tracepoint_exists(name)]
+
+
+@attrs.frozen
+class KernelFit:
+    """What the running kernel offers one observer; the agent compiles by it and ``tapio doctor`` reports it,
+    so the two cannot disagree."""
+
+    #: ``-D`` flags for what this kernel has.
+    cflags: tuple[str, ...]
+    #: Features off on this kernel, each with why.
+    disabled: dict[str, str]
+    #: Why the observer cannot run here at all (missing required tracepoints and features); empty if it can.
+    missing: tuple[str, ...]
+
+
+def kernel_fit(spec: ObserverSpec, btf: Btf | None) -> KernelFit:
+    """Resolve every declaration of ``spec`` against this kernel (tracefs, BTF, the BPF verifier)."""
+    missing = [f"the kernel has no tracepoint {name}" for name in missing_tracepoints(spec)]
+    flags, disabled = btf_cflags(spec, btf)
+    tracepoint_flags, tracepoint_disabled = tracepoint_cflags(spec)
+    flags += tracepoint_flags
+    for feature, why in tracepoint_disabled.items():
+        disabled.setdefault(feature, why)
+    if bpf_atomics():
+        flags.append(f"-D{ATOMICS_MACRO}=1")
+    for required in spec.required_features:
+        choices = (required,) if isinstance(required, str) else required
+        if all(choice in disabled for choice in choices):
+            missing += [f"{choice} is required and {disabled[choice]}" for choice in choices]
+        elif len(choices) > 1:
+            for choice in choices:  # another choice serves: nothing is lost
+                disabled.pop(choice, None)
+    return KernelFit(tuple(flags), disabled, tuple(missing))
+
+
+#: Defined for BPF programs where the verifier accepts atomic compare-and-swap and fetch-and-add whose
+#: result is used (Linux 5.12); ``tapio_cas`` in ``tapio.h`` emulates them elsewhere.
+ATOMICS_MACRO = "TAPIO_BPF_ATOMICS"
+_BPF_PROG_LOAD, _BPF_PROG_TYPE_SOCKET_FILTER, _SYS_BPF_X86_64 = 5, 1, 321
+
+
+@functools.cache
+def bpf_atomics() -> bool:
+    """Whether this kernel's verifier accepts BPF_ATOMIC compare-and-swap: a six-instruction program is
+    loaded through bpf(2) and closed. False also where no program can be loaded (no privilege): the
+    emulation works everywhere."""
+    # r1 = 0; *(u64 *)(r10 - 8) = r1; r0 = 0; r2 = 1; r0 = cmpxchg(r10 - 8, r0, r2); exit
+    program = struct.pack("<" + "BBhi" * 6,
+                          0xB7, 1, 0, 0, 0x7B, 10 | 1 << 4, -8, 0, 0xB7, 0, 0, 0, 0xB7, 2, 0, 1,
+                          0xDB, 10 | 2 << 4, -8, 0xF1, 0x95, 0, 0, 0)
+    insns = ctypes.create_string_buffer(program, len(program))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(struct.pack("<IIQQ", _BPF_PROG_TYPE_SOCKET_FILTER, 6,
+                                                   ctypes.addressof(insns), ctypes.addressof(license_)), 128)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(_SYS_BPF_X86_64, _BPF_PROG_LOAD, attr, ctypes.sizeof(attr))
+    if fd < 0:
+        log.debug("BPF atomics probe: %s", os.strerror(ctypes.get_errno()))
+        return False
+    os.close(fd)
+    return True
 
 
 def tracepoint_has_field(tracepoint: str, field: str) -> bool:
@@ -129,16 +195,15 @@ def read_counter(bpf: Any, map_name: str, index: int) -> int:
 
 def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) -> tuple[Any, list[str]]:
     """Compile and attach one observer. Returns the bcc BPF object and the disabled features."""
-    missing = missing_tracepoints(spec)
-    if missing:
-        raise ObserverLoadError(f"{spec.name}: tracepoint(s) missing on this kernel: {', '.join(missing)}")
+    fit = kernel_fit(spec, btf)
+    if fit.missing:
+        raise ObserverLoadError(f"{spec.name}: cannot run on this kernel: {'; '.join(fit.missing)}")
+    for feature, why in fit.disabled.items():
+        log.warning("%s: %s; %s disabled", spec.name, why, feature)
     source = resolve_source(spec, ebpf_dir)
     if not source.is_file():
         raise ObserverLoadError(f"{spec.name}: BPF source {source} not found")
-    flags, disabled = btf_cflags(spec, btf)
-    tracepoint_flags, tracepoint_disabled = tracepoint_cflags(spec)
-    flags += tracepoint_flags
-    disabled += tracepoint_disabled
+    flags, disabled = list(fit.cflags), list(fit.disabled)
     includes = [f"-I{ebpf_dir}"] if ebpf_dir is not None else []
     includes.append(f"-I{shared_include_dir()}")
     from bcc import BPF

@@ -2,9 +2,9 @@
 
 Statuses: ``ok``; ``fail`` -- something needed is missing, the agent (or one of
 its observers) cannot run; ``warn`` -- it runs with a feature lost;
-``optional`` -- missing, but only an optional observer needs it. The tracepoint
-checks are the agent's own (:func:`tapio_core.bpf.missing_tracepoints`), so the
-doctor and the agent agree.
+``optional`` -- missing, but only an optional observer needs it. The observer
+checks are the agent's own (:func:`tapio_core.bpf.kernel_fit`), so the doctor
+and the agent agree.
 """
 
 from __future__ import annotations
@@ -205,36 +205,35 @@ def check_plugins(plugins: LoadedPlugins | None, plugin_error: str | None) -> li
 
 
 def check_observers(plugins: LoadedPlugins, btf: Any) -> list[Check]:
-    """Each observer's tracepoints one by one, and its kernel struct fields (only the missing ones by name)."""
-    from tapio_core.bpf import missing_tracepoints
+    """Each observer as the agent would load it here (:func:`tapio_core.bpf.kernel_fit`): what stops it,
+    which features it runs without and why, and its tracepoints one by one."""
+    from tapio_core.bpf import kernel_fit, tracepoint_exists
 
     checks = []
     for name, (_plugin, spec) in sorted(plugins.observers.items()):
         group = f"observer {name}"
         try:
-            missing = set(missing_tracepoints(spec))
+            fit = kernel_fit(spec, btf)
+            present = {tracepoint: tracepoint_exists(tracepoint) for tracepoint in spec.tracepoints}
         except PermissionError:
             checks.append(Check(group, "tracepoints", WARN, "cannot look them up in tracefs: permission denied",
                                 AS_ROOT))
-            missing = None
-        for tracepoint in spec.tracepoints if missing is not None else ():
+            continue
+        for tracepoint, found in present.items():
             category, _, event = tracepoint.partition(":")
             label = f"raw tracepoint {event}" if category == "raw" else f"tracepoint {tracepoint}"
-            if tracepoint in missing:
-                checks.append(Check(group, label, FAIL, f"this kernel lacks it: the {name} observer cannot start",
-                                    f"a kernel with this tracepoint, or leave {name} out with --plugins"))
-            else:
-                checks.append(Check(group, label, OK, "present"))
+            checks.append(Check(group, label, OK, "present") if found else
+                          Check(group, label, FAIL, f"this kernel lacks it: the {name} observer cannot start",
+                                f"a kernel with this tracepoint, or leave {name} out with --plugins"))
+        for why in fit.missing:
+            if not why.startswith("the kernel has no tracepoint"):  # said above, one line per tracepoint
+                checks.append(Check(group, "required feature", FAIL, f"{why}: the {name} observer cannot start",
+                                    f"a newer kernel, or leave {name} out with --plugins"))
+        for feature, why in sorted(fit.disabled.items()):
+            checks.append(Check(group, feature, WARN, f"off: {why}",
+                                "the observer runs without this feature; a newer kernel has it"))
         if not spec.tracepoints:
             checks.append(Check(group, "tracepoints", OK, "uses none"))
-        if btf is None or not spec.btf_fields:
-            continue
-        absent = [field for field in spec.btf_fields if btf.field_offset(field.struct, field.path) is None]
-        for field in absent:
-            checks.append(Check(group, f"struct {field.struct}.{field.path}", WARN,
-                                f"not in this kernel: {field.feature} is disabled",
-                                "a newer kernel has it; the observer runs without that feature"))
-        present = len(spec.btf_fields) - len(absent)
-        if present:
-            checks.append(Check(group, "kernel struct fields", OK, f"{present} of {len(spec.btf_fields)} in BTF"))
+        if not fit.missing and not fit.disabled:
+            checks.append(Check(group, "kernel features", OK, "every declared feature is available"))
     return checks

@@ -60,6 +60,21 @@ class TracepointField:
 
 
 @attrs.frozen
+class OptionalTracepoint:
+    """A tracepoint only one feature needs: where this kernel lacks it, that feature alone is off.
+
+    The agent compiles with ``-D<macro>=1`` where tracefs has ``tracepoint``
+    (``category:name``); the C code puts its ``TRACEPOINT_PROBE`` behind
+    ``#ifdef <macro>``. Tracepoints in ``ObserverSpec.tracepoints`` are required:
+    without one the observer does not start.
+    """
+
+    macro: str
+    tracepoint: str
+    feature: str
+
+
+@attrs.frozen
 class RawTracepointArg:
     """A raw tracepoint argument whose type changed between kernels (``int pid`` became a task pointer).
 
@@ -100,6 +115,11 @@ class ObserverSpec:
     btf_fields: tuple[BtfField, ...] = ()
     tracepoint_fields: tuple[TracepointField, ...] = ()
     raw_tracepoint_args: tuple[RawTracepointArg, ...] = ()
+    optional_tracepoints: tuple[OptionalTracepoint, ...] = ()
+    #: Features (named by the declarations above) without which the observer cannot run: where this
+    #: kernel lacks one, the agent does not start the observer and ``tapio doctor`` says so. A tuple
+    #: entry is a choice: any one of its features will do (e.g. two kernels' layouts of one fact).
+    required_features: tuple[str | tuple[str, ...], ...] = ()
     ring_buffer: str = "events"
     lost_counter: str | None = "tapio_lost"
     description: str = ""

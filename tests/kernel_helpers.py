@@ -32,6 +32,17 @@ BIN_DIR = Path(sys.executable).parent
 AGENT = BIN_DIR / "tapio-agent"
 TAPIO = BIN_DIR / "tapio"
 READY_MARK = "tapio-agent: running observers"
+#: Every wait of a kernel test is multiplied by this: 1 on a real machine, more in a guest that
+#: runs under qemu's emulation, where a bcc compile takes 15-30 times as long (kernels/matrix.py
+#: sets it). Only waits scale, never the durations a scenario needs the kernel to see.
+TIME_SCALE = float(os.environ.get("TAPIO_TEST_TIME_SCALE") or 1)
+
+
+def scaled(seconds: float) -> float:
+    """A wait of ``seconds`` on this machine: longer in an emulated guest (:data:`TIME_SCALE`)."""
+    return seconds * TIME_SCALE
+
+
 #: The agent compiles its observers before it is ready: about a second here.
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
@@ -102,6 +113,7 @@ class AgentProcess:
         return any(line.startswith(READY_MARK) for line in self.stderr_lines)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         with self._changed:
             while not self.is_ready():
@@ -124,7 +136,9 @@ class AgentProcess:
     def wait_for(
         self, predicate: Callable[[Occurrence], bool], timeout: float = 5.0, count: int = 1
     ) -> list[Occurrence]:
-        """Occurrences matching ``predicate`` once there are at least ``count``; AssertionError after ``timeout``."""
+        """Occurrences matching ``predicate`` once there are at least ``count``; AssertionError after ``timeout``
+        (scaled)."""
+        timeout = scaled(timeout)
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
@@ -149,7 +163,7 @@ class AgentProcess:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout)
+                self.process.wait(scaled(timeout))
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -203,7 +217,7 @@ def observer_state(data_dir: Path, observer: str, wait_for_counter: str | None =
     """``observer``'s entry in the state the agent writes to ``data_dir`` (once it has ``wait_for_counter``)."""
     from tapio_core.state import read_state
 
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while True:
         entry = ((read_state(data_dir) or {}).get("observers") or {}).get(observer) or {}
         if wait_for_counter is None or wait_for_counter in entry.get("counters", {}):
@@ -243,7 +257,7 @@ def run_connects(host: str, port: int, count: int = 1, netns: str | None = None,
     command = [sys.executable, "-c", CONNECT_SCRIPT, host, str(port), str(count)]
     if netns is not None:
         command = ["ip", "netns", "exec", netns, *command]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=scaled(timeout), check=True)
     return json.loads(done.stdout)
 
 
@@ -259,7 +273,7 @@ def closed_tcp_port(host: str) -> int:
 
 
 def _run(command: Sequence[str], check: bool = True, timeout: float = 10.0) -> subprocess.CompletedProcess:
-    done = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(list(command), capture_output=True, text=True, timeout=scaled(timeout))
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
     return done

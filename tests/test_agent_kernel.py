@@ -15,9 +15,24 @@ import pytest
 from plugin_helpers import Collect
 
 import tapio_core.bpf
-from tapio_core import Anomaly, BpfCounter, BtfField, ObserverSpec, TracepointField, hookimpl, record_dtype
+from tapio_core import (
+    Anomaly,
+    BpfCounter,
+    BtfField,
+    ObserverSpec,
+    OptionalTracepoint,
+    TracepointField,
+    hookimpl,
+    record_dtype,
+)
 from tapio_core.agent import Agent
-from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, tracepoint_cflags, tracepoint_has_field
+from tapio_core.bpf import (
+    ObserverLoadError,
+    ObserverUnsupported,
+    kernel_fit,
+    tracepoint_cflags,
+    tracepoint_has_field,
+)
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
@@ -207,9 +222,21 @@ def test_tracepoint_fields_define_their_macro_only_where_the_kernel_has_them(tmp
                         tracepoint_fields=(
                             TracepointField("HAS_GROUP_DEAD", "sched:sched_process_exit", "group_dead", "one"),
                             TracepointField("HAS_PRIO", "sched:sched_process_exit", "prio", "two"),
-                            TracepointField("HAS_ERR", "tcp:tcp_retransmit_skb", "err", "three")))
-    assert tracepoint_cflags(spec) == (["-DHAS_GROUP_DEAD=1"], ["two", "three"])
-    assert "tracepoint sched:sched_process_exit has no field prio on this kernel; two disabled" in caplog.text
+                            TracepointField("HAS_ERR", "tcp:tcp_retransmit_skb", "err", "three")),
+                        optional_tracepoints=(OptionalTracepoint("HAS_EXIT", "sched:sched_process_exit", "four"),
+                                              OptionalTracepoint("HAS_SEND", "sock:sock_send_length", "five")))
+    assert tracepoint_cflags(spec) == (["-DHAS_EXIT=1", "-DHAS_GROUP_DEAD=1"], {
+        "five": "the kernel has no tracepoint sock:sock_send_length",
+        "two": "tracepoint sched:sched_process_exit has no field prio",
+        "three": "tracepoint tcp:tcp_retransmit_skb has no field err"})
+    # Required features: one lost stops the observer; a choice is met by any one of its features.
+    stopped = kernel_fit(attrs.evolve(spec, required_features=("one", "two")), None)
+    assert stopped.missing == ("two is required and tracepoint sched:sched_process_exit has no field prio",)
+    chosen = kernel_fit(attrs.evolve(spec, required_features=(("two", "one"),)), None)
+    assert chosen.missing == ()
+    assert "two" not in chosen.disabled and "three" in chosen.disabled
+    neither = kernel_fit(attrs.evolve(spec, required_features=(("two", "three"),)), None)
+    assert len(neither.missing) == 2
 
 
 def test_tracepoint_has_field_reads_this_kernels_format():

@@ -352,13 +352,14 @@ def test_requests_beyond_a_full_inflight_map_are_counted_and_never_reported_with
     """Compiled with room for 4 in-flight requests; 8 writes held by a frozen file system."""
     from bcc import BPF
 
-    from tapio_core.bpf import btf_cflags, program_text, read_counter, shared_include_dir
+    from tapio_core.bpf import kernel_fit, program_text, read_counter, shared_include_dir
     from tapio_core.btf import Btf
     from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
 
     spec = tapio_observer_storage.OBSERVER
-    flags, disabled = btf_cflags(spec, Btf.load())
-    assert disabled == []
+    fit = kernel_fit(spec, Btf.load())
+    assert not fit.missing
+    flags = list(fit.cflags)
     bpf = BPF(text=program_text(spec.bpf_source, None).encode(),
               cflags=[f"-I{shared_include_dir()}", *flags, "-DSTORAGE_MAX_INFLIGHT=4"])
     try:
