@@ -106,10 +106,11 @@ class Agent:
                     observer.bpf = None
                 continue
             observer.status = "running"
-            # Keep what tapio_observer_started said (e.g. "degraded: ..."), add what BTF disabled.
+            observer.disabled = disabled
+            # Keep what tapio_observer_started said (e.g. "degraded: ..."), add what this kernel lacks.
             reasons = [observer.status_reason] if observer.status_reason else []
             if disabled:
-                reasons.append("disabled: " + ", ".join(disabled))
+                reasons.append("disabled: " + "; ".join(f"{feature} ({why})" for feature, why in disabled.items()))
             observer.status_reason = "; ".join(reasons)
             log.info("observer %s running%s", observer.name, f" ({observer.status_reason})" if reasons else "")
 
@@ -198,7 +199,7 @@ class Agent:
             before_records, before_anomalies, before_lost = previous.get(name, (0, 0, 0))
             observers[name] = {
                 "status": obs.status, "reason": obs.status_reason, "plugin": obs.plugin_name,
-                "type_prefix": obs.type_prefix,
+                "type_prefix": obs.type_prefix, "disabled": dict(obs.disabled),
                 "records": obs.records, "anomalies": obs.anomalies, "lost": obs.lost, "malformed": obs.malformed,
                 "records_per_s": round((obs.records - before_records) / elapsed, 3),
                 "anomalies_per_s": round((obs.anomalies - before_anomalies) / elapsed, 3),

@@ -193,8 +193,8 @@ def read_counter(bpf: Any, map_name: str, index: int) -> int:
     return int(table[table.Key(index)].value)
 
 
-def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) -> tuple[Any, list[str]]:
-    """Compile and attach one observer. Returns the bcc BPF object and the disabled features."""
+def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) -> tuple[Any, dict[str, str]]:
+    """Compile and attach one observer. Returns the bcc BPF object and the disabled features (feature -> why)."""
     fit = kernel_fit(spec, btf)
     if fit.missing:
         raise ObserverLoadError(f"{spec.name}: cannot run on this kernel: {'; '.join(fit.missing)}")
@@ -203,7 +203,7 @@ def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) ->
     source = resolve_source(spec, ebpf_dir)
     if not source.is_file():
         raise ObserverLoadError(f"{spec.name}: BPF source {source} not found")
-    flags, disabled = list(fit.cflags), list(fit.disabled)
+    flags, disabled = list(fit.cflags), dict(fit.disabled)
     includes = [f"-I{ebpf_dir}"] if ebpf_dir is not None else []
     includes.append(f"-I{shared_include_dir()}")
     from bcc import BPF

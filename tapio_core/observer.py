@@ -151,6 +151,8 @@ class RunningObserver:
     plugin_name: str = ""
     status: str = "starting"
     status_reason: str = ""
+    #: Features this kernel lacks, each with why (from tapio_core.bpf.kernel_fit); the observer runs without them.
+    disabled: dict[str, str] = attrs.field(factory=dict)
     records: int = 0
     anomalies: int = 0
     lost: int = 0

@@ -260,10 +260,10 @@ def test_on_a_kernel_whose_retransmit_tracepoint_lacks_err_the_observer_still_co
         attrs.evolve(field, field="no_such_field") for field in spec.tracepoint_fields))
     bpf, disabled = load_observer(older, None, Btf.load())
     bpf.cleanup()
-    assert disabled == ["failed retransmit attempts told apart in retransmit spikes"]
+    assert "failed retransmit attempts told apart in retransmit spikes" in disabled
     bpf, disabled = load_observer(spec, None, Btf.load())  # this kernel has it
     bpf.cleanup()
-    assert disabled == []
+    assert "failed retransmit attempts told apart in retransmit spikes" not in disabled
 
 
 def test_kernel_helpers_clean_up_their_namespace_and_table():
