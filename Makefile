@@ -10,8 +10,14 @@ APT_PACKAGES := python3-bpfcc linux-headers-amd64 nftables bpftool iproute2 liba
 DISTRIBUTIONS := . $(patsubst %/pyproject.toml,%,$(sort $(wildcard plugins/*/pyproject.toml plugins/sinks/*/pyproject.toml)))
 PYPROJECTS := $(addsuffix /pyproject.toml,$(DISTRIBUTIONS))
 AGENT_ARGS ?= --sink stdout --sink file
+# What boots the matrix's guest kernels: qemu (emulation: nested KVM does not boot stock kernels
+# here) and busybox for virtme-ng's initramfs; virtme-ng itself is in the venv (test extras).
+GUEST_PACKAGES := qemu-system-x86 busybox-static
+MATRIX := PATH=$(abspath $(BIN)):$$PATH $(BIN)/python kernels/matrix.py
+# Where the kernel tests leave what they measured (kernels/support.py writes the README's table from it).
+MATRIX_OUT := .tapio-matrix
 
-.PHONY: setup system venv run test bench lint clean
+.PHONY: setup system guests venv run test test-kernels bench lint clean
 
 setup: system venv
 
@@ -41,11 +47,32 @@ $(VENV)/.installed: $(PYPROJECTS)
 	$(BIN)/pip install -q --disable-pip-version-check $(foreach d,$(DISTRIBUTIONS),-e $(d)) -e '.[test]'
 	@touch $@
 
+# Debian's own 5.10, 6.1 and 6.12 kernels, unpacked into a cache (kernels/fetch.sh), and what boots them.
+guests: system venv
+	@missing=$$(for p in $(GUEST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	kernels/fetch.sh
+
 run: setup
 	$(BIN)/tapio-agent $(AGENT_ARGS)
 
-test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# The whole suite on this machine's kernel, then the portability scenario (every observer, every
+# anomaly type, doctor against the agent) in a guest of each kernel of the matrix.
+test: setup guests
+	rm -rf $(MATRIX_OUT)
+	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MATRIX) --out $(MATRIX_OUT) -- tests/test_portability_kernel.py $(PYTEST_ARGS)
+	$(BIN)/python kernels/support.py $(MATRIX_OUT) README.md
+
+# Every real-kernel test on this machine's kernel and in a guest of each kernel of the matrix.
+test-kernels: setup guests
+	rm -rf $(MATRIX_OUT)
+	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest -m kernel $(PYTEST_ARGS)
+	$(MATRIX) --out $(MATRIX_OUT) -- -m kernel $(PYTEST_ARGS)
+	$(BIN)/python kernels/support.py $(MATRIX_OUT) README.md
 
 bench: setup
 	$(BIN)/python bench/run.py

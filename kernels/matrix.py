@@ -99,7 +99,7 @@ def run_guest(name: str, cache: Path, out_root: Path, pytest_args: list[str], ti
     (out / "tests").mkdir(parents=True)
     env_args = [f"TAPIO_TEST_TIME_SCALE={os.environ.get('TAPIO_TEST_TIME_SCALE', GUEST_TIME_SCALE)}",
                 f"TAPIO_MATRIX_OUT={out / 'tests'}", "TAPIO_REQUIRE_KERNEL_TESTS=1", "PYTHONDONTWRITEBYTECODE=1"]
-    command = ["env", *env_args, sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+    command = ["env", *env_args, sys.executable, "-m", "pytest",
                f"--junitxml={out / 'junit.xml'}", *pytest_args]
     # One guest at a time on this machine: two emulated guests on 2 cores tripled the time and
     # added failures. Whoever comes second waits here.

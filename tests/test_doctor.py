@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from kernel_helpers import TAPIO, tool_env
 
-from tapio_core import BtfField, ObserverSpec, hookimpl
+from tapio_core import BtfField, ObserverSpec, OptionalTracepoint, hookimpl
 from tapio_core.cli import cli
 from tapio_core.doctor import FAIL, OK, OPTIONAL, WARN, NodePaths, check_ring_buffer, needed_ok, run_checks
 from tapio_core.plugins import load_plugins
@@ -48,10 +48,11 @@ def by_name(checks) -> dict:
 class Probe:
     """A throwaway observer plugin declaring the tracepoints and struct fields a test wants."""
 
-    def __init__(self, name: str, tracepoints: tuple[str, ...], btf_fields: tuple[BtfField, ...] = ()):
+    def __init__(self, name: str, tracepoints: tuple[str, ...], btf_fields: tuple[BtfField, ...] = (),
+                 **declarations):
         self.spec = ObserverSpec(name=name, bpf_source=Path("/nonexistent.bpf.c"),
                                  record_dtype=np.dtype([("timestamp_ns", "<u8")]), tracepoints=tracepoints,
-                                 btf_fields=btf_fields)
+                                 btf_fields=btf_fields, **declarations)
 
     @hookimpl
     def tapio_register_observers(self, register):
@@ -122,6 +123,32 @@ def test_each_tracepoint_of_each_observer_is_checked_as_the_agent_checks_it(tmp_
     assert (lost.status, lost.detail) == (WARN, "off: the kernel has no sock.no_such_member")
     assert ("observer good", "cookies") not in checks
     assert not needed_ok(list(checks.values()))
+
+
+@pytest.mark.kernel
+def test_a_required_feature_the_kernel_lacks_fails_the_observer_and_an_optional_one_only_warns(tmp_path):
+    from tapio_core.bpf import ObserverLoadError, load_observer
+    from tapio_core.btf import Btf
+
+    cookie = BtfField("X", "sock", "__sk_common.skc_cookie", "cookies")
+    imaginary = BtfField("Y", "sock", "no_such_member", "imaginary feature")
+    plugins = probe_plugins(
+        Probe("needy", ("sock:inet_sock_set_state",), (cookie, imaginary), required_features=("imaginary feature",)),
+        Probe("chooser", ("sock:inet_sock_set_state",), (cookie, imaginary),
+              required_features=(("imaginary feature", "cookies"),),
+              optional_tracepoints=(OptionalTracepoint("Z", "sock:no_such_tracepoint", "sends"),)),
+    )
+    checks = by_name(run_checks(plugins, release=RELEASE))
+    needed = checks[("observer needy", "required feature")]
+    assert (needed.status, needed.detail) == (FAIL, "imaginary feature is required and the kernel has no "
+                                                    "sock.no_such_member: the needy observer cannot start")
+    # A choice met by another of its features loses nothing; an optional tracepoint only its feature.
+    assert ("observer chooser", "imaginary feature") not in checks
+    sends = checks[("observer chooser", "sends")]
+    assert (sends.status, sends.detail) == (WARN, "off: the kernel has no tracepoint sock:no_such_tracepoint")
+    # The agent does what doctor said: the needy observer is refused before any compile.
+    with pytest.raises(ObserverLoadError, match="imaginary feature is required"):
+        load_observer(plugins.observers["needy"][1], None, Btf.load())
 
 
 def test_plugins_that_cannot_load_are_failures(tmp_path):

@@ -1,0 +1,310 @@
+"""The portability scenario: one agent with every observer, every anomaly type made once by the real kernel.
+
+This module is what CI runs on every kernel of the matrix (this machine's and Debian's 5.10, 6.1 and
+6.12 in guests, see kernels/matrix.py), so it starts the agent once (a compile under emulation takes
+tens of seconds) and provokes each anomaly once, in namespaces, cgroups and loop devices of its own.
+Each occurrence is checked exactly once, with its owner; then ``tapio doctor`` is checked against
+what the agent did with each observer on this kernel. What it measured is written to
+``TAPIO_MATRIX_OUT/support.json``, from which kernels/support.py writes the README's support table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from kernel_helpers import (
+    TAPIO,
+    closed_tcp_port,
+    netns_exec,
+    network_namespace,
+    nft_tcp_port_rule,
+    run_connects,
+    running_agent,
+    scaled,
+    tool_env,
+)
+from network_scenarios import (
+    compile_net_loops,
+    loop_report,
+    nft_random_drop,
+    of,
+    run_client,
+    start_refusals,
+    tbf,
+    tcp_server,
+    veth_pair,
+)
+from test_container_kernel import memory_cgroup, oom_kill_holder
+from test_network_anomalies_kernel import random_port
+from test_storage_kernel import (
+    direct_write,
+    fill,
+    finished,
+    frozen,
+    loop_device,
+    on_device,
+    sparse_file,
+    stacked_loops,
+    tmpfs,
+    wait_writes_in_flight,
+)
+
+pytestmark = pytest.mark.kernel
+
+OBSERVERS = ("network", "container", "storage", "pmc")
+#: After the occurrence waited for, how long a wrongly repeated one would have had to show up.
+SETTLE_S = 0.5
+SETTINGS = {
+    "network.retransmit_threshold": 6, "network.retransmit_window_s": 10, "network.retransmit_cooldown_s": 600,
+    "network.rtt_learn_interval_s": 0.1, "network.rtt_min_samples": 5, "network.rtt_cooldown_s": 600,
+    "network.rst_storm_threshold": 20, "network.rst_storm_window_s": 5, "network.rst_storm_cooldown_s": 600,
+    "network.rst_storm_node_threshold": 1_000_000,
+    "storage.warning_ms": 1000, "storage.critical_ms": 1500,
+}
+#: What this kernel made, filled in by the tests below and written out when the module ends.
+MEASURED: dict = {"kernel": os.uname().release, "detected": {}, "observers": {}, "doctor_matches_agent": None}
+
+
+def exactly_one(type_: str, occurrences: list[dict]) -> dict:
+    """The one occurrence the scenario should have made."""
+    assert len(occurrences) == 1, f"{type_}: expected exactly one, got {len(occurrences)}: {occurrences}"
+    return occurrences[0]
+
+
+def detected(type_: str) -> None:
+    """Called as a scenario's last line: its type was made exactly once, rightly attributed (for the table)."""
+    MEASURED["detected"][type_] = 1
+
+
+def settled(agent, predicate) -> list[dict]:
+    """The occurrences matching ``predicate``, once a repeat would have had time to show up."""
+    time.sleep(scaled(SETTLE_S))
+    return agent.matching(predicate)
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("portability")
+    extra = [arg for key, value in SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+    with running_agent(data_dir, plugins=",".join((*OBSERVERS, "stdout", "file")), sinks=("stdout", "file"),
+                       extra=extra, ready_timeout=60) as running:
+        running.data_dir = data_dir
+        yield running
+    out = os.environ.get("TAPIO_MATRIX_OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "support.json").write_text(json.dumps(MEASURED, indent=2, sort_keys=True))
+
+
+def test_observers_start_as_this_kernel_allows(agent):
+    from tapio_core.state import read_state
+
+    deadline = time.monotonic() + scaled(10)
+    while not (state := read_state(agent.data_dir) or {}).get("observers"):
+        assert time.monotonic() < deadline, "the agent wrote no state"
+        time.sleep(0.2)
+    for name in OBSERVERS:
+        entry = state["observers"][name]
+        MEASURED["observers"][name] = {key: entry.get(key) for key in ("status", "reason", "disabled")}
+    statuses = {name: state["observers"][name]["status"] for name in OBSERVERS}
+    # No hardware PMU in a guest or on this machine: pmc says so and the rest runs.
+    assert statuses == {"network": "running", "container": "running", "storage": "running",
+                        "pmc": "running" if has_pmu() else "unsupported"}, state["observers"]
+
+
+def has_pmu() -> bool:
+    return Path("/sys/bus/event_source/devices/cpu").exists()
+
+
+# -- network -----------------------------------------------------------------------------------------
+
+
+def test_connection_refused(agent):
+    port = closed_tcp_port("127.0.0.1")
+    connector = run_connects("127.0.0.1", port)
+    assert connector["attempts"][0]["errno"] == "ECONNREFUSED"
+    agent.wait_for(of("connection_refused", dst_port=port))
+    occ = exactly_one("connection_refused", settled(agent, of("connection_refused", dst_port=port)))
+    assert (occ["data"]["pid"], occ["data"]["comm"]) == (connector["pid"], connector["comm"])
+    assert occ["data"]["src_port"] == connector["attempts"][0]["src_port"]
+    detected("connection_refused")
+
+
+def test_connection_timeout(agent):
+    port = random_port()
+    with network_namespace() as netns:
+        netns_exec(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")
+        with nft_tcp_port_rule(netns, port):
+            connector = run_connects("127.0.0.1", port, netns=netns, timeout=30)
+            assert connector["attempts"][0]["errno"] == "ETIMEDOUT"
+            agent.wait_for(of("connection_timeout", dst_port=port))
+    occ = exactly_one("connection_timeout", settled(agent, of("connection_timeout", dst_port=port)))
+    assert (occ["data"]["pid"], occ["data"]["comm"]) == (connector["pid"], connector["comm"])
+    detected("connection_timeout")
+
+
+def test_connection_unreachable(agent):
+    port = random_port()
+    with network_namespace() as netns, nft_tcp_port_rule(netns, port, "reject", "with", "icmpx", "type",
+                                                          "host-unreachable"):
+        connector = run_connects("127.0.0.1", port, netns=netns)
+        assert connector["attempts"][0]["errno"] == "EHOSTUNREACH"
+        agent.wait_for(of("connection_unreachable", dst_port=port))
+    occ = exactly_one("connection_unreachable", settled(agent, of("connection_unreachable", dst_port=port)))
+    assert (occ["data"]["pid"], occ["error"]["code"]) == (connector["pid"], "EHOSTUNREACH")
+    detected("connection_unreachable")
+
+
+def test_connection_reset_of_a_connecting_and_of_an_accepting_socket(agent):
+    """The client's reset names the client; the accepted socket's reset names the server that read from it."""
+    port = random_port()
+    with network_namespace() as netns:
+        with tcp_server(netns, "127.0.0.1", port, "reset"):
+            client = run_client(netns, "127.0.0.1", port, "reset_me")
+            assert client["error"] == "ECONNRESET"
+            agent.wait_for(of("connection_reset", dst_port=port))
+        server_port = random_port()
+        with tcp_server(netns, "127.0.0.1", server_port, "recv") as server:
+            run_client(netns, "127.0.0.1", server_port, "reset_server")
+            assert server.wait_for("error", timeout=scaled(10))["error"] == "ECONNRESET"
+            agent.wait_for(of("connection_reset", src_port=server_port))
+    by_client = settled(agent, of("connection_reset", dst_port=port))
+    by_server = agent.matching(of("connection_reset", src_port=server_port))
+    assert len(by_client) == 1 and (by_client[0]["data"]["pid"], by_client[0]["data"]["comm"]) == (
+        client["pid"], client["comm"])
+    occ = exactly_one("connection_reset", by_server)
+    assert (occ["data"]["pid"], occ["data"]["comm"], occ["data"]["owner_known"]) == (server.pid, server.comm, True)
+    detected("connection_reset")
+
+
+def test_retransmit_spike(agent):
+    port = random_port()
+    spike = of("retransmit_spike", destination=f"127.0.0.1:{port}")
+    with (
+        network_namespace() as netns,
+        tcp_server(netns, "127.0.0.1", port, "sink"),
+        nft_random_drop(netns, port, 30),
+    ):
+        client = run_client(netns, "127.0.0.1", port, "bulk", amount=3_000_000, timeout=scaled(120))
+        agent.wait_for(spike, timeout=10)
+    occ = exactly_one("retransmit_spike", settled(agent, spike))
+    assert occ["data"]["retransmits"] == SETTINGS["network.retransmit_threshold"]
+    assert (occ["data"]["pid"], occ["data"]["src_port"]) == (client["pid"], client["src_ports"][0])
+    detected("retransmit_spike")
+
+
+def test_rtt_degradation(agent):
+    port = random_port()
+    degraded = of("rtt_degradation", destination="10.200.0.2")
+    with (
+        network_namespace() as client_ns,
+        network_namespace() as server_ns,
+        veth_pair(client_ns, server_ns) as (client_dev, _),
+        tbf(client_ns, client_dev, rate="4mbit", burst="16kb", latency="1s"),
+        tcp_server(server_ns, "10.200.0.2", port, "sink"),
+    ):
+        run_client(client_ns, "10.200.0.2", port, "pingpong", amount=8, connections=2, timeout=scaled(30))
+        bulk = run_client(client_ns, "10.200.0.2", port, "bulk", amount=400_000, timeout=scaled(30))
+        agent.wait_for(of("rtt_degradation", dst_port=port), timeout=10)
+    occ = exactly_one("rtt_degradation", settled(agent, of("rtt_degradation", dst_port=port)))
+    assert degraded(occ)
+    assert (occ["data"]["pid"], occ["data"]["src_port"]) == (bulk["pid"], bulk["src_ports"][0])
+    assert occ["data"]["current_ms"] >= 4 * occ["data"]["baseline_ms"]
+    detected("rtt_degradation")
+
+
+def test_rst_storm(agent, tmp_path):
+    port = random_port()
+    loops = compile_net_loops(tmp_path)
+    threshold = SETTINGS["network.rst_storm_threshold"]
+    with network_namespace() as netns:
+        report = loop_report(start_refusals(loops, "127.0.0.1", port, threshold + 10, netns=netns),
+                             timeout=scaled(60))
+        assert (report["ops"], report["errors"]) == (threshold + 10, 0)
+        agent.wait_for(of("rst_storm", destination=f"127.0.0.1:{port}"))
+    occ = exactly_one("rst_storm", settled(agent, of("rst_storm", destination=f"127.0.0.1:{port}")))
+    assert occ["data"]["rsts"] == threshold
+    detected("rst_storm")
+
+
+# -- container -----------------------------------------------------------------------------------------
+
+
+def test_abnormal_exit(agent):
+    process = subprocess.Popen(["sh", "-c", "exit 3"])
+    assert process.wait(scaled(20)) == 3
+    mine = lambda occ: occ["type"] == "kernel.container.abnormal_exit" and occ["data"]["pid"] == process.pid
+    agent.wait_for(mine)
+    occ = exactly_one("abnormal_exit", settled(agent, mine))
+    assert (occ["data"]["exit_code"], occ["data"]["comm"]) == (3, "sh")
+    detected("abnormal_exit")
+
+
+def test_oom_kill(agent):
+    with memory_cgroup(128 << 20) as cgroup:
+        holder_pid, _trigger_pid = oom_kill_holder(cgroup)
+        cgroup_id = cgroup.cgroup_id
+        victim = lambda occ: occ["type"] == "kernel.container.oom_kill" and occ["data"]["pid"] == holder_pid
+        agent.wait_for(victim)
+        occ = exactly_one("oom_kill", settled(agent, victim))
+    exits = agent.matching(lambda o: o["type"] == "kernel.container.abnormal_exit" and o["data"]["pid"] == holder_pid)
+    assert exits == []  # its SIGKILL is the OOM kill, never a second report
+    data = occ["data"]
+    assert (data["cgroup_id"], data["memory_limit_bytes"]) == (cgroup_id, 128 << 20)
+    assert data["memory_usage_bytes"] > 0 and data["comm"].startswith("python")
+    detected("oom_kill")
+
+
+# -- storage -----------------------------------------------------------------------------------------
+
+
+def test_io_error(agent, tmp_path):
+    with tmpfs(tmp_path / "small", "4M") as small, loop_device(sparse_file(small / "backing", 64 << 20)) as loop:
+        fill(small)
+        writer = direct_write(loop, bs="64k", count=4, seek=200)
+        code, _ = finished(writer, timeout=scaled(30))
+        assert code != 0
+        agent.wait_for(on_device("kernel.storage.io_error", loop))
+        occ = exactly_one("io_error", settled(agent, on_device("kernel.storage.io_error", loop)))
+    assert occ["data"]["operation"] == "write"
+    assert occ["error"]["code"] in ("ENOSPC", "EIO")
+    detected("io_error")
+
+
+def test_latency_spike(agent, tmp_path):
+    with stacked_loops(tmp_path) as (ext4, upper):
+        with frozen(ext4):
+            writer = direct_write(upper, seek=1000)
+            wait_writes_in_flight(upper, 1, timeout=scaled(10))
+            time.sleep(2.0)  # the request's latency: longer than critical_ms
+        assert finished(writer, timeout=scaled(30))[0] == 0
+        agent.wait_for(on_device("kernel.storage.latency_spike", upper))
+        occ = exactly_one("latency_spike", settled(agent, on_device("kernel.storage.latency_spike", upper)))
+    assert occ["data"]["latency_ns"] >= 1500 * 1_000_000
+    assert occ["data"]["operation"] == "write"
+    detected("latency_spike")
+
+
+# -- what doctor says against what the agent did -------------------------------------------------------
+
+
+def test_doctor_says_what_the_agent_did_with_each_observer(agent):
+    from tapio_core.state import read_state
+
+    done = subprocess.run([str(TAPIO), "doctor", "--json", "--plugins", ",".join(OBSERVERS)], capture_output=True,
+                          text=True, timeout=scaled(60), env=tool_env())
+    checks = json.loads(done.stdout)["checks"]
+    observers = (read_state(agent.data_dir) or {})["observers"]
+    for name in OBSERVERS:
+        group = [check for check in checks if check["group"] == f"observer {name}"]
+        doctor_fails = any(check["status"] == "fail" for check in group)
+        doctor_off = {check["name"] for check in group if check["status"] == "warn"}
+        entry = observers[name]
+        assert doctor_fails == (entry["status"] == "failed"), (name, group, entry)
+        assert doctor_off == set(entry.get("disabled") or {}), (name, group, entry)
+    MEASURED["doctor_matches_agent"] = True
