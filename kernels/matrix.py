@@ -92,7 +92,7 @@ def junit_counts(path: Path) -> dict[str, int]:
 
 
 def run_guest(name: str, cache: Path, out_root: Path, pytest_args: list[str], timeout: float, memory: str,
-              cpus: int) -> bool:
+              cpus: int) -> tuple[bool, dict[str, int]]:
     image, release = prepare_kernel(cache, name)
     out = out_root / name
     shutil.rmtree(out, ignore_errors=True)
@@ -124,7 +124,7 @@ def run_guest(name: str, cache: Path, out_root: Path, pytest_args: list[str], ti
         tail = (out / "guest.log").read_text(errors="replace").splitlines()[-40:] if (out / "guest.log").exists() \
             else []
         print("\n".join(f"  | {line}" for line in tail), flush=True)
-    return status == "0" and not timed_out
+    return status == "0" and not timed_out, counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown kernel(s) {', '.join(sorted(unknown))}; kernels.txt has {', '.join(matrix_kernels())}")
     results = [run_guest(name, args.cache, args.out.resolve(), args.pytest_args, args.timeout, args.memory, args.cpus)
                for name in names]
-    return 0 if all(results) else 1
+    passed = sum(counts.get("passed", 0) for _, counts in results)
+    failed = sum(counts.get("failures", 0) + counts.get("errors", 0) for _, counts in results)
+    skipped = sum(counts.get("skipped", 0) for _, counts in results)
+    print(f"guest kernels {', '.join(names)}: {passed} passed, {failed} failed, {skipped} skipped")
+    return 0 if all(ok for ok, _ in results) else 1
 
 
 if __name__ == "__main__":
