@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -339,6 +340,22 @@ def test_operations_come_from_the_running_kernels_btf():
     assert operations.mask == 0xFF
     assert {operations.name(op) for op in (0, 1, 2, 3)} == {"read", "write", "flush", "discard"}
     assert operations.name(1 | REQ_SYNC) == "write"
+
+
+def test_operations_of_kernels_before_6_0_come_from_enum_req_opf():
+    """5.10's BTF names the enum req_opf (its values are 6.x's); a synthetic blob stands in for it."""
+    from test_btf import ENUM, BlobBuilder
+
+    blob = BlobBuilder()
+    values = [("REQ_OP_READ", 0), ("REQ_OP_WRITE", 1), ("REQ_OP_FLUSH", 2), ("REQ_OP_DISCARD", 3),
+              ("REQ_OP_WRITE_ZEROES", 9)]
+    blob.add(ENUM, "req_opf", 4, vlen=len(values),
+             extra=b"".join(struct.pack("<Ii", blob.s(name), value) for name, value in values))
+    blob.add(ENUM, "req_flag_bits", 4, vlen=1, extra=struct.pack("<Ii", blob.s("__REQ_FAILFAST_DEV"), 8))
+    operations = operations_from_btf(Btf(blob.blob()))
+    assert operations.mask == 0xFF
+    assert [operations.name(op | REQ_SYNC) for op in (0, 1, 2, 3, 9)] == [
+        "read", "write", "flush", "discard", "write_zeroes"]
 
 
 # -- settings ---------------------------------------------------------------------------------------

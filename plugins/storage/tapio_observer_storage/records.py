@@ -143,15 +143,19 @@ class Operations:
 
 
 def operations_from_btf(btf: Btf) -> Operations:
-    """Values of ``enum req_op`` and REQ_OP_BITS (the first flag bit, ``__REQ_FAILFAST_DEV``)."""
+    """Values of ``enum req_op`` (``enum req_opf`` before 6.0) and REQ_OP_BITS (the first flag bit,
+    ``__REQ_FAILFAST_DEV``)."""
     names = {}
-    for name in _REQ_OP_NAMES:
-        value = btf.enum_value("req_op", f"REQ_OP_{name}")
-        if value is not None:
-            names[value] = name.lower()
+    for enum in ("req_op", "req_opf"):
+        for name in _REQ_OP_NAMES:
+            value = btf.enum_value(enum, f"REQ_OP_{name}")
+            if value is not None:
+                names[value] = name.lower()
+        if names:
+            break
     bits = btf.enum_value("req_flag_bits", "__REQ_FAILFAST_DEV")
     if not names or bits is None:
-        raise BtfError("kernel BTF has no enum req_op / req_flag_bits")
+        raise BtfError("kernel BTF has no enum req_op (or req_opf) / req_flag_bits")
     return Operations(mask=(1 << bits) - 1, names=names)
 
 
