@@ -148,8 +148,22 @@ def test_nospc_write_becomes_one_exact_io_error_attributed_to_the_issuer():
         "operation": "write", "cmd_flags": WRITE | REQ_SYNC, "sector": 25_600, "bytes": 65_536,
         "completed_bytes": 65_536, "partial": False,
         "latency_ns": 13_000, "baseline_latency_ns": 38_000, "baseline_deviation_ns": 7_000, "baseline_samples": 68,
-        "status": "BLK_STS_NOSPC", "status_code": 3, "errno": errno.ENOSPC,
+        "status": "BLK_STS_NOSPC", "status_code": 3, "errno": errno.ENOSPC, "status_from_errno": False,
     }
+
+
+@pytest.mark.parametrize(("errno_value", "status", "code"), [
+    (errno.ENOSPC, "BLK_STS_NOSPC", 3), (errno.EIO, "BLK_STS_IOERR", 10), (errno.ETIMEDOUT, "BLK_STS_TIMEOUT", 2),
+    (errno.EPERM, "errno EPERM", None),  # no status maps to it: said so, not guessed
+])
+def test_an_errno_from_a_kernel_like_5_10_names_the_one_status_blk_errors_maps_to_it(errno_value, status, code):
+    """On 5.10, block_rq_complete hands over blk_status_to_errno()'s result, which the record marks."""
+    raw = pack_storage_record(status=errno_value, status_is_errno=1)
+    [anomaly] = detector(release="5.10.0-32-amd64").detect(events(raw))
+    assert (anomaly.type, anomaly.error_code) == (IO_ERROR, errno.errorcode[errno_value])
+    data = anomaly.data
+    assert (data["status"], data["status_code"], data["errno"], data["status_from_errno"]) == (
+        status, code, errno_value, True)
 
 
 def test_an_error_is_reported_however_fast_and_a_slow_error_is_still_one_io_error():

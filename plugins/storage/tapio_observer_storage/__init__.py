@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tapio_core import BpfCounter, BtfField, ObserverSpec, hookimpl
+from tapio_core import BpfCounter, BtfField, ObserverSpec, RawTracepointArg, hookimpl
 from tapio_core.bpf import ObserverLoadError
 from tapio_core.btf import Btf, BtfError
 from tapio_observer_storage.detect import DeviceScreens, StorageDetector
@@ -16,20 +16,35 @@ from tapio_observer_storage.records import (
 )
 from tapio_observer_storage.settings import StorageSettings
 
+_DEVICE = "block request device"
+# Two kernels' ways to the request's disk, and to its completion status: any one of each will do.
+_DISK_OF_QUEUE, _DISK_OF_REQUEST = "disk of the request queue", "disk of the request (rq_disk)"
+_BLK_STATUS, _ERRNO_STATUS = "completion status as blk_status_t", "completion status as an errno"
+
 OBSERVER = ObserverSpec(
     name="storage",
     bpf_source=Path(__file__).with_name("storage.bpf.c"),
     record_dtype=STORAGE_RECORD,
     tracepoints=("raw:block_rq_issue", "raw:block_rq_complete"),
     btf_fields=(
-        BtfField("STORAGE_RQ_QUEUE_OFFSET", "request", "q", feature="block request device"),
-        BtfField("STORAGE_QUEUE_DISK_OFFSET", "request_queue", "disk", feature="block request device"),
-        BtfField("STORAGE_DISK_MAJOR_OFFSET", "gendisk", "major", feature="block request device"),
-        BtfField("STORAGE_DISK_FIRST_MINOR_OFFSET", "gendisk", "first_minor", feature="block request device"),
+        BtfField("STORAGE_RQ_QUEUE_OFFSET", "request", "q", feature=_DEVICE),
+        BtfField("STORAGE_QUEUE_DISK_OFFSET", "request_queue", "disk", feature=_DISK_OF_QUEUE),
+        BtfField("STORAGE_RQ_DISK_OFFSET", "request", "rq_disk", feature=_DISK_OF_REQUEST),
+        BtfField("STORAGE_DISK_MAJOR_OFFSET", "gendisk", "major", feature=_DEVICE),
+        BtfField("STORAGE_DISK_FIRST_MINOR_OFFSET", "gendisk", "first_minor", feature=_DEVICE),
         BtfField("STORAGE_RQ_CMD_FLAGS_OFFSET", "request", "cmd_flags", feature="block request operation"),
         BtfField("STORAGE_RQ_DATA_LEN_OFFSET", "request", "__data_len", feature="block request size"),
         BtfField("STORAGE_RQ_SECTOR_OFFSET", "request", "__sector", feature="block request sector"),
         BtfField("STORAGE_DISK_NAME_OFFSET", "gendisk", "disk_name", feature="block device names"),
+    ),
+    raw_tracepoint_args=(
+        RawTracepointArg("STORAGE_STATUS_IS_BLK_STATUS", "block_rq_complete", 1, "unsigned char",
+                         feature=_BLK_STATUS),
+        RawTracepointArg("STORAGE_STATUS_IS_ERRNO", "block_rq_complete", 1, "int", feature=_ERRNO_STATUS),
+    ),
+    required_features=(
+        _DEVICE, (_DISK_OF_QUEUE, _DISK_OF_REQUEST), "block request operation", "block request size",
+        (_BLK_STATUS, _ERRNO_STATUS),
     ),
     description="block I/O errors and latency spikes, per request",
     config_type=StorageSettings,

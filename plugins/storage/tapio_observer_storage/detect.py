@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tapio_core import Anomaly
-from tapio_observer_storage.records import BlockStatus, Operations, block_status
+from tapio_observer_storage.records import BlockStatus, Operations, block_status, block_status_of_errno
 from tapio_observer_storage.settings import StorageSettings, Thresholds
 
 log = logging.getLogger("tapio.storage")
@@ -96,12 +96,13 @@ class StorageDetector:
             task["cgroup_id"].tolist(), task["comm"].tolist(), events["dev_major"].tolist(),
             events["dev_minor"].tolist(), events["bytes"].tolist(), events["completed_bytes"].tolist(),
             events["cmd_flags"].tolist(), events["status"].tolist(), events["partial"].tolist(),
-            events["device_matched"].tolist(), events["disk_name"].tolist(),
+            events["device_matched"].tolist(), events["status_is_errno"].tolist(), events["disk_name"].tolist(),
             strict=True,
         )
         anomalies = []
         for row, (ts, latency, sector, baseline, deviation, samples, queue, pid, tid, cgroup, comm, major, minor, size,
-                  completed, cmd_flags, status, partial, matched, disk) in zip(events, columns, strict=True):
+                  completed, cmd_flags, status, partial, matched, status_is_errno, disk) in zip(events, columns,
+                                                                                                strict=True):
             device = _text(disk) or f"{major}:{minor}"
             thresholds = self.thresholds(device)
             self.screens.learn(queue, device, thresholds, bool(matched))
@@ -119,14 +120,19 @@ class StorageDetector:
                 "baseline_samples": samples,
             }
             if status != 0:
-                anomalies.append(self.io_error(ts, status, data, row))
+                anomalies.append(self.io_error(ts, status, bool(status_is_errno), data, row))
             else:
                 anomalies.append(self.latency_spike(ts, thresholds, data, row))
         return anomalies
 
-    def io_error(self, ts: int, code: int, data: dict[str, Any], row: np.void) -> Anomaly:
-        status = block_status(code, self.statuses)
-        data.update(status=status.name, status_code=code, errno=getattr(errno, status.errno, errno.EIO))
+    def io_error(self, ts: int, code: int, is_errno: bool, data: dict[str, Any], row: np.void) -> Anomaly:
+        if is_errno:  # the kernel handed over blk_status_to_errno()'s result: the status is what maps to it
+            status_code, status = block_status_of_errno(code, self.statuses)
+            data.update(status=status.name, status_code=status_code, errno=code)
+        else:
+            status = block_status(code, self.statuses)
+            data.update(status=status.name, status_code=code, errno=getattr(errno, status.errno, errno.EIO))
+        data["status_from_errno"] = is_errno
         message = (f"{data['operation']} of {data['bytes']} bytes at sector {data['sector']} on {data['device']} "
                    f"completed with {status.name} ({status.description})")
         return Anomaly(type=IO_ERROR, timestamp_ns=ts, severity="critical", outcome="failure", data=data,

@@ -8,6 +8,7 @@ statuses from the kernel source (they are macros, absent from BTF).
 
 from __future__ import annotations
 
+import errno
 import os
 
 import attrs
@@ -36,7 +37,7 @@ STORAGE_RECORD = record_dtype([
     ("status", "u1"),
     ("partial", "u1"),
     ("device_matched", "u1"),
-    ("pad", "V1"),
+    ("status_is_errno", "u1"),  # status is an errno: the kernel's block_rq_complete hands one over (5.10)
     ("disk_name", f"S{DISK_NAME_LEN}"),
 ])
 
@@ -115,6 +116,17 @@ def block_statuses(release: str | None = None) -> dict[int, BlockStatus]:
 def block_status(code: int, statuses: dict[int, BlockStatus]) -> BlockStatus:
     """A code the table does not know is reported by number, with the kernel's own fallback errno."""
     return statuses.get(code) or BlockStatus(f"BLK_STS_{code}", "EIO", "unknown block status")
+
+
+def block_status_of_errno(errno_value: int, statuses: dict[int, BlockStatus]) -> tuple[int | None, BlockStatus]:
+    """(code, status) that ``blk_status_to_errno`` turned into ``errno_value``, for kernels whose
+    block_rq_complete hands over that errno (5.10). ``blk_errors`` gives each errno to one status;
+    ZONE_RESOURCE has no entry there, so EIO is IOERR (or a status the table did not know)."""
+    name = errno.errorcode.get(errno_value, str(errno_value))
+    for code, status in sorted(statuses.items()):
+        if status.errno == name and status.name != "BLK_STS_ZONE_RESOURCE":
+            return code, status
+    return None, BlockStatus(f"errno {name}", name, "errno without a block status")
 
 
 # -- operations -----------------------------------------------------------------------------------

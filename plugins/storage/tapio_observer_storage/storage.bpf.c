@@ -13,6 +13,11 @@
  * together): in-flight requests live in a fixed table of slots claimed with
  * compare-and-swap, and the one hash lookup per completion finds the device's
  * threshold and baselines together.
+ *
+ * Kernels differ in two places, each declared in __init__.py so the agent and
+ * `tapio doctor` agree: the disk is request_queue.disk (6.1 has it) or
+ * request.rq_disk (5.10), and block_rq_complete hands over a blk_status_t
+ * (6.1) or blk_status_to_errno()'s errno (5.10).
  */
 #include <tapio.h>  /* the agent puts events, tapio_lost and tapio_submit() before this */
 
@@ -29,13 +34,6 @@
 #define BASELINE_OPS 4
 #define DISK_NAME_LEN 32
 #define MINORBITS 20  /* the kernel's dev_t: major << 20 | minor */
-
-/* Without these members there is no device to judge: say so instead of guessing. */
-#if !defined(STORAGE_RQ_QUEUE_OFFSET) || !defined(STORAGE_QUEUE_DISK_OFFSET) || \
-    !defined(STORAGE_DISK_MAJOR_OFFSET) || !defined(STORAGE_DISK_FIRST_MINOR_OFFSET) || \
-    !defined(STORAGE_RQ_CMD_FLAGS_OFFSET) || !defined(STORAGE_RQ_DATA_LEN_OFFSET)
-#error "storage observer: this kernel's BTF lacks request/gendisk members it needs (see the warnings above)"
-#endif
 
 /* storage_settings slots, written by tapio_observer_started. */
 #define SETTING_SCREEN_NS 0  /* warning threshold for devices userspace has not matched yet */
@@ -59,14 +57,14 @@ struct storage_record {
     u32 bytes;                  /* the request's data length when it completed */
     u32 completed_bytes;
     u32 cmd_flags;
-    u8 status;                  /* blk_status_t */
+    u8 status;                  /* blk_status_t, or an errno where status_is_errno */
     u8 partial;                 /* the request goes on after this completion */
     u8 device_matched;          /* the warning threshold was the device's own, not the screen */
-    u8 pad;
+    u8 status_is_errno;         /* status is the errno blk_status_to_errno() gave (e.g. on 5.10) */
     char disk_name[DISK_NAME_LEN];
 };
 
-/* rq == 0: free. Claimed by the issue with compare-and-swap, freed the same way by the completion. */
+/* rq == 0: free. Claimed by the issue with compare-and-swap, freed by the completion. */
 struct inflight_slot {
     u64 rq;
     u64 issue_ns;
@@ -116,22 +114,37 @@ RAW_TRACEPOINT_PROBE(block_rq_issue)
 {
     u64 rq = ctx->args[0];
     u32 first = first_slot(rq);
+    int tracked = 0;
 #pragma unroll
     for (u32 probe = 0; probe < INFLIGHT_PROBES; probe++) {
         u32 index = (first + probe) & (STORAGE_MAX_INFLIGHT - 1);
         struct inflight_slot *slot = inflight.lookup(&index);
         if (!slot)
-            return 0;
-        u64 held = __sync_val_compare_and_swap(&slot->rq, 0, rq);
+            break;
+        int claimed = tapio_cas(&slot->rq, 0, rq);
         /* Ours when free, or already ours: a requeued request is issued again, the newer issue counts. */
-        if (held == 0 || held == rq) {
+        if (claimed || slot->rq == rq) {
             slot->issue_ns = bpf_ktime_get_ns();
             tapio_current_task(&slot->task);
-            return 0;
+            tracked = 1;
+            break;
         }
     }
-    count(COUNT_OVERFLOW);
+    if (!tracked)
+        count(COUNT_OVERFLOW);
     return 0;
+}
+
+/* Frees a slot the completion found holding rq: only that completion changes a held slot. */
+static __always_inline void release(struct inflight_slot *slot, u64 rq)
+{
+#ifdef TAPIO_BPF_ATOMICS
+    tapio_cas(&slot->rq, rq, 0);  /* a full barrier: our copies of the slot are done */
+#else
+    /* The emulated compare-and-swap fails while another CPU holds the word's lock (an issue trying
+     * this slot), which would leak the slot; an atomic add cannot fail, and rq - rq is free. */
+    __sync_fetch_and_add(&slot->rq, -rq);
+#endif
 }
 
 static __always_inline void learn(struct baseline *seen, u64 latency_ns)
@@ -149,11 +162,15 @@ static __always_inline void learn(struct baseline *seen, u64 latency_ns)
     seen->samples++;
 }
 
-/* The disk behind a request queue, read only when a queue is first seen and for records. */
-static __always_inline void *disk_of(void *queue, u32 *major, u32 *minor)
+/* The request's disk, read only when its queue is first seen and for records. */
+static __always_inline void *disk_of(void *rq, void *queue, u32 *major, u32 *minor)
 {
     void *disk = NULL;
+#ifdef STORAGE_QUEUE_DISK_OFFSET
     TAPIO_READ_AT(disk, queue, STORAGE_QUEUE_DISK_OFFSET);
+#else
+    TAPIO_READ_AT(disk, rq, STORAGE_RQ_DISK_OFFSET);  /* the agent compiles us only with one of the two */
+#endif
     if (disk) {
         TAPIO_READ_AT(*major, disk, STORAGE_DISK_MAJOR_OFFSET);
         TAPIO_READ_AT(*minor, disk, STORAGE_DISK_FIRST_MINOR_OFFSET);
@@ -161,14 +178,14 @@ static __always_inline void *disk_of(void *queue, u32 *major, u32 *minor)
     return disk;
 }
 
-static __always_inline struct device_state *device_state_of(u64 queue)
+static __always_inline struct device_state *device_state_of(u64 rq, u64 queue)
 {
     struct device_state *state = devices.lookup(&queue);
     if (state || !queue)
         return state;
     struct device_state fresh = {};
     u32 major = 0, minor = 0;
-    disk_of((void *)queue, &major, &minor);
+    disk_of((void *)rq, (void *)queue, &major, &minor);
     fresh.dev = major << MINORBITS | minor;
     devices.insert(&queue, &fresh);  /* once per device; if userspace raced us, its entry stays */
     return devices.lookup(&queue);
@@ -177,7 +194,12 @@ static __always_inline struct device_state *device_state_of(u64 queue)
 RAW_TRACEPOINT_PROBE(block_rq_complete)
 {
     u64 rq = ctx->args[0];
+#ifdef STORAGE_STATUS_IS_ERRNO
+    int error = (int)ctx->args[1];
+    u8 status = (u8)(error < 0 ? -error : error);
+#else
     u8 status = (u8)ctx->args[1];
+#endif
     u32 completed_bytes = (u32)ctx->args[2];
     u32 first = first_slot(rq);
     struct inflight_slot *slot = NULL, *stale = NULL;
@@ -189,7 +211,7 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
             if (!slot)
                 slot = candidate;
             else
-                stale = candidate;  /* left by an earlier issue of this request (requeued) */
+                stale = candidate;  /* a requeued request issued again found another slot first */
         }
     }
     if (!slot) {
@@ -198,8 +220,10 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
         return 0;
     }
     u64 now = bpf_ktime_get_ns();
-    u64 latency_ns = now - slot->issue_ns;
-    struct tapio_task task = slot->task;
+    /* Of two issues, the newer counts. */
+    struct inflight_slot *newest = stale && stale->issue_ns > slot->issue_ns ? stale : slot;
+    u64 latency_ns = now - newest->issue_ns;
+    struct tapio_task task = newest->task;
 
     u32 bytes = 0, cmd_flags = 0;
     u64 queue = 0;
@@ -207,14 +231,14 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
     /* A partial completion (fewer bytes than remain) leaves the request in flight. */
     u8 partial = completed_bytes < bytes;
     if (!partial) {
-        __sync_val_compare_and_swap(&slot->rq, rq, 0);  /* a full barrier: our copies are done */
+        release(slot, rq);
         if (stale)
-            __sync_val_compare_and_swap(&stale->rq, rq, 0);
+            release(stale, rq);
     }
     TAPIO_READ_AT(cmd_flags, (void *)rq, STORAGE_RQ_CMD_FLAGS_OFFSET);
     TAPIO_READ_AT(queue, (void *)rq, STORAGE_RQ_QUEUE_OFFSET);
 
-    struct device_state *state = device_state_of(queue);
+    struct device_state *state = device_state_of(rq, queue);
     u64 warning_ns = state && state->warning_ns ? state->warning_ns : setting(SETTING_SCREEN_NS);
     u64 op_mask = setting(SETTING_OP_MASK);
     u32 op = cmd_flags & (u32)op_mask;
@@ -242,13 +266,16 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
 #endif
     rec.queue = queue;
     u32 major = 0, minor = 0;
-    void *disk = queue ? disk_of((void *)queue, &major, &minor) : NULL;
+    void *disk = queue ? disk_of((void *)rq, (void *)queue, &major, &minor) : NULL;
     rec.dev_major = major;
     rec.dev_minor = minor;
     rec.bytes = bytes;
     rec.completed_bytes = completed_bytes;
     rec.cmd_flags = cmd_flags;
     rec.status = status;
+#ifdef STORAGE_STATUS_IS_ERRNO
+    rec.status_is_errno = 1;
+#endif
     rec.partial = partial;
     rec.device_matched = state && state->warning_ns;
 #ifdef STORAGE_DISK_NAME_OFFSET
