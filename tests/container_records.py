@@ -8,6 +8,7 @@ from tapio_observer_container.records import (
     FLAG_MEMORY,
     FLAG_OOM_SCORE_ADJ,
     FLAG_RSS,
+    FLAG_TRIGGER,
     KIND_ABNORMAL_EXIT,
     KIND_OOM_KILL,
 )
@@ -15,7 +16,7 @@ from tapio_observer_container.records import (
 # struct container_record in container.bpf.c, in native C layout ('@' applies C alignment).
 CONTAINER_RECORD_C = struct.Struct("@Q" "IIQ16s" "QQQQQ" "IIIhBB" "16s256s")
 
-ALL_OOM_FACTS = FLAG_CGROUP | FLAG_MEMORY | FLAG_LIMITED | FLAG_RSS | FLAG_OOM_SCORE_ADJ
+ALL_OOM_FACTS = FLAG_CGROUP | FLAG_MEMORY | FLAG_LIMITED | FLAG_RSS | FLAG_OOM_SCORE_ADJ | FLAG_TRIGGER
 
 
 def pack_container_record(kind, *, ts=1_000, pid=4242, tid=4243, cgroup=99, comm=b"app", limit=0, usage=0,

@@ -120,7 +120,7 @@ def test_oom_kill_facts_the_kernel_lacked_are_null():
     [anomaly] = anomalies_of(pack_oom(flags=0, limit=0, usage=0, oom_score_adj=0))
     data = anomaly.data
     for key in ("cgroup_id", "cgroup_path", "memory_limit_bytes", "memory_usage_bytes", "rss_bytes",
-                "anon_rss_bytes", "file_rss_bytes", "shmem_rss_bytes", "oom_score_adj"):
+                "anon_rss_bytes", "file_rss_bytes", "shmem_rss_bytes", "oom_score_adj", "trigger_pid", "trigger_comm"):
         assert data[key] is None, key
 
 

@@ -30,13 +30,13 @@ from pathlib import Path
 import attrs
 import numpy as np
 import pytest
-from kernel_helpers import TAPIO, running_agent, tool_env
+from kernel_helpers import TAPIO, running_agent, scaled, tool_env
 from plugin_helpers import Collect
 
 import tapio_observer_container
 from tapio_core import hookimpl
 from tapio_core.agent import Agent
-from tapio_core.bpf import tracepoint_cflags
+from tapio_core.bpf import tracepoint_cflags, tracepoint_has_field
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
@@ -76,6 +76,8 @@ def run_to_end(argv: list[str], cwd: Path | None = None, timeout: float = 20.0) 
 
 
 def reap(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    """The raw wait status once ``proc`` ended (within ``timeout``, scaled)."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while True:
         pid, status = os.waitpid(proc.pid, os.WNOHANG)
@@ -305,7 +307,7 @@ def test_replay_of_a_recording_gives_the_same_occurrences_and_ids(tmp_path):
     replay = subprocess.run(
         [str(TAPIO), "replay", str(recording), "--sink", "stdout", "--plugins", AGENT_PLUGINS,
          "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60, env=tool_env(), cwd=tmp_path,
+        capture_output=True, text=True, timeout=scaled(60), env=tool_env(), cwd=tmp_path,
     )
     assert replay.returncode == 0, replay.stderr
     replayed = [json.loads(line) for line in replay.stdout.splitlines() if line.strip()]
@@ -362,7 +364,7 @@ def scratch_cgroup(mount: Path, version: int, memory_limit: int | None = None) -
 
 
 def remove_cgroup(cgroup: ScratchCgroup, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while True:
         for pid in cgroup.procs.read_text().split():
             with suppress(ProcessLookupError):
@@ -376,18 +378,32 @@ def remove_cgroup(cgroup: ScratchCgroup, timeout: float = 10.0) -> None:
             time.sleep(0.05)  # killed tasks leave the cgroup once reaped
 
 
-@contextmanager
-def memory_cgroup(limit: int) -> Iterator[ScratchCgroup]:
-    """A memory cgroup with ``limit``: on the v1 memory mount when there is one (this machine), else cgroup v2."""
+def memory_layouts() -> list[int]:
+    """The cgroup versions this node limits memory with: 1 where the memory controller is on a v1 hierarchy
+    (this machine's hybrid layout), 2 where the cgroup2 mount offers it (a pure v2 node, as in the guests;
+    Debian's 6.12 has no v1 memory controller at all). The controller lives on one of them at a time."""
     memory_v1, unified = cgroup_mounts()
-    if memory_v1 is not None:
-        with scratch_cgroup(memory_v1, 1, limit) as cgroup:
-            yield cgroup
-    else:
-        assert unified is not None, "neither a v1 memory controller nor cgroup v2 is mounted"
-        assert "memory" in (unified / "cgroup.controllers").read_text().split(), "cgroup v2 without memory"
-        with scratch_cgroup(unified, 2, limit) as cgroup:
-            yield cgroup
+    layouts = [1] if memory_v1 is not None else []
+    if unified is not None and "memory" in (unified / "cgroup.controllers").read_text().split():
+        layouts.append(2)
+    return layouts
+
+
+#: Runs an OOM test once per memory layout this node has (None: it has none, and the test says so).
+each_memory_layout = pytest.mark.parametrize("version", memory_layouts() or [None],
+                                             ids=lambda version: f"cgroup-v{version}")
+
+
+@contextmanager
+def memory_cgroup(limit: int, version: int | None = None) -> Iterator[ScratchCgroup]:
+    """A memory cgroup with ``limit`` on cgroup ``version`` (default: the first this node has)."""
+    layouts = memory_layouts()
+    assert layouts, "neither a v1 memory controller nor a cgroup2 mount with the memory controller"
+    version = version or layouts[0]
+    assert version in layouts, f"this node limits memory only with cgroup v{layouts}"
+    memory_v1, unified = cgroup_mounts()
+    with scratch_cgroup(memory_v1 if version == 1 else unified, version, limit) as cgroup:
+        yield cgroup
 
 
 def own_container_cgroup_id(version: int) -> int:
@@ -447,46 +463,117 @@ def oom_kill_holder(cgroup: ScratchCgroup) -> tuple[int, int]:
     return holder.pid, allocator.pid
 
 
-def test_oom_kill_reports_the_victim_not_the_trigger_with_its_cgroup_and_limit(agent):
-    limit = 128 * MIB
-    with memory_cgroup(limit) as cgroup:
-        holder_pid, allocator_pid = oom_kill_holder(cgroup)
-        [occ] = agent.wait_for(of_pid(OOM, holder_pid))
-        marker_exit(agent)
-        assert len(agent.matching(of_pid(OOM, holder_pid))) == 1
-        assert agent.matching(of_pid(EXIT, holder_pid)) == []  # its SIGKILL is the OOM kill, not a second report
-        assert (occ["severity"], occ["outcome"], occ["error"]["code"]) == ("critical", "failure", "OOM_KILLED")
-        data = occ["data"]
-        assert (data["pid"], data["comm"]) == (holder_pid, process_name(sys.executable))
-        assert data["trigger_pid"] == allocator_pid  # the allocation that hit the limit was the allocator's
+@attrs.frozen
+class OomKill:
+    """An OOM kill the test made: the holder killed in ``cgroup`` (``limit``) by the allocator's allocation."""
+
+    cgroup: ScratchCgroup
+    cgroup_id: int
+    limit: int
+    holder_pid: int
+    allocator_pid: int
+
+    def assert_reported_by(self, data: dict, with_memory: bool = True, trigger_may_be_unknown: bool = False) -> None:
+        """``data`` of its oom_kill names the victim, its trigger, its container and its memory; usage and RSS
+        only ``with_memory`` (else null: they were not readable as they were at the kill)."""
+        python_name = process_name(sys.executable)
+        assert (data["pid"], data["tid"], data["comm"]) == (self.holder_pid, self.holder_pid, python_name)
+        trigger = (data["trigger_pid"], data["trigger_comm"])
+        assert trigger == (self.allocator_pid, python_name) or (trigger_may_be_unknown and trigger == (None, None))
         assert (data["cgroup_id"], data["cgroup_path"], data["cgroup_version"]) == (
-            cgroup.cgroup_id, cgroup.cgroup_path, cgroup.version)
-        assert data["memory_limit_bytes"] == limit
-        assert limit - 4 * MIB <= data["memory_usage_bytes"] <= limit
-        assert data["oom_score_adj"] == 1000
-        assert data["anon_rss_bytes"] >= 64 * MIB
-        assert data["rss_bytes"] == data["anon_rss_bytes"] + data["file_rss_bytes"] + data["shmem_rss_bytes"]
+            self.cgroup_id, self.cgroup.cgroup_path, self.cgroup.version)
+        assert (data["memory_limit_bytes"], data["oom_score_adj"]) == (self.limit, 1000)
+        if with_memory:
+            assert self.limit - 4 * MIB <= data["memory_usage_bytes"] <= self.limit
+            assert data["anon_rss_bytes"] >= 64 * MIB
+            assert data["rss_bytes"] == data["anon_rss_bytes"] + data["file_rss_bytes"] + data["shmem_rss_bytes"]
+        else:
+            assert [data[key] for key in ("memory_usage_bytes", "rss_bytes", "anon_rss_bytes")] == [None] * 3
 
 
-def test_a_kernel_that_names_the_oom_victim_by_pid_still_gets_one_oom_kill_and_no_second_report(caplog):
-    """Kernels before about 6.8 hand mark_victim a pid, not the victim's task (their BTF prototype says
-    so): built as it would be there, the observer reports the victim by pid, with the trigger, and
-    nothing it cannot read; the victim's SIGKILL exit is still not a second occurrence."""
+@contextmanager
+def oom_kill(version: int | None) -> Iterator[OomKill]:
+    """oom_kill_holder in a fresh 128 MiB cgroup of ``version``, which is removed after the block."""
+    assert version is not None, "this node has no memory controller to OOM-kill with"
+    limit = 128 * MIB
+    with memory_cgroup(limit, version) as cgroup:
+        holder_pid, allocator_pid = oom_kill_holder(cgroup)
+        yield OomKill(cgroup, cgroup.cgroup_id, limit, holder_pid, allocator_pid)
+
+
+@each_memory_layout
+def test_oom_kill_reports_the_victim_not_the_trigger_with_its_cgroup_and_limit(agent, version):
+    with oom_kill(version) as kill:
+        [occ] = agent.wait_for(of_pid(OOM, kill.holder_pid))
+        marker_exit(agent)
+    assert len(agent.matching(of_pid(OOM, kill.holder_pid))) == 1
+    assert agent.matching(of_pid(EXIT, kill.holder_pid)) == []  # its SIGKILL is the OOM kill, not a second report
+    assert (occ["severity"], occ["outcome"], occ["error"]["code"]) == ("critical", "failure", "OOM_KILLED")
+    kill.assert_reported_by(occ["data"])
+
+
+def features_this_tracepoint_format_lacks() -> set[str]:
+    """The container's features off on every build here: sched_process_exit has group_dead only from 6.16."""
+    [group_dead] = tapio_observer_container.OBSERVER.tracepoint_fields
+    return set() if tracepoint_has_field(group_dead.tracepoint, group_dead.field) else {group_dead.feature}
+
+
+def built_as_if(no_task_from: set[str], **spec_changes: object) -> ContainerVariant:
+    """The container plugin built as it would be where raw tracepoints ``no_task_from`` hand over no task
+    (mark_victim before about 6.8 hands a pid): the same on every kernel, this one included."""
     spec = tapio_observer_container.OBSERVER
-    older = ContainerVariant(raw_tracepoint_args=tuple(attrs.evolve(arg, c_type="int")
-                                                       for arg in spec.raw_tracepoint_args))
-    with agent_in_process({}, older) as agent:
-        assert "OOM victims' name, cgroup, limit and memory (their pid alone is known)" in (
-            agent.pipeline.observers["container"].status_reason)
-        with memory_cgroup(128 * MIB) as cgroup:
-            holder_pid, allocator_pid = oom_kill_holder(cgroup)
-        [occ] = occurrences_until(agent, lambda o: o.type == OOM and o.data["pid"] == holder_pid)
-        marker, _ = run_to_end(["sh", "-c", f"exit {MARKER_CODE}"])
-        occurrences_until(agent, lambda o: o.type == EXIT and o.data["pid"] == marker)
-        received = agent.plugins.pm.get_plugin("collect").received
-    assert [o for o in received if o.data.get("pid") == holder_pid] == [occ]  # no SIGKILL exit beside it
-    assert (occ.data["trigger_pid"], occ.data["memory_limit_bytes"], occ.data["cgroup_id"]) == (
-        allocator_pid, None, None)
+    args = tuple(attrs.evolve(arg, c_type="no task") if arg.tracepoint in no_task_from else arg
+                 for arg in spec.raw_tracepoint_args)
+    return ContainerVariant(raw_tracepoint_args=args, **spec_changes)
+
+
+def one_oom_kill_in_process(agent: Agent, kill: OomKill) -> dict:
+    """The data of the one oom_kill ``agent`` reported for ``kill``'s holder, once a later exit proved
+    everything before it arrived; the holder's SIGKILL exit is no second occurrence."""
+    [occ] = occurrences_until(agent, lambda o: o.type == OOM and o.data["pid"] == kill.holder_pid)
+    marker, _ = run_to_end(["sh", "-c", f"exit {MARKER_CODE}"])
+    occurrences_until(agent, lambda o: o.type == EXIT and o.data["pid"] == marker)
+    received = agent.plugins.pm.get_plugin("collect").received
+    assert [o for o in received if o.data.get("pid") == kill.holder_pid] == [occ]
+    return occ.data
+
+
+@each_memory_layout
+def test_a_kernel_that_names_the_oom_victim_by_pid_still_reports_it_in_full_once(version):
+    """Kernels before about 6.8 hand mark_victim a pid (their BTF prototype says so; 5.10 here). Built as
+    there, the observer takes the victim's task from the SIGKILL the OOM killer sent it just before, from
+    the same task: the report is as complete as on newer kernels, and no feature is lost."""
+    with agent_in_process({}, built_as_if({"mark_victim"})) as agent:
+        assert set(agent.pipeline.observers["container"].disabled) == features_this_tracepoint_format_lacks()
+        with oom_kill(version) as kill:
+            data = one_oom_kill_in_process(agent, kill)
+    kill.assert_reported_by(data)
+
+
+def exit_sees_the_victims_memory() -> bool:
+    """Whether sched_process_exit runs before exit_mm() frees the exiting task's memory: from Linux 6.16, whose
+    "exit: move and extend sched_process_exit() tracepoint" also gave it group_dead; before, the memory is
+    gone (and uncharged from its cgroup)."""
+    return tracepoint_has_field("sched:sched_process_exit", "group_dead")
+
+
+@each_memory_layout
+def test_a_victim_marked_without_a_readable_task_is_reported_from_its_own_exit_once(version):
+    """Where the mark gives no task (the kernel also marks a process that is already dying, without sending
+    it a signal): the kernel marked the victim (signal_struct.oom_mm) before it could die, so its exit
+    reports it, once, from its own context -- name, cgroup, limit, score -- with the trigger its mark left.
+    Usage and RSS only where the exit still sees its memory; elsewhere null, never the after-free value.
+    Before 6.16 the victim cannot get past exit_mm() before its mark (the OOM killer holds its task lock until
+    then), so the mark's trigger is always there; from 6.16 the exit may come first, and the SIGKILL that
+    names the trigger then is what this build cannot read: unknown, never wrong."""
+    blind = built_as_if({"mark_victim", "signal_generate"}, required_features=())
+    with agent_in_process({}, blind) as agent:
+        assert set(agent.pipeline.observers["container"].disabled) == features_this_tracepoint_format_lacks() | {
+            "the OOM victim's task from mark_victim", "the OOM victim's task from the OOM killer's SIGKILL"}
+        with oom_kill(version) as kill:
+            data = one_oom_kill_in_process(agent, kill)
+    exit_first_possible = exit_sees_the_victims_memory()
+    kill.assert_reported_by(data, with_memory=exit_first_possible, trigger_may_be_unknown=exit_first_possible)
 
 
 def test_cgroup_mode_v2_names_the_unified_cgroup_and_keeps_the_memory_limit(tmp_path):
@@ -556,6 +643,7 @@ def agent_in_process(settings: dict, plugin=None) -> Iterator[Agent]:
 def raw_records_until(agent: Agent, pid: int, timeout: float = 5.0) -> np.ndarray:
     """Every record in the ring up to and including the first from ``pid``."""
     reader = agent.readers["container"]
+    timeout = scaled(timeout)
     batches, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         data = reader.read_batch()
@@ -571,6 +659,7 @@ def raw_records_until(agent: Agent, pid: int, timeout: float = 5.0) -> np.ndarra
 def occurrences_until(agent: Agent, predicate, timeout: float = 5.0) -> list:
     """Drain the ring through the pipeline until the collecting sink got an occurrence matching ``predicate``."""
     sink = agent.plugins.pm.get_plugin("collect")
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         agent.drain("container")
@@ -632,7 +721,7 @@ def test_exits_of_tasks_flagged_as_kernel_threads_are_left_out():
         pid, status = run_to_end(["sh", "-c", "exit 3"])
         assert os.WEXITSTATUS(status) == 3
         marker, _ = run_to_end(["sh", "-c", "kill -9 $$"])  # also filtered: nothing reaches the ring
-        time.sleep(0.5)
+        time.sleep(scaled(0.5))
         agent.drain("container")
         received = agent.plugins.pm.get_plugin("collect").received
         assert [o for o in received if o.data.get("pid") in (pid, marker)] == []
@@ -643,8 +732,10 @@ def test_exits_of_tasks_flagged_as_kernel_threads_are_left_out():
 
 
 def test_without_group_dead_threads_dying_together_still_make_one_record():
-    """Kernels whose sched_process_exit lacks group_dead: the last thread is found through signal->live."""
-    assert "-DTAPIO_EXIT_HAS_GROUP_DEAD=1" in tracepoint_cflags(tapio_observer_container.OBSERVER)[0]  # it has
+    """Kernels whose sched_process_exit lacks group_dead (before 6.16): the last thread is found through
+    signal->live. Built so whatever this kernel has; the real build takes group_dead exactly where it is."""
+    cflags, _ = tracepoint_cflags(tapio_observer_container.OBSERVER)
+    assert ("-DTAPIO_EXIT_HAS_GROUP_DEAD=1" in cflags) == (not features_this_tracepoint_format_lacks())
     with agent_in_process({}, ContainerVariant(tracepoint_fields=())) as agent:
         pids = {}
         for _ in range(5):  # exit_group from a worker: nine threads die at once, racing for the last

@@ -18,6 +18,8 @@ log = logging.getLogger("tapio.container")
 
 _CGROUP = "cgroup id and path"
 _MEMORY = "memory limit and usage of OOM victims"
+_VICTIM_FROM_MARK = "the OOM victim's task from mark_victim"
+_VICTIM_FROM_SIGKILL = "the OOM victim's task from the OOM killer's SIGKILL"
 OBSERVER = ObserverSpec(
     name="container",
     bpf_source=Path(__file__).with_name("container.bpf.c"),
@@ -34,6 +36,8 @@ OBSERVER = ObserverSpec(
                  feature="telling a process's last thread without the tracepoint's group_dead"),
         BtfField("TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET", "signal_struct", "oom_score_adj",
                  feature="oom_score_adj of OOM victims"),
+        BtfField("TAPIO_SIGNAL_OOM_MM_OFFSET", "signal_struct", "oom_mm",
+                 feature="OOM victims' exits kept out of abnormal exits"),
         BtfField("TAPIO_TASK_GROUP_LEADER_OFFSET", "task_struct", "group_leader",
                  feature="process name (the leader's comm)"),
         BtfField("TAPIO_TASK_START_TIME_OFFSET", "task_struct", "start_time",
@@ -59,10 +63,13 @@ OBSERVER = ObserverSpec(
     tracepoint_fields=(TracepointField("TAPIO_EXIT_HAS_GROUP_DEAD", "sched:sched_process_exit", "group_dead",
                                        feature="the process's last thread from the tracepoint "
                                                "(found through signal_struct.live instead)"),),
-    # Kernels before about 6.8 hand mark_victim the victim's pid, not its task.
+    # Kernels before about 6.8 hand mark_victim the victim's pid, not its task: there the victim's task is the
+    # target of the SIGKILL the OOM killer sends it just before. Either way the victim is read at its mark.
     raw_tracepoint_args=(RawTracepointArg("TAPIO_MARK_VICTIM_TASK", "mark_victim", 0, "struct task_struct *",
-                                          feature="OOM victims' name, cgroup, limit and memory "
-                                                  "(their pid alone is known)"),),
+                                          feature=_VICTIM_FROM_MARK),
+                         RawTracepointArg("TAPIO_SIGNAL_GENERATE_TASK", "signal_generate", 2, "struct task_struct *",
+                                          feature=_VICTIM_FROM_SIGKILL)),
+    required_features=((_VICTIM_FROM_MARK, _VICTIM_FROM_SIGKILL),),
     description="OOM kills with their memory cgroup and limit; abnormal process exits",
     config_type=ContainerSettings,
 )

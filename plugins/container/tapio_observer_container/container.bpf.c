@@ -7,9 +7,12 @@
  * cross the ring buffer.
  *
  * oom/mark_victim runs in the context of whoever triggered the OOM, not the
- * victim: the raw tracepoint hands us the victim's task_struct, and its memory
- * cgroup, limit, usage and RSS are read from it at BTF offsets. Its exit
- * (SIGKILL) is then not reported a second time.
+ * victim: the raw tracepoint hands us the victim's task_struct (kernels before
+ * about 6.8 hand a pid: there the task comes from the SIGKILL the OOM killer
+ * sent it just before, see signal_generate below), and its memory cgroup,
+ * limit, usage and RSS are read from it at BTF offsets. The kernel marks a
+ * victim (signal_struct.oom_mm) before it can die, so its exit is never a
+ * second report; it is the first where the mark gave no task or comes later.
  *
  * Nothing is reported until tapio_observer_started has written the kernel
  * facts and the user's filters into container_layout / exit_filter.
@@ -26,11 +29,13 @@
 #define FLAG_RSS            (1 << 3)
 #define FLAG_OOM_SCORE_ADJ  (1 << 4)
 #define FLAG_PATH_TRUNCATED (1 << 5)
+#define FLAG_TRIGGER        (1 << 6)
 
 #define CGROUP_V1 1
 #define CGROUP_V2 2
 
 #define SIGKILL 9
+#define SEND_SIG_PRIV 1               /* include/linux/sched/signal.h: the siginfo of a kernel-sent signal */
 #define SIGNAL_GROUP_EXIT 0x00000004  /* include/linux/sched/signal.h, unchanged since 2.6 */
 #ifndef TAPIO_PF_KTHREAD              /* a -D flag may name another task flag (the tests do) */
 #define TAPIO_PF_KTHREAD  0x00200000  /* include/linux/sched.h: task_struct.flags of a kernel thread */
@@ -50,7 +55,7 @@ struct container_record {
     u64 shmem_rss_bytes;
     u32 kind;
     u32 exit_status;             /* as wait() reports it: code << 8 | 0x80 if core dumped | signal */
-    u32 trigger_pid;             /* OOM: the task whose allocation invoked the OOM killer */
+    u32 trigger_pid;             /* OOM: the task whose allocation invoked the OOM killer (FLAG_TRIGGER) */
     s16 oom_score_adj;
     u8 flags;
     u8 cgroup_mode;              /* which hierarchy task.cgroup_id numbers */
@@ -96,7 +101,7 @@ struct path_scratch {
 BPF_ARRAY(container_layout, struct kernel_layout, 1);
 BPF_ARRAY(exit_filter, struct exit_filter, 1);
 BPF_HASH(ignored_process_names, struct comm_key, u8, 1024);
-/* Victims whose exit must not be reported again as a SIGKILL exit. */
+/* Victims reported (at their mark, or at their exit when it came first): one oom_kill each. */
 BPF_TABLE("lru_hash", u32, struct oom_victim, oom_victims, 4096);
 /* Records and paths are too big for the 512-byte BPF stack. */
 BPF_PERCPU_ARRAY(record_scratch, struct container_record, 1);
@@ -279,9 +284,10 @@ static __always_inline void read_cgroup(const void *task, const struct kernel_la
 #endif
 }
 
-/* Limit and usage of the task's memory cgroup (the nearest with the controller on v2). */
+/* Limit and usage of the task's memory cgroup (the nearest with the controller on v2); the usage only
+ * with_usage: once a victim's memory is freed it no longer tells what the cgroup held at the kill. */
 static __always_inline void read_memory(const void *task, const struct kernel_layout *layout,
-                                        struct container_record *rec)
+                                        struct container_record *rec, int with_usage)
 {
 #if defined(TAPIO_TASK_CGROUPS_OFFSET) && defined(TAPIO_MEMCG_CSS_OFFSET) && defined(TAPIO_MEMCG_MAX_OFFSET) && \
     defined(TAPIO_MEMCG_USAGE_OFFSET)
@@ -292,8 +298,10 @@ static __always_inline void read_memory(const void *task, const struct kernel_la
     u64 max_pages = 0, usage_pages = 0;
     if (TAPIO_READ_AT(max_pages, memcg, TAPIO_MEMCG_MAX_OFFSET) || TAPIO_READ_AT(usage_pages, memcg, TAPIO_MEMCG_USAGE_OFFSET))
         return;
-    rec->memory_usage_bytes = usage_pages * layout->page_size;
-    rec->flags |= FLAG_MEMORY;
+    if (with_usage) {
+        rec->memory_usage_bytes = usage_pages * layout->page_size;
+        rec->flags |= FLAG_MEMORY;
+    }
     if (max_pages < layout->unlimited_pages) {
         rec->memory_limit_bytes = max_pages * layout->page_size;
         rec->flags |= FLAG_LIMITED;
@@ -368,6 +376,193 @@ static __always_inline int last_thread_first_claim(const void *task, u32 tgid)
 }
 #endif
 
+/* -- OOM kills ---------------------------------------------------------------------------------- */
+
+/* The mm the OOM killer marked this process with (signal_struct.oom_mm: set by mark_oom_victim, kept as long as
+ * the process's signal_struct): NULL for every process that is not an OOM victim. */
+static __always_inline const void *oom_marked_mm(const void *task)
+{
+#if defined(TAPIO_TASK_SIGNAL_OFFSET) && defined(TAPIO_SIGNAL_OOM_MM_OFFSET)
+    return read_ptr(read_ptr(task, TAPIO_TASK_SIGNAL_OFFSET), TAPIO_SIGNAL_OOM_MM_OFFSET);
+#else
+    return NULL;  /* cannot tell an OOM victim's exit: it is reported as an abnormal exit too */
+#endif
+}
+
+/* Whether the task still has its memory: before Linux 6.16 sched_process_exit runs after exit_mm() has
+ * dropped it (and uncharged it from the memory cgroup). */
+static __always_inline int task_has_mm(const void *task)
+{
+#ifdef TAPIO_TASK_MM_OFFSET
+    return read_ptr(task, TAPIO_TASK_MM_OFFSET) != NULL;
+#else
+    return 0;
+#endif
+}
+
+/* What an OOM kill says about its victim, read from the victim's task. with_memory: its memory is still
+ * charged, so the cgroup's usage and the victim's RSS are what they were at the kill. */
+static __always_inline void read_victim(const void *victim, const struct kernel_layout *layout,
+                                        struct container_record *rec, int with_memory)
+{
+    read_process_name(victim, rec);
+#if defined(TAPIO_TASK_SIGNAL_OFFSET) && defined(TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET)
+    const void *signal = read_ptr(victim, TAPIO_TASK_SIGNAL_OFFSET);
+    if (signal && TAPIO_READ_AT(rec->oom_score_adj, signal, TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET) == 0)
+        rec->flags |= FLAG_OOM_SCORE_ADJ;
+#endif
+    read_cgroup(victim, layout, rec);
+    read_memory(victim, layout, rec, with_memory);
+    if (with_memory)
+        read_rss(victim, layout, rec);
+}
+
+/* Who last had the kernel kill (a SIGKILL sent as SEND_SIG_PRIV) or OOM-mark each thread, by the thread's id.
+ * The OOM killer sends its victim SIGKILL just before it marks it, from the task whose allocation invoked it:
+ * whichever of the mark and the victim's exit comes first finds the trigger here. */
+struct killer {
+    u64 victim;                  /* the killed thread's struct task_struct *; 0 when only its id is known */
+    u64 sender;                  /* pid_tgid of the killer */
+    u64 timestamp_ns;
+    char comm[16];
+};
+BPF_TABLE("lru_hash", u32, struct killer, killers, 1024);
+
+static __always_inline void note_killer(u32 tid, const void *victim)
+{
+    struct killer killer = {};
+    killer.victim = (u64)victim;
+    killer.sender = bpf_get_current_pid_tgid();
+    killer.timestamp_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(killer.comm, sizeof(killer.comm));
+    killers.update(&tid, &killer);
+}
+
+#ifdef TAPIO_SIGNAL_GENERATE_TASK
+RAW_TRACEPOINT_PROBE(signal_generate)
+{
+    /* TP_PROTO(int sig, struct kernel_siginfo *info, struct task_struct *task, int group, int result) */
+    if ((int)ctx->args[0] != SIGKILL || ctx->args[1] != SEND_SIG_PRIV)
+        return 0;
+#ifdef TAPIO_TASK_PID_OFFSET
+    const void *target = (const void *)ctx->args[2];
+    u32 tid = 0;
+    if (TAPIO_READ_AT(tid, target, TAPIO_TASK_PID_OFFSET) == 0)
+        note_killer(tid, target);
+#endif
+    return 0;
+}
+#endif
+
+/* The trigger of a victim whose exit reports it: the killer noted for its exiting thread or its leader since
+ * the process started (an older entry is about an earlier owner of the id). */
+static __always_inline void take_killer(struct container_record *rec, u32 tgid, u32 tid, u64 start_time)
+{
+    u32 key = tid;
+    struct killer *killer = killers.lookup(&key);
+    if (!killer || killer->timestamp_ns < start_time) {
+        key = tgid;
+        killer = killers.lookup(&key);
+    }
+    if (!killer || killer->timestamp_ns < start_time)
+        return;
+    rec->trigger_pid = killer->sender >> 32;
+    __builtin_memcpy(rec->trigger_comm, killer->comm, sizeof(rec->trigger_comm));
+    rec->flags |= FLAG_TRIGGER;
+    killers.delete(&key);
+}
+
+/* A fresh oom_kill record for victim tgid/tid, the victim claimed in oom_victims; 0 when it was claimed
+ * already (another thread of the process was marked, or its exit came first) -- one OOM kill per process.
+ * start_time tells a reused pid apart. */
+static __always_inline struct container_record *oom_record(u32 tgid, u32 tid, u64 start_time)
+{
+    struct oom_victim entry = {};
+    entry.timestamp_ns = bpf_ktime_get_ns();
+    entry.start_time = start_time;
+    struct oom_victim *known = oom_victims.lookup(&tgid);
+    if (known && known->start_time == start_time)
+        return 0;
+    oom_victims.update(&tgid, &entry);
+    struct container_record *rec = fresh_record(KIND_OOM_KILL);
+    if (!rec)
+        return 0;
+    rec->timestamp_ns = entry.timestamp_ns;
+    rec->task.pid = tgid;
+    rec->task.tid = tid;
+    return rec;
+}
+
+/* The victim's oom_kill at its mark, in the trigger's (the current task's) context, read from its task. */
+static __always_inline void report_marked_victim(const void *victim, const struct kernel_layout *layout)
+{
+#if defined(TAPIO_TASK_TGID_OFFSET) && defined(TAPIO_TASK_PID_OFFSET)
+    u32 tgid = 0, tid = 0;
+    TAPIO_READ_AT(tgid, victim, TAPIO_TASK_TGID_OFFSET);
+    TAPIO_READ_AT(tid, victim, TAPIO_TASK_PID_OFFSET);
+    killers.delete(&tid);
+    struct container_record *rec = oom_record(tgid, tid, process_start_time(victim));
+    if (!rec)
+        return;
+    rec->trigger_pid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(rec->trigger_comm, sizeof(rec->trigger_comm));
+    rec->flags |= FLAG_TRIGGER;
+    read_victim(victim, layout, rec, 1);
+    tapio_submit(rec, sizeof(*rec));
+#endif  /* else no victim is reported at its mark: each is reported from its exit */
+}
+
+#ifdef TAPIO_MARK_VICTIM_TASK
+RAW_TRACEPOINT_PROBE(mark_victim)
+{
+    /* TP_PROTO(struct task_struct *task, uid_t uid) */
+    const void *victim = (const void *)ctx->args[0];
+    const struct kernel_layout *layout = configured_layout();
+    if (layout && victim)
+        report_marked_victim(victim, layout);
+    return 0;
+}
+#else
+/* Kernels before about 6.8 hand mark_victim the victim's pid, not its task (TP_PROTO(int pid)). The SIGKILL the
+ * OOM killer sent it just before, from this same task, names its task; a victim marked without one (the kernel
+ * also marks a process that is already dying) is reported from its exit, with the trigger noted here. */
+TRACEPOINT_PROBE(oom, mark_victim)
+{
+    const struct kernel_layout *layout = configured_layout();
+    if (!layout)
+        return 0;
+    u32 pid = args->pid;
+    const void *victim = NULL;
+    struct killer *killer = killers.lookup(&pid);
+    if (killer && killer->sender == bpf_get_current_pid_tgid())
+        victim = (const void *)killer->victim;
+    if (victim && oom_marked_mm(victim))
+        report_marked_victim(victim, layout);
+    else
+        note_killer(pid, NULL);
+    return 0;
+}
+#endif
+
+/* The exit of a process the OOM killer marked. Silent when its mark reported it; else (its mark is still to
+ * come -- the tracepoint runs before exit_mm() from 6.16 on --, came before the agent ran, or gave no task)
+ * its oom_kill comes from here, in its own context: the memory facts only while its memory is still charged. */
+static __always_inline void oom_victim_exit(const void *task, u32 tgid, u32 tid, const struct kernel_layout *layout)
+{
+    u64 start_time = process_start_time(task);
+    struct oom_victim *claimed = oom_victims.lookup(&tgid);
+    if (claimed && claimed->start_time == start_time) {
+        oom_victims.delete(&tgid);
+        return;
+    }
+    struct container_record *rec = oom_record(tgid, tid, start_time);  /* a mark still to come stays silent */
+    if (!rec)
+        return;
+    take_killer(rec, tgid, tid, start_time);
+    read_victim(task, layout, rec, task_has_mm(task));
+    tapio_submit(rec, sizeof(*rec));
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
 #ifdef TAPIO_EXIT_HAS_GROUP_DEAD
@@ -389,22 +584,16 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (!last_thread_first_claim(task, tgid))
         return 0;
 #endif
-    u32 signal = status & 0x7f;
-    if (signal == SIGKILL) {
-        struct oom_victim *victim = oom_victims.lookup(&tgid);
-        if (victim) {
-            /* start_time 0: a kernel that named the victim by pid alone (see mark_victim below) */
-            int same_process = !victim->start_time || victim->start_time == process_start_time(task);
-            oom_victims.delete(&tgid);
-            if (same_process)
-                return 0;  /* already reported as its oom_kill */
-        }
-    }
     const struct kernel_layout *layout = configured_layout();
     int zero = 0;
     struct exit_filter *filter = exit_filter.lookup(&zero);
     if (!layout || !filter)
         return 0;
+    if (oom_marked_mm(task)) {
+        oom_victim_exit(task, tgid, (u32)pid_tgid, layout);
+        return 0;  /* an OOM victim's exit is its oom_kill, never an abnormal exit besides */
+    }
+    u32 signal = status & 0x7f;
     if (signal ? bit_is_set(filter->ignored_signals, signal, 2)
                : bit_is_set(filter->ignored_exit_codes, (status >> 8) & 0xff, 4))
         return 0;
@@ -421,70 +610,3 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     tapio_submit(rec, sizeof(*rec));
     return 0;
 }
-
-/* A fresh oom_kill record for victim tgid/tid, its trigger (the task whose allocation ran the OOM killer:
- * the current one) filled in; 0 when another thread of the process was marked already -- one OOM kill
- * per process. start_time tells a reused pid apart; 0 when the kernel named the victim by pid alone. */
-static __always_inline struct container_record *oom_record(u32 tgid, u32 tid, u64 start_time)
-{
-    struct oom_victim entry = {};
-    entry.timestamp_ns = bpf_ktime_get_ns();
-    entry.start_time = start_time;
-    struct oom_victim *known = oom_victims.lookup(&tgid);
-    if (known && (!start_time || known->start_time == start_time))
-        return 0;
-    oom_victims.update(&tgid, &entry);
-    struct container_record *rec = fresh_record(KIND_OOM_KILL);
-    if (!rec)
-        return 0;
-    rec->timestamp_ns = entry.timestamp_ns;
-    rec->task.pid = tgid;
-    rec->task.tid = tid;
-    rec->trigger_pid = bpf_get_current_pid_tgid() >> 32;
-    bpf_get_current_comm(rec->trigger_comm, sizeof(rec->trigger_comm));
-    return rec;
-}
-
-#ifdef TAPIO_MARK_VICTIM_TASK
-RAW_TRACEPOINT_PROBE(mark_victim)
-{
-    /* TP_PROTO(struct task_struct *task, uid_t uid) */
-    const void *victim = (const void *)ctx->args[0];
-    const struct kernel_layout *layout = configured_layout();
-    if (!layout || !victim)
-        return 0;
-#if defined(TAPIO_TASK_TGID_OFFSET) && defined(TAPIO_TASK_PID_OFFSET)
-    u32 tgid = 0, tid = 0;
-    TAPIO_READ_AT(tgid, victim, TAPIO_TASK_TGID_OFFSET);
-    TAPIO_READ_AT(tid, victim, TAPIO_TASK_PID_OFFSET);
-    struct container_record *rec = oom_record(tgid, tid, process_start_time(victim));
-    if (!rec)
-        return 0;
-    read_process_name(victim, rec);
-#if defined(TAPIO_TASK_SIGNAL_OFFSET) && defined(TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET)
-    const void *signal = read_ptr(victim, TAPIO_TASK_SIGNAL_OFFSET);
-    if (signal && TAPIO_READ_AT(rec->oom_score_adj, signal, TAPIO_SIGNAL_OOM_SCORE_ADJ_OFFSET) == 0)
-        rec->flags |= FLAG_OOM_SCORE_ADJ;
-#endif
-    read_cgroup(victim, layout, rec);
-    read_memory(victim, layout, rec);
-    read_rss(victim, layout, rec);
-    tapio_submit(rec, sizeof(*rec));
-#endif
-    return 0;
-}
-#else
-/* Kernels before about 6.8 hand mark_victim the victim's pid, not its task (TP_PROTO(int pid)): the
- * victim is known by that pid alone -- its name, cgroup, limit and memory cannot be read from here,
- * so the record carries none of their flags -- and its SIGKILL exit is still not reported again. */
-TRACEPOINT_PROBE(oom, mark_victim)
-{
-    const struct kernel_layout *layout = configured_layout();
-    if (!layout)
-        return 0;
-    struct container_record *rec = oom_record(args->pid, args->pid, 0);
-    if (rec)
-        tapio_submit(rec, sizeof(*rec));
-    return 0;
-}
-#endif

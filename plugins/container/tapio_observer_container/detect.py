@@ -21,6 +21,7 @@ from tapio_observer_container.records import (
     FLAG_OOM_SCORE_ADJ,
     FLAG_PATH_TRUNCATED,
     FLAG_RSS,
+    FLAG_TRIGGER,
     KIND_ABNORMAL_EXIT,
     KIND_OOM_KILL,
 )
@@ -91,8 +92,8 @@ def oom_kill(row: np.void) -> Anomaly:
         rss_bytes=sum(rss.values()) if has_rss else None,
         **rss,
         oom_score_adj=int(row["oom_score_adj"]) if flags & FLAG_OOM_SCORE_ADJ else None,
-        trigger_pid=int(row["trigger_pid"]),
-        trigger_comm=text(row["trigger_comm"]),
+        trigger_pid=int(row["trigger_pid"]) if flags & FLAG_TRIGGER else None,
+        trigger_comm=text(row["trigger_comm"]) if flags & FLAG_TRIGGER else None,
     )
     return Anomaly(type=OOM_KILL, timestamp_ns=int(row["timestamp_ns"]), severity="critical", outcome="failure",
                    data=facts, error_code="OOM_KILLED", error_message="killed by the kernel's OOM killer",

@@ -13,6 +13,7 @@ FLAG_LIMITED = 1 << 2         # the memory cgroup has a limit (memory.max is not
 FLAG_RSS = 1 << 3             # the *_rss_bytes counters
 FLAG_OOM_SCORE_ADJ = 1 << 4
 FLAG_PATH_TRUNCATED = 1 << 5  # cgroup_path lost components (too deep or too long)
+FLAG_TRIGGER = 1 << 6         # trigger_pid and trigger_comm (an OOM kill's mark was seen)
 
 CGROUP_PATH_LEN = 256
 
