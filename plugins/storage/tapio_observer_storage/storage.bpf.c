@@ -2,17 +2,22 @@
  *
  * Issue and completion are matched by the request pointer (raw tracepoints
  * give it), so every latency is exact: a completion whose issue we did not see
- * is counted, never reported. Who issued the request is remembered at issue,
- * because completion runs in interrupt context. Normal requests are judged
- * here and dropped here: only failures and requests slower than the device's
- * warning threshold reach the ring buffer. Normal requests also teach the
- * per-device, per-operation baseline what normal looks like.
+ * is counted, never reported. Who submitted the request is remembered before
+ * it reaches the driver, because completion runs in interrupt context, and a
+ * request an I/O scheduler or the software queues held may be dispatched by a
+ * kblockd worker: block_rq_insert fires in the submitter's context, so an
+ * inserted request carries who inserted it; one issued directly, who issued it.
+ * Normal requests are judged here and dropped here: only failures and requests
+ * slower than the device's warning threshold reach the ring buffer. Normal
+ * requests also teach the per-device, per-operation baseline what normal looks
+ * like.
  *
  * Every block request passes through here twice, so the hot path avoids hash
  * map updates and deletes (their bucket locks cost more than the rest put
  * together): in-flight requests live in a fixed table of slots claimed with
  * compare-and-swap, and the one hash lookup per completion finds the device's
- * threshold and baselines together.
+ * threshold and baselines together. Only inserted requests pay for a hash
+ * update (at insert) and delete (at issue).
  *
  * Kernels differ in two places, each declared in __init__.py so the agent and
  * `tapio doctor` agree: the disk is request_queue.disk (6.1 has it) or
@@ -29,6 +34,10 @@
 #error "STORAGE_MAX_INFLIGHT must be a power of two, at least 4"
 #endif
 #define INFLIGHT_PROBES 4
+/* Requests inserted into I/O schedulers and software queues, not yet issued: their submitters. */
+#ifndef STORAGE_MAX_QUEUED
+#define STORAGE_MAX_QUEUED 16384
+#endif
 #define STORAGE_MAX_DEVICES 4096
 /* Baselines for operation codes 0-3: read, write, flush, discard on every kernel since 4.10. */
 #define BASELINE_OPS 4
@@ -87,6 +96,8 @@ struct device_state {
 };
 
 BPF_ARRAY(inflight, struct inflight_slot, STORAGE_MAX_INFLIGHT);
+/* request -> who inserted it; an LRU, so an entry the kernel never issues cannot pile up. */
+BPF_TABLE("lru_hash", u64, struct tapio_task, submitters, STORAGE_MAX_QUEUED);
 BPF_TABLE("lru_hash", u64, struct device_state, devices, STORAGE_MAX_DEVICES);
 BPF_ARRAY(storage_settings, u64, 2);
 BPF_PERCPU_ARRAY(storage_counts, u64, 2);
@@ -110,9 +121,29 @@ static __always_inline u32 first_slot(u64 rq)
     return (u32)((rq * 0x9E3779B97F4A7C15ULL) >> (64 - __builtin_ctzll(STORAGE_MAX_INFLIGHT)));
 }
 
+/* Fires in the submitter's context. A requeued request is inserted again by a kblockd worker: its new
+ * issue keeps the first issue's submitter. */
+RAW_TRACEPOINT_PROBE(block_rq_insert)
+{
+    u64 rq = ctx->args[0];
+    struct tapio_task task = {};
+    tapio_current_task(&task);
+    submitters.update(&rq, &task);
+    return 0;
+}
+
+/* A request merged into another is freed without an issue: forget its submitter. */
+RAW_TRACEPOINT_PROBE(block_rq_merge)
+{
+    u64 rq = ctx->args[0];
+    submitters.delete(&rq);
+    return 0;
+}
+
 RAW_TRACEPOINT_PROBE(block_rq_issue)
 {
     u64 rq = ctx->args[0];
+    struct tapio_task *inserted_by = submitters.lookup(&rq);
     u32 first = first_slot(rq);
     int tracked = 0;
 #pragma unroll
@@ -122,14 +153,20 @@ RAW_TRACEPOINT_PROBE(block_rq_issue)
         if (!slot)
             break;
         int claimed = tapio_cas(&slot->rq, 0, rq);
-        /* Ours when free, or already ours: a requeued request is issued again, the newer issue counts. */
+        /* Ours when free, or already ours: a requeued request is issued again, the newer issue
+         * counts and its submitter stays. */
         if (claimed || slot->rq == rq) {
             slot->issue_ns = bpf_ktime_get_ns();
-            tapio_current_task(&slot->task);
+            if (claimed && inserted_by)
+                slot->task = *inserted_by;
+            else if (claimed)
+                tapio_current_task(&slot->task);
             tracked = 1;
             break;
         }
     }
+    if (inserted_by)
+        submitters.delete(&rq);
     if (!tracked)
         count(COUNT_OVERFLOW);
     return 0;
@@ -215,15 +252,18 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
         }
     }
     if (!slot) {
-        /* Issued before we attached, not tracked (table full), or never issued (flush sequences). */
+        /* Issued before we attached, not tracked (table full), or never issued (flush sequences, or
+         * inserted and then ended by a dying queue: forget its submitter). */
         count(COUNT_UNMATCHED);
+        submitters.delete(&rq);
         return 0;
     }
     u64 now = bpf_ktime_get_ns();
-    /* Of two issues, the newer counts. */
+    /* Of two issues, the newer's latency counts and the first's submitter. */
     struct inflight_slot *newest = stale && stale->issue_ns > slot->issue_ns ? stale : slot;
+    struct inflight_slot *oldest = newest == slot && stale ? stale : slot;
     u64 latency_ns = now - newest->issue_ns;
-    struct tapio_task task = newest->task;
+    struct tapio_task task = oldest->task;
 
     u32 bytes = 0, cmd_flags = 0;
     u64 queue = 0;
