@@ -22,10 +22,13 @@ from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import (
     CGROUP_V1,
     CGROUP_V2,
+    OOM_KILLER_SIGKILL,
     UNKNOWN,
     KernelLayout,
+    function_range,
     kernel_layout,
     memory_controller_version,
+    oom_killer_range,
     rss_counter_offsets,
 )
 from tapio_observer_container.records import (
@@ -232,18 +235,21 @@ def test_rss_counters_are_the_shared_count_of_each_per_cpu_counter():
 
 @pytest.mark.kernel
 def test_this_kernels_btf_gives_every_map_fed_fact():
-    layout, lost = kernel_layout(Btf.load(VMLINUX), CGROUP_V2)
+    layout, lost = kernel_layout(Btf.load(VMLINUX), CGROUP_V2, oom_killer=oom_killer_range())
     assert lost == []
     assert layout.memory_cgrp_id >= 0 and layout.kn_parent_offset >= 0
+    assert 0 < layout.oom_killer_start < layout.oom_killer_end
 
 
 def test_a_kernel_without_btf_loses_only_the_map_fed_features(caplog):
     caplog.set_level(logging.WARNING)
     layout, lost = kernel_layout(None, CGROUP_V1, page_size=4096)
-    assert lost == ["memory limit and usage and the v1 memory cgroup", "cgroup paths", "RSS of OOM victims"]
+    assert lost == ["memory limit and usage and the v1 memory cgroup", "cgroup paths", "RSS of OOM victims",
+                    OOM_KILLER_SIGKILL]  # nor where out_of_memory() is
     assert layout == KernelLayout(page_size=4096, unlimited_pages=((1 << 63) - 1) // 4096, memory_cgrp_id=UNKNOWN,
                                   kn_parent_offset=UNKNOWN, rss_file_offset=UNKNOWN, rss_anon_offset=UNKNOWN,
-                                  rss_shmem_offset=UNKNOWN, cgroup_mode=CGROUP_V1)
+                                  rss_shmem_offset=UNKNOWN, oom_killer_start=0, oom_killer_end=0,
+                                  cgroup_mode=CGROUP_V1)
     assert "cgroup paths disabled" in caplog.text
 
 
@@ -263,3 +269,12 @@ def test_kinds_and_flags_match_the_c_defines():
 
 
 
+
+
+def test_a_function_ends_where_the_next_kallsyms_symbol_starts():
+    kallsyms = ("ffffffff815b0610 t oom_kill_process\nffffffff815b1010 T out_of_memory\n"
+                "ffffffff815b1510 T __pfx_pagefault_out_of_memory\n")
+    assert function_range(kallsyms, "out_of_memory") == (0xFFFFFFFF815B1010, 0xFFFFFFFF815B1510)
+    assert function_range(kallsyms, "pagefault_out_of_memory") == (0, 0)  # only its padding is there
+    hidden = "0000000000000000 T out_of_memory\n0000000000000000 T pagefault_out_of_memory\n"  # kptr_restrict
+    assert function_range(hidden, "out_of_memory") == (0, 0)

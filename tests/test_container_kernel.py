@@ -527,15 +527,15 @@ def built_as_if(no_task_from: set[str], **spec_changes: object) -> ContainerVari
     return ContainerVariant(raw_tracepoint_args=args, **spec_changes)
 
 
-def one_oom_kill_in_process(agent: Agent, kill: OomKill) -> dict:
-    """The data of the one oom_kill ``agent`` reported for ``kill``'s holder, once a later exit proved
-    everything before it arrived; the holder's SIGKILL exit is no second occurrence."""
-    [occ] = occurrences_until(agent, lambda o: o.type == OOM and o.data["pid"] == kill.holder_pid)
+def the_one_occurrence_in_process(agent: Agent, pid: int):
+    """The one occurrence ``agent`` reported for process ``pid``, once a later exit proved everything before it
+    arrived: an OOM victim's SIGKILL exit is no second occurrence beside its oom_kill."""
+    [occ] = occurrences_until(agent, lambda o: o.data.get("pid") == pid)
     marker, _ = run_to_end(["sh", "-c", f"exit {MARKER_CODE}"])
     occurrences_until(agent, lambda o: o.type == EXIT and o.data["pid"] == marker)
     received = agent.plugins.pm.get_plugin("collect").received
-    assert [o for o in received if o.data.get("pid") == kill.holder_pid] == [occ]
-    return occ.data
+    assert [o for o in received if o.data.get("pid") == pid] == [occ]
+    return occ
 
 
 @each_memory_layout
@@ -546,8 +546,9 @@ def test_a_kernel_that_names_the_oom_victim_by_pid_still_reports_it_in_full_once
     with agent_in_process({}, built_as_if({"mark_victim"})) as agent:
         assert set(agent.pipeline.observers["container"].disabled) == features_this_tracepoint_format_lacks()
         with oom_kill(version) as kill:
-            data = one_oom_kill_in_process(agent, kill)
-    kill.assert_reported_by(data)
+            occ = the_one_occurrence_in_process(agent, kill.holder_pid)
+    assert occ.type == OOM
+    kill.assert_reported_by(occ.data)
 
 
 def exit_sees_the_victims_memory() -> bool:
@@ -560,20 +561,28 @@ def exit_sees_the_victims_memory() -> bool:
 @each_memory_layout
 def test_a_victim_marked_without_a_readable_task_is_reported_from_its_own_exit_once(version):
     """Where the mark gives no task (the kernel also marks a process that is already dying, without sending
-    it a signal): the kernel marked the victim (signal_struct.oom_mm) before it could die, so its exit
-    reports it, once, from its own context -- name, cgroup, limit, score -- with the trigger its mark left.
-    Usage and RSS only where the exit still sees its memory; elsewhere null, never the after-free value.
-    Before 6.16 the victim cannot get past exit_mm() before its mark (the OOM killer holds its task lock until
-    then), so the mark's trigger is always there; from 6.16 the exit may come first, and the SIGKILL that
-    names the trigger then is what this build cannot read: unknown, never wrong."""
+    it a signal; built here so that neither mark_victim nor the SIGKILL hands one over): the kernel marked the
+    victim (signal_struct.oom_mm), so its exit reports it, once, from its own context -- name, cgroup, limit,
+    score -- with the trigger its mark left. Usage and RSS only where the exit still sees its memory;
+    elsewhere null, never the after-free value.
+
+    Before 6.16 the victim cannot get past exit_mm(), and so to the exit tracepoint, before the OOM killer
+    has marked it (it holds the victim's task lock until then): exact. From 6.16 the tracepoint comes before
+    exit_mm() and can outrun the mark, which only the SIGKILL this build cannot read would tell: a rare exit
+    that comes before the kernel set oom_mm is then one abnormal SIGKILL exit, one after it an oom_kill whose
+    trigger is unknown -- never two occurrences, never a wrong fact."""
     blind = built_as_if({"mark_victim", "signal_generate"}, required_features=())
     with agent_in_process({}, blind) as agent:
         assert set(agent.pipeline.observers["container"].disabled) == features_this_tracepoint_format_lacks() | {
             "the OOM victim's task from mark_victim", "the OOM victim's task from the OOM killer's SIGKILL"}
         with oom_kill(version) as kill:
-            data = one_oom_kill_in_process(agent, kill)
-    exit_first_possible = exit_sees_the_victims_memory()
-    kill.assert_reported_by(data, with_memory=exit_first_possible, trigger_may_be_unknown=exit_first_possible)
+            occ = the_one_occurrence_in_process(agent, kill.holder_pid)
+    exit_can_come_first = exit_sees_the_victims_memory()
+    if exit_can_come_first and occ.type == EXIT:
+        assert (occ.data["signal"], occ.data["comm"]) == (signal.SIGKILL, process_name(sys.executable))
+        return
+    assert occ.type == OOM
+    kill.assert_reported_by(occ.data, with_memory=exit_can_come_first, trigger_may_be_unknown=exit_can_come_first)
 
 
 def test_cgroup_mode_v2_names_the_unified_cgroup_and_keeps_the_memory_limit(tmp_path):

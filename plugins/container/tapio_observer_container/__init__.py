@@ -10,7 +10,13 @@ import attrs
 from tapio_core import BtfField, ObserverSpec, RawTracepointArg, TracepointField, hookimpl
 from tapio_core.bpf import ObserverLoadError
 from tapio_observer_container.detect import container_anomalies
-from tapio_observer_container.layout import CGROUP_V1, KernelLayout, detect_cgroup_mode, kernel_layout
+from tapio_observer_container.layout import (
+    CGROUP_V1,
+    KernelLayout,
+    detect_cgroup_mode,
+    kernel_layout,
+    oom_killer_range,
+)
 from tapio_observer_container.records import CONTAINER_RECORD
 from tapio_observer_container.settings import ContainerSettings
 
@@ -116,7 +122,7 @@ def tapio_observer_started(observer):
     settings = observer.config or ContainerSettings()
     btf = observer.btf  # parsed once by the agent; None without BTF (kernel_layout names what that disables)
     mode = detect_cgroup_mode(settings.cgroup_mode)
-    layout, lost = kernel_layout(btf, mode)
+    layout, lost = kernel_layout(btf, mode, oom_killer=oom_killer_range())
     try:
         write_settings(observer.bpf, layout, settings)
     except (KeyError, TypeError, ValueError) as exc:  # a --ebpf-dir source without our maps

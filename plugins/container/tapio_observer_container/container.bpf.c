@@ -37,6 +37,7 @@
 #define SIGKILL 9
 #define SEND_SIG_PRIV 1               /* include/linux/sched/signal.h: the siginfo of a kernel-sent signal */
 #define SIGNAL_GROUP_EXIT 0x00000004  /* include/linux/sched/signal.h, unchanged since 2.6 */
+#define KILLER_STACK_DEPTH 24         /* signal_generate is ~8 frames below out_of_memory() */
 #ifndef TAPIO_PF_KTHREAD              /* a -D flag may name another task flag (the tests do) */
 #define TAPIO_PF_KTHREAD  0x00200000  /* include/linux/sched.h: task_struct.flags of a kernel thread */
 #endif
@@ -74,6 +75,8 @@ struct kernel_layout {
     s64 rss_file_offset;
     s64 rss_anon_offset;
     s64 rss_shmem_offset;
+    u64 oom_killer_start;        /* out_of_memory() in kernel text (kallsyms); 0 when unknown */
+    u64 oom_killer_end;
     u32 cgroup_mode;
     u32 configured;
 };
@@ -88,9 +91,11 @@ struct comm_key {
     char comm[16];
 };
 
-struct oom_victim {
-    u64 start_time;              /* the group leader's: tells a reused pid apart */
-    u64 timestamp_ns;
+/* One process, whatever pids get reused: its tgid and its leader's start time. */
+struct process_key {
+    u32 tgid;
+    u32 pad;
+    u64 start_time;
 };
 
 struct path_scratch {
@@ -101,8 +106,10 @@ struct path_scratch {
 BPF_ARRAY(container_layout, struct kernel_layout, 1);
 BPF_ARRAY(exit_filter, struct exit_filter, 1);
 BPF_HASH(ignored_process_names, struct comm_key, u8, 1024);
-/* Victims reported (at their mark, or at their exit when it came first): one oom_kill each. */
-BPF_TABLE("lru_hash", u32, struct oom_victim, oom_victims, 4096);
+/* OOM victims claimed for their one oom_kill, by their mark or by their exit, whichever came first: the
+ * claim is an insert (BPF_NOEXIST), which the kernel makes atomic, so a mark and an exit racing on two
+ * CPUs cannot both report. */
+BPF_TABLE("lru_hash", struct process_key, u8, oom_victims, 4096);
 /* Records and paths are too big for the 512-byte BPF stack. */
 BPF_PERCPU_ARRAY(record_scratch, struct container_record, 1);
 BPF_PERCPU_ARRAY(path_scratch, struct path_scratch, 1);
@@ -348,11 +355,6 @@ static __always_inline const struct kernel_layout *configured_layout(void)
 }
 
 #ifndef TAPIO_EXIT_HAS_GROUP_DEAD
-struct process_key {
-    u32 tgid;
-    u32 pad;
-    u64 start_time;
-};
 /* Processes whose exit was judged: several threads may all see signal->live == 0. */
 BPF_TABLE("lru_hash", struct process_key, u8, exits_judged, 4096);
 
@@ -419,23 +421,40 @@ static __always_inline void read_victim(const void *victim, const struct kernel_
 
 /* Who last had the kernel kill (a SIGKILL sent as SEND_SIG_PRIV) or OOM-mark each thread, by the thread's id.
  * The OOM killer sends its victim SIGKILL just before it marks it, from the task whose allocation invoked it:
- * whichever of the mark and the victim's exit comes first finds the trigger here. */
+ * whichever of the mark and the victim's exit comes first finds the victim's task or its trigger here. */
 struct killer {
     u64 victim;                  /* the killed thread's struct task_struct *; 0 when only its id is known */
     u64 sender;                  /* pid_tgid of the killer */
     u64 timestamp_ns;
     char comm[16];
+    u8 oom_killer;               /* the kill was the OOM killer's */
 };
 BPF_TABLE("lru_hash", u32, struct killer, killers, 1024);
 
-static __always_inline void note_killer(u32 tid, const void *victim)
+static __always_inline void note_killer(u32 tid, const void *victim, u8 oom_killer)
 {
     struct killer killer = {};
     killer.victim = (u64)victim;
     killer.sender = bpf_get_current_pid_tgid();
     killer.timestamp_ns = bpf_ktime_get_ns();
+    killer.oom_killer = oom_killer;
     bpf_get_current_comm(killer.comm, sizeof(killer.comm));
     killers.update(&tid, &killer);
+}
+
+/* Whether the signal being sent comes from the OOM killer: every OOM kill (global, memory cgroup, sysrq) runs
+ * in out_of_memory(), and nothing else there sends a signal. */
+static __always_inline int sent_by_oom_killer(void *ctx, const struct kernel_layout *layout)
+{
+    u64 ips[KILLER_STACK_DEPTH] = {};
+    if (!layout->oom_killer_start || bpf_get_stack(ctx, ips, sizeof(ips), 0) <= 0)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < KILLER_STACK_DEPTH; i++) {
+        if (ips[i] >= layout->oom_killer_start && ips[i] < layout->oom_killer_end)
+            return 1;
+    }
+    return 0;
 }
 
 #ifdef TAPIO_SIGNAL_GENERATE_TASK
@@ -444,27 +463,40 @@ RAW_TRACEPOINT_PROBE(signal_generate)
     /* TP_PROTO(int sig, struct kernel_siginfo *info, struct task_struct *task, int group, int result) */
     if ((int)ctx->args[0] != SIGKILL || ctx->args[1] != SEND_SIG_PRIV)
         return 0;
+    const struct kernel_layout *layout = configured_layout();
+    if (!layout)
+        return 0;
 #ifdef TAPIO_TASK_PID_OFFSET
     const void *target = (const void *)ctx->args[2];
     u32 tid = 0;
     if (TAPIO_READ_AT(tid, target, TAPIO_TASK_PID_OFFSET) == 0)
-        note_killer(tid, target);
+        note_killer(tid, target, sent_by_oom_killer(ctx, layout));
 #endif
     return 0;
 }
 #endif
 
-/* The trigger of a victim whose exit reports it: the killer noted for its exiting thread or its leader since
- * the process started (an older entry is about an earlier owner of the id). */
-static __always_inline void take_killer(struct container_record *rec, u32 tgid, u32 tid, u64 start_time)
+/* The OOM killer's kill or mark noted for the exiting thread, or else its leader, since the process started
+ * (an older entry is about an earlier owner of the id); *key says which. */
+static __always_inline struct killer *oom_killer_of(u32 tgid, u32 tid, u64 start_time, u32 *key)
 {
-    u32 key = tid;
-    struct killer *killer = killers.lookup(&key);
-    if (!killer || killer->timestamp_ns < start_time) {
-        key = tgid;
-        killer = killers.lookup(&key);
+    *key = tid;
+    struct killer *killer = killers.lookup(key);
+    if (!killer || !killer->oom_killer || killer->timestamp_ns < start_time) {
+        *key = tgid;
+        killer = killers.lookup(key);
     }
-    if (!killer || killer->timestamp_ns < start_time)
+    if (!killer || !killer->oom_killer || killer->timestamp_ns < start_time)
+        return NULL;
+    return killer;
+}
+
+/* The trigger of a victim whose exit reports it: the task that ran the OOM killer against it. */
+static __always_inline void take_trigger(struct container_record *rec, u32 tgid, u32 tid, u64 start_time)
+{
+    u32 key = 0;
+    struct killer *killer = oom_killer_of(tgid, tid, start_time, &key);
+    if (!killer)
         return;
     rec->trigger_pid = killer->sender >> 32;
     __builtin_memcpy(rec->trigger_comm, killer->comm, sizeof(rec->trigger_comm));
@@ -472,22 +504,23 @@ static __always_inline void take_killer(struct container_record *rec, u32 tgid, 
     killers.delete(&key);
 }
 
-/* A fresh oom_kill record for victim tgid/tid, the victim claimed in oom_victims; 0 when it was claimed
- * already (another thread of the process was marked, or its exit came first) -- one OOM kill per process.
- * start_time tells a reused pid apart. */
+/* Claims the victim for its one oom_kill: 0 when it was claimed already (another thread of the process was
+ * marked, or its mark and its exit both came, the other first). */
+static __always_inline int claim_victim(u32 tgid, u64 start_time)
+{
+    struct process_key key = {.tgid = tgid, .start_time = start_time};
+    u8 one = 1;
+    return oom_victims.insert(&key, &one) == 0;
+}
+
+/* A fresh oom_kill record for victim tgid/tid, if this claims it; else 0. */
 static __always_inline struct container_record *oom_record(u32 tgid, u32 tid, u64 start_time)
 {
-    struct oom_victim entry = {};
-    entry.timestamp_ns = bpf_ktime_get_ns();
-    entry.start_time = start_time;
-    struct oom_victim *known = oom_victims.lookup(&tgid);
-    if (known && known->start_time == start_time)
+    if (!claim_victim(tgid, start_time))
         return 0;
-    oom_victims.update(&tgid, &entry);
     struct container_record *rec = fresh_record(KIND_OOM_KILL);
     if (!rec)
         return 0;
-    rec->timestamp_ns = entry.timestamp_ns;
     rec->task.pid = tgid;
     rec->task.tid = tid;
     return rec;
@@ -500,10 +533,10 @@ static __always_inline void report_marked_victim(const void *victim, const struc
     u32 tgid = 0, tid = 0;
     TAPIO_READ_AT(tgid, victim, TAPIO_TASK_TGID_OFFSET);
     TAPIO_READ_AT(tid, victim, TAPIO_TASK_PID_OFFSET);
-    killers.delete(&tid);
     struct container_record *rec = oom_record(tgid, tid, process_start_time(victim));
     if (!rec)
-        return;
+        return;  /* claimed already: the killer noted for it may be what its exit reports */
+    killers.delete(&tid);
     rec->trigger_pid = bpf_get_current_pid_tgid() >> 32;
     bpf_get_current_comm(rec->trigger_comm, sizeof(rec->trigger_comm));
     rec->flags |= FLAG_TRIGGER;
@@ -539,26 +572,35 @@ TRACEPOINT_PROBE(oom, mark_victim)
     if (victim && oom_marked_mm(victim))
         report_marked_victim(victim, layout);
     else
-        note_killer(pid, NULL);
+        note_killer(pid, NULL, 1);
     return 0;
 }
 #endif
 
-/* The exit of a process the OOM killer marked. Silent when its mark reported it; else (its mark is still to
- * come -- the tracepoint runs before exit_mm() from 6.16 on --, came before the agent ran, or gave no task)
- * its oom_kill comes from here, in its own context: the memory facts only while its memory is still charged. */
+/* Whether this exit is an OOM kill's: the kernel marked the process (signal_struct.oom_mm), or -- before the
+ * mark, which from 6.16 the exit tracepoint can outrun: it runs before exit_mm(), which no longer waits for
+ * the OOM killer to let go of the victim -- the OOM killer sent it its SIGKILL. */
+static __always_inline int oom_killed(const void *task, u32 tgid, u32 tid, u32 status)
+{
+    if (oom_marked_mm(task))
+        return 1;
+    u32 key = 0;
+    return (status & 0x7f) == SIGKILL && oom_killer_of(tgid, tid, process_start_time(task), &key) != NULL;
+}
+
+/* The exit of an OOM-killed process. Silent when its mark reported it; else (its mark is still to come,
+ * came before the agent ran, or gave no task) its oom_kill comes from here, in its own context: the memory
+ * facts only while its memory is still charged. */
 static __always_inline void oom_victim_exit(const void *task, u32 tgid, u32 tid, const struct kernel_layout *layout)
 {
     u64 start_time = process_start_time(task);
-    struct oom_victim *claimed = oom_victims.lookup(&tgid);
-    if (claimed && claimed->start_time == start_time) {
-        oom_victims.delete(&tgid);
+    struct container_record *rec = oom_record(tgid, tid, start_time);  /* a mark still to come stays silent */
+    if (!rec) {
+        struct process_key key = {.tgid = tgid, .start_time = start_time};
+        oom_victims.delete(&key);  /* its mark reported it: nothing else will ask */
         return;
     }
-    struct container_record *rec = oom_record(tgid, tid, start_time);  /* a mark still to come stays silent */
-    if (!rec)
-        return;
-    take_killer(rec, tgid, tid, start_time);
+    take_trigger(rec, tgid, tid, start_time);
     read_victim(task, layout, rec, task_has_mm(task));
     tapio_submit(rec, sizeof(*rec));
 }
@@ -589,7 +631,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     struct exit_filter *filter = exit_filter.lookup(&zero);
     if (!layout || !filter)
         return 0;
-    if (oom_marked_mm(task)) {
+    if (oom_killed(task, tgid, (u32)pid_tgid, status)) {
         oom_victim_exit(task, tgid, (u32)pid_tgid, layout);
         return 0;  /* an OOM victim's exit is its oom_kill, never an abnormal exit besides */
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import attrs
@@ -26,6 +27,11 @@ CGROUP_V1, CGROUP_V2 = 1, 2
 UNKNOWN = -1
 #: include/linux/page_counter.h: a memory.max of "max" is LONG_MAX / PAGE_SIZE pages.
 LONG_MAX = (1 << 63) - 1
+#: The function every OOM kill runs in; its SIGKILLs are the OOM killer's.
+OOM_KILLER = "out_of_memory"
+#: Needs OOM_KILLER's place in kernel text (kallsyms): without it, an OOM victim's exit that comes before its mark
+#: (possible from 6.16) is reported as an abnormal exit too.
+OOM_KILLER_SIGKILL = "an OOM victim's exit told by the OOM killer's SIGKILL"
 
 
 @attrs.frozen
@@ -39,6 +45,8 @@ class KernelLayout:
     rss_file_offset: int
     rss_anon_offset: int
     rss_shmem_offset: int
+    oom_killer_start: int
+    oom_killer_end: int
     cgroup_mode: int
 
 
@@ -85,8 +93,27 @@ def rss_counter_offsets(btf: Btf) -> tuple[int, int, int] | None:
     return tuple(base + stride * index + count for index in members)
 
 
-def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = None) -> tuple[KernelLayout, list[str]]:
-    """What this kernel's BTF says, and the features lost to what it lacks."""
+def function_range(kallsyms: str, name: str) -> tuple[int, int]:
+    """[start, end) of kernel function ``name`` in /proc/kallsyms' text (sorted by address: a function ends where
+    the next symbol starts); (0, 0) when it is not there or its address is hidden (kptr_restrict)."""
+    found = re.search(rf"^([0-9a-f]+) [tT] {re.escape(name)}\n([0-9a-f]+) ", kallsyms, re.MULTILINE)
+    if not found:
+        return 0, 0
+    start, end = int(found[1], 16), int(found[2], 16)
+    return (start, end) if 0 < start < end else (0, 0)
+
+
+def oom_killer_range(kallsyms: Path = Path("/proc/kallsyms")) -> tuple[int, int]:
+    try:
+        return function_range(kallsyms.read_text(), OOM_KILLER)
+    except OSError:
+        return 0, 0
+
+
+def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = None,
+                  oom_killer: tuple[int, int] = (0, 0)) -> tuple[KernelLayout, list[str]]:
+    """What this kernel's BTF (and ``oom_killer``, where kallsyms puts OOM_KILLER) says, and the features lost to
+    what it lacks."""
     page_size = page_size or os.sysconf("SC_PAGE_SIZE")
     memory_cgrp_id = kn_parent = rss = None
     if btf is not None:
@@ -102,6 +129,8 @@ def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = Non
         lost.append("cgroup paths")
     if rss is None:
         lost.append("RSS of OOM victims")
+    if not oom_killer[0]:
+        lost.append(OOM_KILLER_SIGKILL)
     for feature in lost:
         log.warning("container: kernel BTF lacks what %s needs; %s disabled", feature, feature)
     rss = rss or (UNKNOWN, UNKNOWN, UNKNOWN)
@@ -113,6 +142,8 @@ def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = Non
         rss_file_offset=rss[0],
         rss_anon_offset=rss[1],
         rss_shmem_offset=rss[2],
+        oom_killer_start=oom_killer[0],
+        oom_killer_end=oom_killer[1],
         cgroup_mode=cgroup_mode,
     )
     return layout, lost
