@@ -91,22 +91,24 @@ def sh(*command: str) -> str:
 
 
 class Programs:
-    """One compiled BPF program whose raw tracepoints can be attached and detached between rounds."""
+    """One compiled BPF program whose raw tracepoints (block_rq_issue first) can be attached and detached
+    between rounds."""
 
-    def __init__(self, bpf: Any) -> None:
+    def __init__(self, bpf: Any, tracepoints: tuple[bytes, ...] = TRACEPOINTS) -> None:
         self.bpf = bpf
+        self.tracepoints = tracepoints
         self.detach()  # bcc attaches RAW_TRACEPOINT_PROBEs on load
 
     def attach(self) -> None:
-        for tp in TRACEPOINTS:
+        for tp in self.tracepoints:
             self.bpf.attach_raw_tracepoint(tp=tp, fn_name=b"raw_tracepoint__" + tp)
 
     def detach(self) -> None:
-        for tp in TRACEPOINTS:
+        for tp in self.tracepoints:
             self.bpf.detach_raw_tracepoint(tp=tp)
 
     def fds(self) -> list[int]:
-        return [self.bpf.funcs[b"raw_tracepoint__" + tp].fd for tp in TRACEPOINTS]
+        return [self.bpf.funcs[b"raw_tracepoint__" + tp].fd for tp in self.tracepoints]
 
 
 def load_storage_observer() -> tuple[Programs, Any]:
@@ -127,7 +129,8 @@ def load_storage_observer() -> tuple[Programs, Any]:
               cflags=[f"-I{shared_include_dir()}", *fit.cflags])
     observer = RunningObserver(spec=spec, config=StorageSettings(), bpf=bpf)
     tapio_observer_storage.tapio_observer_started(observer=observer)
-    return Programs(bpf), observer
+    # Every raw tracepoint it declares (block_rq_insert and block_rq_merge too), block_rq_issue first.
+    return Programs(bpf, tuple(tp.split(":", 1)[1].encode() for tp in spec.tracepoints)), observer
 
 
 def run() -> dict[str, float]:
