@@ -439,17 +439,28 @@ print("allocated", len(chunks) * 4, flush=True)
 """
 
 
+#: oom_kill_holder's sizes in MiB, in a 128 MiB cgroup: held + allocated + two interpreters is over the limit;
+#: allocated + one interpreter is far under it, even with the interpreter's files in a cold page cache (~15 MiB)
+#: charged to the cgroup: once the holder is gone the allocator must not be chosen next, not even where the
+#: holder's memory is slow to go (an emulated guest).
+HELD_MIB, ALLOCATED_MIB = 80, 40
+
+
+def kernel_log_tail(lines: int = 40) -> str:
+    """The kernel's last log lines (its OOM reports), for a failure message."""
+    done = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=scaled(10))
+    return "\n".join(done.stdout.splitlines()[-lines:])
+
+
 def oom_kill_holder(cgroup: ScratchCgroup) -> tuple[int, int]:
-    """In ``cgroup`` (128 MiB), a holder of 64 MiB is OOM-killed when an allocator asks for 60 MiB more;
-    returns (holder pid, allocator pid) once both ended as expected."""
-    holder = subprocess.Popen(in_cgroups([cgroup], python(HOLDER, "64")), env=child_env(),
+    """In ``cgroup`` (128 MiB), a holder of HELD_MIB is OOM-killed when an allocator asks for ALLOCATED_MIB
+    more; returns (holder pid, allocator pid) once both ended as expected."""
+    holder = subprocess.Popen(in_cgroups([cgroup], python(HOLDER, str(HELD_MIB))), env=child_env(),
                               stdout=subprocess.PIPE, text=True)
     allocator = None
     try:
         assert holder.stdout.readline().strip() == "ready"
-        # 64 MiB held + 60 MiB more + two interpreters is over 128 MiB. 60 MiB + one interpreter is not,
-        # with room to spare: a cold page cache charges the interpreter's files (~15 MiB) to the cgroup too.
-        allocator = subprocess.Popen(in_cgroups([cgroup], python(ALLOCATOR, "60")), env=child_env(),
+        allocator = subprocess.Popen(in_cgroups([cgroup], python(ALLOCATOR, str(ALLOCATED_MIB))), env=child_env(),
                                      stdout=subprocess.PIPE, text=True)
         allocator_status = reap(allocator)
         holder_status = reap(holder)
@@ -458,8 +469,10 @@ def oom_kill_holder(cgroup: ScratchCgroup) -> tuple[int, int]:
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 reap(proc)
-    assert os.WIFSIGNALED(holder_status) and os.WTERMSIG(holder_status) == signal.SIGKILL
-    assert os.WIFEXITED(allocator_status) and os.WEXITSTATUS(allocator_status) == 0
+    ended = (os.WIFSIGNALED(holder_status) and os.WTERMSIG(holder_status) == signal.SIGKILL,
+             os.WIFEXITED(allocator_status) and os.WEXITSTATUS(allocator_status) == 0)
+    assert ended == (True, True), (f"holder {holder.pid} wait status {holder_status}, allocator {allocator.pid} "
+                                   f"{allocator_status}; the kernel said:\n{kernel_log_tail()}")
     return holder.pid, allocator.pid
 
 
@@ -485,7 +498,7 @@ class OomKill:
         assert (data["memory_limit_bytes"], data["oom_score_adj"]) == (self.limit, 1000)
         if with_memory:
             assert self.limit - 4 * MIB <= data["memory_usage_bytes"] <= self.limit
-            assert data["anon_rss_bytes"] >= 64 * MIB
+            assert data["anon_rss_bytes"] >= HELD_MIB * MIB
             assert data["rss_bytes"] == data["anon_rss_bytes"] + data["file_rss_bytes"] + data["shmem_rss_bytes"]
         else:
             assert [data[key] for key in ("memory_usage_bytes", "rss_bytes", "anon_rss_bytes")] == [None] * 3
