@@ -248,8 +248,7 @@ static __always_inline struct socket_owner *owner_claim(u64 sk, u64 **tag)
     }
     way &= OWNER_WAYS - 1;
     u64 previous = bucket->sk[way];
-    if (previous == OWNER_WRITING ||
-        __sync_val_compare_and_swap(&bucket->sk[way], previous, OWNER_WRITING) != previous) {
+    if (previous == OWNER_WRITING || !tapio_cas(&bucket->sk[way], previous, OWNER_WRITING)) {
         count(COUNT_UNTRACKED);
         return 0;
     }
@@ -273,7 +272,7 @@ static __always_inline void owner_forget(u64 sk)
 #pragma unroll
     for (int way = 0; way < OWNER_WAYS; way++) {
         if (bucket->sk[way] == sk)
-            __sync_val_compare_and_swap(&bucket->sk[way], sk, 0);
+            tapio_cas(&bucket->sk[way], sk, 0);
     }
 }
 
@@ -418,10 +417,7 @@ static __always_inline int limit_allows(struct network_settings *cfg, struct flo
         return 0;
     }
     limit->credit_ns = credit - cfg->connection_cost_ns;
-    u64 taken = limit->suppressed;
-    if (taken)
-        __sync_fetch_and_sub(&limit->suppressed, taken);
-    *suppressed = taken;
+    *suppressed = limit->suppressed ? tapio_take(&limit->suppressed) : 0;
     return 1;
 }
 
@@ -443,7 +439,7 @@ static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_
     u64 slot = now / slot_ns;
     u64 newest = w->newest_slot;
     /* Only the CPU that moves the window on clears the slots it leaves behind. */
-    if (slot > newest && __sync_val_compare_and_swap(&w->newest_slot, newest, slot) == newest) {
+    if (slot > newest && tapio_cas(&w->newest_slot, newest, slot)) {
 #pragma unroll
         for (int i = 1; i <= WINDOW_SLOTS; i++) {
             if (newest + i <= slot) {
@@ -467,11 +463,11 @@ static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_
             hold_back(&w->suppressed);
             return 0;
         }
-        __sync_val_compare_and_swap(&w->active, 1, 0);  /* calmed down: the episode is over */
+        tapio_cas(&w->active, 1, 0);  /* calmed down: the episode is over */
     }
     if (count < threshold)
         return 0;
-    if (__sync_val_compare_and_swap(&w->active, 0, 1) != 0) {  /* another CPU crossed first */
+    if (!tapio_cas(&w->active, 0, 1)) {  /* another CPU crossed first */
         hold_back(&w->suppressed);
         return 0;
     }
@@ -481,12 +477,9 @@ static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_
         return 0;
     }
     w->last_record_ns = now;
-    u64 taken = w->suppressed;
-    if (taken)
-        __sync_fetch_and_sub(&w->suppressed, taken);
     out->count = count;
     out->failed = failures;
-    out->suppressed = taken;
+    out->suppressed = w->suppressed ? tapio_take(&w->suppressed) : 0;
     return 1;
 }
 
