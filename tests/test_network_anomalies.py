@@ -65,7 +65,7 @@ def test_a_record_packed_as_the_kernel_packs_it_parses_back_field_for_field():
         KIND_RETRANSMIT_SPIKE, ts=11, syn_sent=12, cookie=13, pid=14, tid=15, cgroup=16, comm=b"comm", sport=17,
         dport=18, old=1, new=0, syn_rtx=3, in_task=0, count=19, failed=20, suppressed=21, window_ms=22,
         total_retrans=23, snd_cwnd=24, srtt_us=25, baseline_srtt_us=26, samples=27, owner_known=1, scope=2,
-        netns=28, rst_received=1, sk_error=-1, src="10.0.0.1", dst="10.0.0.2",
+        netns=28, rst_received=1, sk_error=-1, failed_known=1, src="10.0.0.1", dst="10.0.0.2",
     )
     [row] = np.frombuffer(raw, NETWORK_RECORD)
     assert row["task"].tolist() == (14, 15, 16, b"comm")
@@ -76,7 +76,7 @@ def test_a_record_packed_as_the_kernel_packs_it_parses_back_field_for_field():
         "protocol": 6, "src_port": 17, "dst_port": 18, "old_state": 1, "new_state": 0, "syn_retransmits": 3,
         "in_task_context": 0, "count": 19, "failed": 20, "suppressed": 21, "window_ms": 22, "total_retrans": 23,
         "snd_cwnd": 24, "srtt_us": 25, "baseline_srtt_us": 26, "samples": 27, "owner_known": 1, "scope": 2,
-        "rst_received": 1, "reserved": 0, "netns": 28, "sk_error": -1,
+        "rst_received": 1, "failed_known": 1, "netns": 28, "sk_error": -1,
     }
     assert {name: int(row[name]) for name in expected} == expected
 
@@ -139,7 +139,7 @@ def test_retransmit_spike_record():
     raw = pack_network_record(
         KIND_RETRANSMIT_SPIKE, ts=9_000, cookie=77, pid=10, tid=11, cgroup=12, comm=b"java", src="10.0.0.1",
         dst="10.0.0.9", sport=40000, dport=443, old=1, new=0, count=12, failed=2, window_ms=1000,
-        total_retrans=30, snd_cwnd=7, owner_known=1,
+        total_retrans=30, snd_cwnd=7, owner_known=1, failed_known=1,
     )
     [anomaly] = detect(raw)
     assert (anomaly.type, anomaly.severity, anomaly.outcome) == ("kernel.network.retransmit_spike", "warning",
@@ -153,6 +153,14 @@ def test_retransmit_spike_record():
         "retransmits": 12, "failed_retransmits": 2, "window_ms": 1000, "segments_retransmitted": 30,
         "snd_cwnd": 7, "state": "ESTABLISHED",
     }
+
+
+def test_a_retransmit_spike_from_a_kernel_that_cannot_tell_failed_attempts_has_no_failed_count():
+    """Before tcp_retransmit_skb had ``err`` the kernel did not say: no count beats a made-up zero."""
+    raw = pack_network_record(KIND_RETRANSMIT_SPIKE, old=1, new=0, count=12, failed=0, failed_known=0)
+    [anomaly] = detect(raw)
+    assert anomaly.data["retransmits"] == 12
+    assert "failed_retransmits" not in anomaly.data
 
 
 def test_rtt_degradation_record_ipv6():

@@ -181,10 +181,12 @@ def retransmit_spikes(rows: np.ndarray) -> list[Anomaly]:
         data = _socket_facts(row)
         data.update(
             destination=destination(data["dst_ip"], data["dst_port"], int(row["family"])),
-            retransmits=int(row["count"]), failed_retransmits=int(row["failed"]),
-            window_ms=int(row["window_ms"]), segments_retransmitted=int(row["total_retrans"]),
-            snd_cwnd=int(row["snd_cwnd"]), state=_state(int(row["old_state"])),
+            retransmits=int(row["count"]), window_ms=int(row["window_ms"]),
+            segments_retransmitted=int(row["total_retrans"]), snd_cwnd=int(row["snd_cwnd"]),
+            state=_state(int(row["old_state"])),
         )
+        if row["failed_known"]:  # kernels whose tcp_retransmit_skb has no err cannot tell
+            data["failed_retransmits"] = int(row["failed"])
         anomalies.append(Anomaly(
             type=RETRANSMIT_SPIKE, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
             data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,

@@ -78,7 +78,7 @@ struct network_record {
     u8 owner_known;        /* task is the socket's owner (else zero: never the current task) */
     u8 scope;              /* rst_storm: SCOPE_DESTINATION or SCOPE_NODE */
     u8 rst_received;       /* failed connect: the peer answered the SYN with RST */
-    u8 reserved;
+    u8 failed_known;       /* retransmit_spike: this kernel tells failed attempts apart (failed counts) */
     u32 netns;             /* the socket's network namespace (inode number), 0 if unknown or node-wide */
     int sk_error;          /* failed connect: the socket's error (errno) as it closed, 0 none, -1 unknown */
 };
@@ -745,6 +745,9 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     rec.failed = res.failed;
     rec.suppressed = res.suppressed;
     rec.window_ms = cfg->retransmit_window_ms;
+#ifdef TAPIO_RETRANSMIT_HAS_ERR
+    rec.failed_known = 1;
+#endif
     __builtin_memcpy(rec.dst_addr, key.addr, 16);
     copy_addr(rec.src_addr, args->family, args->saddr, args->saddr_v6);
 #ifdef TAPIO_TCP_TOTAL_RETRANS_OFFSET

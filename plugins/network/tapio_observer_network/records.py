@@ -44,7 +44,7 @@ NETWORK_RECORD = record_dtype([
     ("owner_known", "u1"),
     ("scope", "u1"),
     ("rst_received", "u1"),
-    ("reserved", "u1"),
+    ("failed_known", "u1"),  # retransmit_spike: the kernel told failed attempts apart
     ("netns", "<u4"),
     ("sk_error", "<i4"),
 ])
