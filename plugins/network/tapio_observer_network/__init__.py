@@ -4,28 +4,51 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tapio_core import BpfCounter, BtfField, ObserverSpec, TracepointField, hookimpl
+from tapio_core import (
+    BpfCounter,
+    BtfField,
+    ObserverSpec,
+    OptionalTracepoint,
+    RawTracepointArg,
+    TracepointField,
+    hookimpl,
+)
 from tapio_observer_network.detect import network_anomalies
 from tapio_observer_network.records import NETWORK_RECORD
 from tapio_observer_network.settings import NetworkSettings, write_kernel_settings
+
+#: Features named by several declarations below (any one missing turns the feature off).
+RTT = "RTT degradation"
+OWNERS_FROM_READS = "owners of accepted and older sockets learned from their reads"
+OWNERS_FROM_SENDS = "owners of accepted and older sockets learned from their sends"
+FAMILY = "address families of resets, retransmits and RTT samples"
 
 OBSERVER = ObserverSpec(
     name="network",
     bpf_source=Path(__file__).with_name("network.bpf.c"),
     record_dtype=NETWORK_RECORD,
-    tracepoints=(
-        "sock:inet_sock_set_state", "sock:sock_send_length", "sock:sock_recv_length",
-        "tcp:tcp_receive_reset", "tcp:tcp_retransmit_skb", "tcp:tcp_probe",
+    tracepoints=("sock:inet_sock_set_state", "tcp:tcp_receive_reset", "tcp:tcp_retransmit_skb", "raw:tcp_probe"),
+    optional_tracepoints=(
+        # tcp_recvmsg calls it whenever it copies data, on every kernel.
+        OptionalTracepoint("TAPIO_OWNER_FROM_READS", "raw:tcp_rcv_space_adjust", feature=OWNERS_FROM_READS),
+        # Linux 6.3 and later: older kernels have no tracepoint on the send path in the sender's context.
+        OptionalTracepoint("TAPIO_OWNER_FROM_SENDS", "sock:sock_send_length", feature=OWNERS_FROM_SENDS),
+    ),
+    raw_tracepoint_args=(
+        RawTracepointArg("TAPIO_PROBE_SOCK", "tcp_probe", 0, "struct sock *", feature=RTT),
+        RawTracepointArg("TAPIO_RCV_SPACE_SOCK", "tcp_rcv_space_adjust", 0, "struct sock *",
+                         feature=OWNERS_FROM_READS),
     ),
     btf_fields=(
+        BtfField("TAPIO_SKC_FAMILY_OFFSET", "sock", "__sk_common.skc_family", feature=FAMILY),
         BtfField("TAPIO_SKC_COOKIE_OFFSET", "sock", "__sk_common.skc_cookie",
-                 feature="socket cookie of timed-out connects and retransmit spikes"),
+                 feature="socket cookie of timed-out connects, retransmit spikes and RTT degradations"),
         BtfField("TAPIO_SKC_STATE_OFFSET", "sock", "__sk_common.skc_state",
                  feature="telling resets of connects older than the agent from connection resets"),
         BtfField("TAPIO_TCP_TOTAL_RETRANS_OFFSET", "tcp_sock", "total_retrans",
                  feature="segments retransmitted in retransmit spikes"),
         BtfField("TAPIO_TCP_SND_CWND_OFFSET", "tcp_sock", "snd_cwnd",
-                 feature="congestion window in retransmit spikes"),
+                 feature="congestion window in retransmit spikes and RTT degradations"),
         BtfField("TAPIO_SKC_NET_OFFSET", "sock", "__sk_common.skc_net.net",
                  feature="destinations told apart by network namespace, and data.netns"),
         BtfField("TAPIO_NET_NS_INUM_OFFSET", "net", "ns.inum",
@@ -42,9 +65,22 @@ OBSERVER = ObserverSpec(
                  feature="refused connects' durations to the nanosecond (else the millisecond)"),
         BtfField("TAPIO_SKB_MSTAMP_OFFSET", "sk_buff", "skb_mstamp_ns",
                  feature="refused connects' durations to the nanosecond (else the millisecond)"),
+        # Only a reader holding the socket's lock is its owner (softirq readers are not).
+        BtfField("TAPIO_SK_LOCK_OWNED_OFFSET", "sock", "sk_lock.owned", feature=OWNERS_FROM_READS),
+        # What the tcp_probe event would have copied from the socket.
+        BtfField("TAPIO_TCP_SRTT_OFFSET", "tcp_sock", "srtt_us", feature=RTT),
+        BtfField("TAPIO_TCP_SND_UNA_OFFSET", "tcp_sock", "snd_una", feature=RTT),
+        BtfField("TAPIO_TCP_SND_NXT_OFFSET", "tcp_sock", "snd_nxt", feature=RTT),
+        BtfField("TAPIO_SKC_DADDR_OFFSET", "sock", "__sk_common.skc_daddr", feature=RTT),
+        BtfField("TAPIO_SKC_RCV_SADDR_OFFSET", "sock", "__sk_common.skc_rcv_saddr", feature=RTT),
+        BtfField("TAPIO_SKC_V6_DADDR_OFFSET", "sock", "__sk_common.skc_v6_daddr", feature=RTT),
+        BtfField("TAPIO_SKC_V6_RCV_SADDR_OFFSET", "sock", "__sk_common.skc_v6_rcv_saddr", feature=RTT),
+        BtfField("TAPIO_SKC_DPORT_OFFSET", "sock", "__sk_common.skc_dport", feature=RTT),
+        BtfField("TAPIO_SKC_NUM_OFFSET", "sock", "__sk_common.skc_num", feature=RTT),
     ),
     tracepoint_fields=(TracepointField("TAPIO_RETRANSMIT_HAS_ERR", "tcp:tcp_retransmit_skb", "err",
                                        feature="failed retransmit attempts told apart in retransmit spikes"),),
+    required_features=(FAMILY,),
     description="TCP connects refused, unreachable or timed out, resets, retransmit spikes, RTT degradation,"
                 " RST storms",
     bpf_counters=(BpfCounter("suppressed", "network_counts", 0), BpfCounter("untracked", "network_counts", 1),

@@ -14,13 +14,17 @@
  * Attribution: retransmits, resets and RTT samples are often reported from
  * softirq or timer context, where the current task is not the socket's owner.
  * `owners` remembers the owner of each socket from its own process context
- * (connect, send, recv) until the socket closes; records take it from there.
+ * (its connect; else a send or a read) until the socket closes; records take it from there.
  * Every connect pays for that, so it is a set-associative table indexed by a
  * hash of the socket's address rather than a hash map: finding a socket's
  * bucket is a few instructions with no helper call, its tags share one cache
  * line, and there is nothing to allocate or free. A bucket holds OWNER_WAYS
  * sockets; a new socket finding its bucket full takes a live one's place
  * (counted as untracked), as an LRU map would evict.
+ *
+ * Atomics: counts are added with __sync_fetch_and_add whose result is unused, which every kernel's
+ * verifier accepts; compare-and-swap and taking a count go through tapio_cas / tapio_take (the
+ * prelude), which emulate them exactly where the verifier has no BPF atomics (before Linux 5.12).
  */
 #include <tapio.h>  /* the agent puts events, tapio_lost and tapio_submit() before this */
 
@@ -373,6 +377,16 @@ static __always_inline u8 socket_state(const void *sk)
     return state;
 }
 
+/* The socket's address family (sock.skc_family): 5.10's tcp tracepoints do not carry it (6.1's do). */
+static __always_inline u16 socket_family(const void *sk)
+{
+    u16 family = 0;
+#ifdef TAPIO_SKC_FAMILY_OFFSET
+    TAPIO_READ_AT(family, sk, TAPIO_SKC_FAMILY_OFFSET);
+#endif
+    return family;
+}
+
 static __always_inline void copy_addr(u8 *dst, u16 family, const u8 *v4, const u8 *v6)
 {
     if (family == FAMILY_INET)
@@ -581,15 +595,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     return 0;
 }
 
-/* Owners of sockets this observer did not see connect (accepted ones, older ones): the first
- * send or receive runs in the owner's process context. */
-static __always_inline void remember_owner(void *sk_ptr, u16 protocol)
+/* Owners of sockets this observer did not see connect (accepted ones, older ones): a send or a read
+ * runs in the owner's process context. Only a socket without a known owner pays more than a lookup. */
+static __always_inline void remember_owner(void *sk_ptr)
 {
-    if (protocol != PROTO_TCP)
-        return;
     u64 sk = (u64)sk_ptr;
-    if (owner_of(sk))
-        return;
     if (socket_state(sk_ptr) == TCP_CLOSE)
         return;  /* a read after the reset or close: nothing left to attribute */
     u64 *tag;
@@ -609,17 +619,33 @@ static __always_inline void remember_owner(void *sk_ptr, u16 protocol)
         owner_forget(sk);
 }
 
-TRACEPOINT_PROBE(sock, sock_send_length)
+#ifdef TAPIO_OWNER_FROM_SENDS
+TRACEPOINT_PROBE(sock, sock_send_length)  /* Linux 6.3 and later */
 {
-    remember_owner(args->sk, args->protocol);
+    if (args->protocol == PROTO_TCP && !owner_of((u64)args->sk))
+        remember_owner(args->sk);
     return 0;
 }
+#endif
 
-TRACEPOINT_PROBE(sock, sock_recv_length)
+#if defined(TAPIO_OWNER_FROM_READS) && defined(TAPIO_RCV_SPACE_SOCK) && defined(TAPIO_SK_LOCK_OWNED_OFFSET)
+/* Every TCP read that copies data calls tcp_rcv_space_adjust(sk) (on every kernel; sock_recv_length,
+ * which would say so once per recvmsg, exists only from 6.3). A reader holds the socket's lock
+ * (lock_sock: sk_lock.owned set) and is its owner; the kernel's own readers that run it from softirq
+ * (kTLS and sockmap parsers, iSCSI) hold only the spinlock, and their current task is whoever the CPU
+ * interrupted: those are skipped. */
+RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust)
 {
-    remember_owner(args->sk, args->protocol);
+    void *sk = (void *)ctx->args[0];
+    if (owner_of((u64)sk))
+        return 0;
+    int owned = 0;
+    TAPIO_READ_AT(owned, sk, TAPIO_SK_LOCK_OWNED_OFFSET);
+    if (owned)
+        remember_owner(sk);
     return 0;
 }
+#endif
 
 static __always_inline void rst_storm(struct network_settings *cfg, struct flow_key *key, u32 threshold,
                                       u8 scope, u64 now)
@@ -665,10 +691,11 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
         }
     }
     struct network_settings *cfg = settings();
+    u16 family = socket_family(args->skaddr);
     struct flow_key key = {};
-    copy_addr(key.addr, args->family, args->daddr, args->daddr_v6);
+    copy_addr(key.addr, family, args->daddr, args->daddr_v6);
     key.port = args->dport;
-    key.family = args->family;
+    key.family = family;
     key.netns = socket_netns(args->skaddr);
     if (cfg) {
         key.kind = KIND_RST_STORM;
@@ -687,14 +714,14 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     rec.timestamp_ns = now;
     rec.sock_cookie = args->sock_cookie;
     rec.netns = key.netns;
-    rec.family = args->family;
+    rec.family = family;
     rec.protocol = PROTO_TCP;
     rec.src_port = args->sport;
     rec.dst_port = args->dport;
     rec.old_state = state;
     rec.new_state = TCP_CLOSE;
     __builtin_memcpy(rec.dst_addr, key.addr, 16);
-    copy_addr(rec.src_addr, args->family, args->saddr, args->saddr_v6);
+    copy_addr(rec.src_addr, family, args->saddr, args->saddr_v6);
     set_owner(&rec, sk);
     tapio_submit(&rec, sizeof(rec));
     return 0;
@@ -721,10 +748,11 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     if (!cfg)
         return 0;
     u64 now = bpf_ktime_get_ns();
+    u16 family = socket_family(args->skaddr);
     struct flow_key key = {};
-    copy_addr(key.addr, args->family, args->daddr, args->daddr_v6);
+    copy_addr(key.addr, family, args->daddr, args->daddr_v6);
     key.port = args->dport;
-    key.family = args->family;
+    key.family = family;
     key.kind = KIND_RETRANSMIT_SPIKE;
     key.netns = socket_netns(args->skaddr);
     struct window_result res = {};
@@ -736,7 +764,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     rec.kind = KIND_RETRANSMIT_SPIKE;
     rec.sock_cookie = socket_cookie(args->skaddr);
     rec.netns = key.netns;
-    rec.family = args->family;
+    rec.family = family;
     rec.protocol = PROTO_TCP;
     rec.src_port = args->sport;
     rec.dst_port = args->dport;
@@ -749,7 +777,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     rec.failed_known = 1;
 #endif
     __builtin_memcpy(rec.dst_addr, key.addr, 16);
-    copy_addr(rec.src_addr, args->family, args->saddr, args->saddr_v6);
+    copy_addr(rec.src_addr, family, args->saddr, args->saddr_v6);
 #ifdef TAPIO_TCP_TOTAL_RETRANS_OFFSET
     TAPIO_READ_AT(rec.total_retrans, args->skaddr, TAPIO_TCP_TOTAL_RETRANS_OFFSET);
 #endif
@@ -777,32 +805,58 @@ static __always_inline void rtt_learn(struct rtt_state *st, u32 srtt_us, u64 now
     st->last_learn_ns = now;
 }
 
-TRACEPOINT_PROBE(tcp, tcp_probe)
+/* RTT samples come from the raw tcp_probe tracepoint, whose first argument is the socket: the tracefs
+ * event carries the socket's address only on newer kernels (6.12, not 6.1), and the owner and network
+ * namespace are found by it. Everything else is read from the socket at BTF offsets, as the event
+ * would copy it. */
+#if defined(TAPIO_PROBE_SOCK) && defined(TAPIO_TCP_SRTT_OFFSET) && defined(TAPIO_TCP_SND_UNA_OFFSET) && \
+    defined(TAPIO_TCP_SND_NXT_OFFSET) && defined(TAPIO_SKC_DADDR_OFFSET) && defined(TAPIO_SKC_RCV_SADDR_OFFSET) && \
+    defined(TAPIO_SKC_V6_DADDR_OFFSET) && defined(TAPIO_SKC_V6_RCV_SADDR_OFFSET) && \
+    defined(TAPIO_SKC_DPORT_OFFSET) && defined(TAPIO_SKC_NUM_OFFSET)
+/* The socket's own address (local) or its peer's, as the tracepoints copy them: 4 bytes for IPv4. */
+static __always_inline void socket_addr(u8 *dst, const void *sk, u16 family, int peer)
 {
-    /* This fires for every segment an established socket receives: keep the common case cheap.
-     * Only a socket with data in flight measures RTT (one without reports an unchanged srtt),
-     * and one sample per socket per jiffy is plenty. */
-    u32 srtt = args->srtt;  /* tp->srtt_us >> 3: microseconds */
-    if (srtt == 0 || args->snd_una == args->snd_nxt)
+    if (family == FAMILY_INET)
+        bpf_probe_read_kernel(dst, 4, (const char *)sk + (peer ? TAPIO_SKC_DADDR_OFFSET : TAPIO_SKC_RCV_SADDR_OFFSET));
+    else
+        bpf_probe_read_kernel(dst, 16, (const char *)sk + (peer ? TAPIO_SKC_V6_DADDR_OFFSET
+                                                                : TAPIO_SKC_V6_RCV_SADDR_OFFSET));
+}
+
+RAW_TRACEPOINT_PROBE(tcp_probe)
+{
+    /* This fires for every segment an established socket receives: keep the common case cheap (each
+     * read from the socket is a helper call). Only a socket with data in flight measures RTT (one
+     * without has an unchanged srtt), and one sample per socket per jiffy is plenty. */
+    const void *skp = (const void *)ctx->args[0];
+    u32 snd_una = 0, snd_nxt = 0, srtt = 0;
+    TAPIO_READ_AT(snd_una, skp, TAPIO_TCP_SND_UNA_OFFSET);
+    TAPIO_READ_AT(snd_nxt, skp, TAPIO_TCP_SND_NXT_OFFSET);
+    if (snd_una == snd_nxt)
         return 0;
     int zero = 0;
     struct probe_gate *gate = probe_gates.lookup(&zero);
     if (!gate)
         return 0;
-    u64 sk = (u64)args->skaddr, jiffies = bpf_jiffies64();
+    u64 sk = (u64)skp, jiffies = bpf_jiffies64();
     if (gate->sk == sk && gate->jiffies == jiffies)
         return 0;
     gate->sk = sk;
     gate->jiffies = jiffies;
+    TAPIO_READ_AT(srtt, skp, TAPIO_TCP_SRTT_OFFSET);
+    srtt >>= 3;  /* tp->srtt_us is kept times 8: microseconds, as the tracepoint reports it */
+    if (srtt == 0)
+        return 0;
     struct network_settings *cfg = settings();
     if (!cfg)
         return 0;
     /* RTT is a property of the path: one baseline per destination host, whatever the port. */
+    u16 family = socket_family(skp);
     struct flow_key key = {};
-    key.family = args->family;
+    key.family = family;
     key.kind = KIND_RTT_DEGRADATION;
-    key.netns = socket_netns(args->skaddr);
-    copy_addr(key.addr, args->family, &args->daddr[4], &args->daddr[8]);
+    key.netns = socket_netns(skp);
+    socket_addr(key.addr, skp, family, 1);
     u64 now = bpf_ktime_get_ns();
     struct rtt_state *st = rtts.lookup(&key);
     if (!st) {
@@ -818,7 +872,7 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
                    (u64)srtt * 16 >= (u64)cfg->rtt_factor_x16 * baseline_us;
     if (!degraded) {
         if (st->degraded)
-            __sync_val_compare_and_swap(&st->degraded, 1, 0);  /* recovered */
+            tapio_cas(&st->degraded, 1, 0);  /* recovered */
         if (now - st->last_learn_ns >= cfg->rtt_learn_interval_ns)
             rtt_learn(st, srtt, now);
         return 0;
@@ -828,10 +882,10 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
         /* Still degraded: reported again only once the cool-down has passed. */
         if (now - last < cfg->rtt_cooldown_ns)
             return 0;
-        if (__sync_val_compare_and_swap(&st->last_record_ns, last, now) != last)
+        if (!tapio_cas(&st->last_record_ns, last, now))
             return 0;
     } else {
-        if (__sync_val_compare_and_swap(&st->degraded, 0, 1) != 0)
+        if (!tapio_cas(&st->degraded, 0, 1))
             return 0;
         if (last && now - last < cfg->rtt_cooldown_ns) {
             hold_back(&st->suppressed);
@@ -842,23 +896,25 @@ TRACEPOINT_PROBE(tcp, tcp_probe)
     struct network_record rec = {};
     rec.timestamp_ns = now;
     rec.kind = KIND_RTT_DEGRADATION;
-    rec.sock_cookie = args->sock_cookie;
+    rec.sock_cookie = socket_cookie(skp);
     rec.netns = key.netns;
-    rec.family = args->family;
+    rec.family = family;
     rec.protocol = PROTO_TCP;
-    rec.src_port = args->sport;
-    rec.dst_port = args->dport;
+    u16 dport_be = 0;
+    TAPIO_READ_AT(rec.src_port, skp, TAPIO_SKC_NUM_OFFSET);  /* the local port, in host order */
+    TAPIO_READ_AT(dport_be, skp, TAPIO_SKC_DPORT_OFFSET);
+    rec.dst_port = bpf_ntohs(dport_be);
     rec.srtt_us = srtt;
     rec.baseline_srtt_us = baseline_us;
     rec.samples = st->samples;
-    rec.snd_cwnd = args->snd_cwnd;
-    u64 taken = st->suppressed;
-    if (taken)
-        __sync_fetch_and_sub(&st->suppressed, taken);
-    rec.suppressed = taken;
+#ifdef TAPIO_TCP_SND_CWND_OFFSET
+    TAPIO_READ_AT(rec.snd_cwnd, skp, TAPIO_TCP_SND_CWND_OFFSET);
+#endif
+    rec.suppressed = st->suppressed ? tapio_take(&st->suppressed) : 0;
     __builtin_memcpy(rec.dst_addr, key.addr, 16);
-    copy_addr(rec.src_addr, args->family, &args->saddr[4], &args->saddr[8]);
+    socket_addr(rec.src_addr, skp, family, 0);
     set_owner(&rec, sk);
     tapio_submit(&rec, sizeof(rec));
     return 0;
 }
+#endif
