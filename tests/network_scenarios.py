@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from kernel_helpers import netns_exec
+from kernel_helpers import netns_exec, scaled
 from plugin_helpers import Collect
 
 import tapio_observer_network
 from tapio_core.agent import Agent
+from tapio_core.bpf import tracepoint_has_field
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
@@ -52,7 +53,7 @@ def veth_pair(ns_a: str, ns_b: str, addr_a: str = "10.200.0.1",
     suffix = secrets.token_hex(3)
     dev_a, dev_b = f"tva{suffix}", f"tvb{suffix}"
     subprocess.run(["ip", "link", "add", dev_a, "netns", ns_a, "type", "veth", "peer", "name", dev_b,
-                    "netns", ns_b], check=True, capture_output=True, timeout=10)
+                    "netns", ns_b], check=True, capture_output=True, timeout=scaled(10))
     try:
         netns_exec(ns_a, "ip", "addr", "add", f"{addr_a}/24", "dev", dev_a)
         netns_exec(ns_b, "ip", "addr", "add", f"{addr_b}/24", "dev", dev_b)
@@ -96,7 +97,9 @@ def nft_random_drop(netns: str, port: int, percent: int, hooks: tuple[str, ...] 
 #: Serves connections one after the other and prints a JSON line per thing it did.
 #: Modes: "sink" reads everything and answers "!" to a chunk that ends with "?"; "reset"
 #: reads "hello" and closes with SO_LINGER 0 (an RST to the client); "recv" reads "hello",
-#: answers "ok" and waits for the client's next move; "silent" neither reads nor writes.
+#: answers "ok" and waits for the client's next move; "read" reads "hello" and only closes its
+#: sending side (a FIN, no send) before it waits; "send" sends "ok" without reading, then waits;
+#: "silent" neither reads nor writes.
 SERVER_SCRIPT = r"""
 import errno, json, os, socket, struct, sys, time
 host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -122,6 +125,13 @@ while True:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif mode == "recv":
             conn.recv(5)
+            conn.sendall(b"ok")
+            conn.recv(5)
+        elif mode == "read":
+            conn.recv(5)
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(5)
+        elif mode == "send":
             conn.sendall(b"ok")
             conn.recv(5)
         elif mode == "silent":
@@ -159,14 +169,14 @@ class TcpServer:
 
     def wait_for(self, key: str, timeout: float = 10.0) -> dict[str, Any]:
         with self._changed:
-            if not self._changed.wait_for(lambda: any(key in line for line in self.lines), timeout):
+            if not self._changed.wait_for(lambda: any(key in line for line in self.lines), scaled(timeout)):
                 raise AssertionError(f"server never reported {key!r}: {self.lines}")
             return next(line for line in self.lines if key in line)
 
     def stop(self) -> None:
         self.process.kill()
-        self.process.wait(10)
-        self._reader.join(5)
+        self.process.wait(scaled(10))
+        self._reader.join(scaled(5))
 
 
 @contextmanager
@@ -182,7 +192,8 @@ def tcp_server(netns: str | None, host: str, port: int, mode: str) -> Iterator[T
 #: then "?" and waits for the "!" (the socket stays open until everything arrived) and reports
 #: tcp_info's total_retrans; "pingpong" makes C connections of N round trips each, 50 ms apart;
 #: "reset_me" sends "hello" and expects the server's RST; "reset_server" sends "hello", reads
-#: "ok" and closes with SO_LINGER 0 (an RST to the server); "abort" does that without a word.
+#: "ok" (or the end of the server's data) and closes with SO_LINGER 0 (an RST to the server);
+#: "reset_after_reply" does that without sending; "abort" does it without a word either way.
 CLIENT_SCRIPT = r"""
 import errno, json, os, socket, struct, sys, time
 host, port, mode, amount, connections = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
@@ -222,10 +233,11 @@ elif mode == "reset_me":
     except OSError as exc:
         report["error"] = errno.errorcode.get(exc.errno, str(exc.errno))
     s.close()
-elif mode in ("reset_server", "abort"):
+elif mode in ("reset_server", "reset_after_reply", "abort"):
     s = connect()
     if mode == "reset_server":
         s.sendall(b"hello")
+    if mode != "abort":
         s.recv(2)
     else:
         time.sleep(0.2)  # the server has accepted by now
@@ -241,7 +253,7 @@ def run_client(netns: str | None, host: str, port: int, mode: str, amount: int =
     command = [sys.executable, "-c", CLIENT_SCRIPT, host, str(port), mode, str(amount), str(connections)]
     if netns is not None:
         command = ["ip", "netns", "exec", netns, *command]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=scaled(timeout))
     if done.returncode != 0:
         raise AssertionError(f"client {mode} failed ({done.returncode}): {done.stderr.strip()}")
     return json.loads(done.stdout)
@@ -251,48 +263,52 @@ def run_client(netns: str | None, host: str, port: int, mode: str, amount: int =
 
 WITNESS_SOURCE = r"""
 struct retransmit { u64 ts; u32 state; s32 err; };
-BPF_ARRAY(witness_events, struct retransmit, WITNESS_CAPACITY);
-BPF_ARRAY(witness_count, u64, 1);
+BPF_QUEUE(witness_events, struct retransmit, WITNESS_CAPACITY);
+BPF_ARRAY(witness_overflow, u64, 1);
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
     if (args->dport != WITNESS_PORT)
         return 0;
-    int zero = 0;
-    u64 *count = witness_count.lookup(&zero);
-    if (!count)
-        return 0;
-    u64 n = __sync_fetch_and_add(count, 1);
-    if (n >= WITNESS_CAPACITY)
-        return 0;
-    int index = n;
     struct retransmit event = {};
     event.ts = bpf_ktime_get_ns();
     event.state = args->state;
+#ifdef WITNESS_HAS_ERR
     event.err = args->err;
-    witness_events.update(&index, &event);
+#endif
+    if (witness_events.push(&event, 0) != 0) {
+        int zero = 0;
+        u64 *overflow = witness_overflow.lookup(&zero);
+        if (overflow)
+            __sync_fetch_and_add(overflow, 1);  /* result unused: every kernel's verifier takes it */
+    }
     return 0;
 }
 """
 
 
 class RetransmitWitness:
-    """Every ``tcp_retransmit_skb`` toward ``port``, in order: (kernel time, TCP state, err)."""
+    """Every ``tcp_retransmit_skb`` toward ``port``, in kernel time order: (time, TCP state, err); err is 0
+    where the kernel's tracepoint has no such field (``has_err`` False: 6.12 and older)."""
 
     CAPACITY = 8192
 
     def __init__(self, port: int) -> None:
         from bcc import BPF
 
+        self.has_err = tracepoint_has_field("tcp:tcp_retransmit_skb", "err")
         cflags = [f"-DWITNESS_PORT={port}", f"-DWITNESS_CAPACITY={self.CAPACITY}"]
+        cflags += ["-DWITNESS_HAS_ERR=1"] if self.has_err else []
         self.bpf = BPF(text=WITNESS_SOURCE.encode(), cflags=cflags)
+        self.seen: list[tuple[int, int, int]] = []
 
     def events(self) -> list[tuple[int, int, int]]:
-        count = self.bpf[b"witness_count"][0].value
-        if count > self.CAPACITY:
-            raise AssertionError(f"witness overflowed: {count} retransmits")
-        table = self.bpf[b"witness_events"]
-        return [(table[i].ts, table[i].state, table[i].err) for i in range(count)]
+        """Everything seen so far (the queue is drained into ``seen``)."""
+        overflow = self.bpf[b"witness_overflow"][0].value
+        if overflow:
+            raise AssertionError(f"witness overflowed: {overflow} retransmits not kept")
+        self.seen += [(event.ts, event.state, event.err) for event in self.bpf[b"witness_events"].values()]
+        return sorted(self.seen)
 
     def close(self) -> None:
         self.bpf.cleanup()
@@ -314,7 +330,7 @@ def compile_net_loops(directory: Path) -> Path:
     """``bench/net_loops.c`` compiled into ``directory``."""
     binary = directory / "net_loops"
     subprocess.run(["gcc", "-O2", "-o", str(binary), str(NET_LOOPS_SOURCE)], check=True, capture_output=True,
-                   timeout=60)
+                   timeout=scaled(60))
     return binary
 
 
@@ -328,7 +344,7 @@ def start_refusals(binary: Path, host: str, port: int, count: int, netns: str | 
 
 def loop_report(process: subprocess.Popen, timeout: float = 60.0) -> dict[str, Any]:
     """The JSON line a compiled loop printed, once it exited."""
-    out, err = process.communicate(timeout=timeout)
+    out, err = process.communicate(timeout=scaled(timeout))
     if process.returncode != 0:
         raise AssertionError(f"net_loops failed ({process.returncode}): {err.strip()}")
     return json.loads(out)

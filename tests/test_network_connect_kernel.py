@@ -24,11 +24,13 @@ from kernel_helpers import (
     observer_state,
     run_connects,
     running_agent,
+    scaled,
 )
 from network_scenarios import PREFIX, compile_differently, of, start_agent
 
 pytestmark = pytest.mark.kernel
 
+#: After the occurrence we waited for, how long a wrong second one would have had to show up (scaled).
 SETTLE_S = 0.5
 HOSTS = [("127.0.0.1", "ipv4"), ("::1", "ipv6")]
 
@@ -56,7 +58,7 @@ def test_an_icmp_error_ends_a_connect_as_what_it_is_not_as_a_timeout(tmp_path, h
             connector = run_connects(host, port, netns=netns)
             assert connector["attempts"][0]["errno"] == code
             agent.wait_for(of(kind, dst_port=port))
-            time.sleep(SETTLE_S)
+            time.sleep(scaled(SETTLE_S))
             agent.stop()
     [occ] = failed_connects(agent, port)  # one occurrence, of the right type, and no timeout beside it
     assert occ["type"] == PREFIX + kind
@@ -100,11 +102,11 @@ def test_a_cancelled_connect_is_counted_and_one_the_application_gave_up_on_is_a_
     with network_namespace() as netns, nft_tcp_port_rule(netns, port), running_agent(tmp_path) as agent:
         before = observer_state(tmp_path, "network", wait_for_counter="abandoned_connects")
         done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", ABANDON_SCRIPT, host, str(port)],
-                              capture_output=True, text=True, timeout=30, check=True)
+                              capture_output=True, text=True, timeout=scaled(30), check=True)
         report = json.loads(done.stdout)
         assert report["outcome"] == "timed out"
         agent.wait_for(of("connection_timeout", dst_port=port))
-        time.sleep(SETTLE_S)
+        time.sleep(scaled(SETTLE_S))
         agent.stop()
     after = observer_state(tmp_path, "network")
     [occ] = failed_connects(agent, port)  # the given-up one; the cancelled one is not an anomaly
@@ -129,7 +131,7 @@ def test_a_timeout_the_kernel_decided_says_so(tmp_path):
             connector = run_connects("127.0.0.1", port, netns=netns)
             assert connector["attempts"][0]["errno"] == "ETIMEDOUT"
             agent.wait_for(of("connection_timeout", dst_port=port))
-            time.sleep(SETTLE_S)
+            time.sleep(scaled(SETTLE_S))
             agent.stop()
     [occ] = failed_connects(agent, port)
     assert occ["data"]["ended_by"] == "kernel"
@@ -137,18 +139,18 @@ def test_a_timeout_the_kernel_decided_says_so(tmp_path):
         f"SYN unanswered: the kernel gave up after {occ['data']['syn_retransmits']} retransmit(s)")
 
 
-#: ``count`` non-blocking connects at once; waits until every one has failed and prints the pid and,
-#: per connect, its source port and errno.
+#: ``count`` non-blocking connects at once; waits until every one has failed (for at most ``wait`` s) and
+#: prints the pid and, per connect, its source port and errno.
 MANY_PENDING_SCRIPT = r"""
 import errno, json, os, select, socket, sys, time
-host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+host, port, count, wait = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 sockets = []
 for _ in range(count):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setblocking(False)
     s.connect_ex((host, port))
     sockets.append(s)
-pending, results, deadline = set(sockets), {}, time.monotonic() + 20
+pending, results, deadline = set(sockets), {}, time.monotonic() + wait
 while pending and time.monotonic() < deadline:
     _, writable, _ = select.select([], list(pending), [], 0.5)
     for s in writable:
@@ -172,11 +174,11 @@ def test_failed_connects_whose_owners_were_forgotten_are_still_each_reported(mon
             netns_exec(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")
             with nft_tcp_port_rule(netns, port):
                 done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", MANY_PENDING_SCRIPT,
-                                       "127.0.0.1", str(port), str(count)],
-                                      capture_output=True, text=True, timeout=40, check=True)
+                                       "127.0.0.1", str(port), str(count), str(scaled(20))],
+                                      capture_output=True, text=True, timeout=scaled(40), check=True)
         report = json.loads(done.stdout)
         assert set(report["results"].values()) == {"ETIMEDOUT"} and len(report["results"]) == count
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + scaled(5)
         while time.monotonic() < deadline:
             agent.drain("network")
             timeouts = [o.data for o in sink.received
@@ -184,7 +186,7 @@ def test_failed_connects_whose_owners_were_forgotten_are_still_each_reported(mon
             if len(timeouts) >= count:
                 break
             time.sleep(0.05)
-        time.sleep(SETTLE_S)
+        time.sleep(scaled(SETTLE_S))
         agent.drain("network")
     finally:
         agent.shutdown()

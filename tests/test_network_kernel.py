@@ -31,12 +31,13 @@ from kernel_helpers import (
     nft_tcp_port_rule,
     run_connects,
     running_agent,
+    scaled,
     tool_env,
 )
 from plugin_helpers import install_on_path
 
 import tapio_observer_network
-from tapio_core.bpf import load_observer
+from tapio_core.bpf import load_observer, tracepoint_has_field
 from tapio_core.btf import Btf
 
 pytestmark = pytest.mark.kernel
@@ -44,7 +45,7 @@ pytestmark = pytest.mark.kernel
 REFUSED = "kernel.network.connection_refused"
 TIMEOUT = "kernel.network.connection_timeout"
 #: After the occurrence we wait for, how long anything wrongly emitted for the same
-#: connect would have had to show up (it would come from the same state change).
+#: connect would have had to show up (it would come from the same state change); scaled.
 SETTLE_S = 0.5
 
 
@@ -79,7 +80,7 @@ def test_refused_connect_is_one_occurrence_attributed_to_the_connector(tmp_path,
         connector = run_connects(host, port)
         assert connector["attempts"][0]["errno"] == "ECONNREFUSED"
         agent.wait_for(for_port(REFUSED, port))
-        time.sleep(SETTLE_S)
+        time.sleep(scaled(SETTLE_S))
         agent.stop()
     refused = agent.matching(for_port(REFUSED, port))
     assert len(refused) == 1, refused
@@ -94,7 +95,7 @@ def test_many_refused_connects_reusing_socket_addresses_are_each_reported_once(t
         connector = run_connects("127.0.0.1", port, count=count)
         assert {a["errno"] for a in connector["attempts"]} == {"ECONNREFUSED"}
         agent.wait_for(for_port(REFUSED, port), timeout=10, count=count)
-        time.sleep(SETTLE_S)
+        time.sleep(scaled(SETTLE_S))
         agent.stop()
     refused = agent.matching(for_port(REFUSED, port))
     assert len(refused) == count
@@ -118,7 +119,7 @@ def test_timed_out_connect_is_attributed_to_the_connector_not_the_timer(tmp_path
             timed_out_in = netns_inode(netns)
             assert connector["attempts"][0]["errno"] == "ETIMEDOUT"
             agent.wait_for(for_port(TIMEOUT, port))
-            time.sleep(SETTLE_S)
+            time.sleep(scaled(SETTLE_S))
             agent.stop()
     timeouts = agent.matching(for_port(TIMEOUT, port))
     assert len(timeouts) == 1, timeouts
@@ -150,7 +151,7 @@ def test_replay_of_a_recording_prints_what_the_agent_printed(tmp_path):
     replay = subprocess.run(
         [str(TAPIO), "replay", str(recording), "--sink", "stdout", "--plugins", "network,stdout",
          "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=30, env=tool_env(), cwd=tmp_path,
+        capture_output=True, text=True, timeout=scaled(30), env=tool_env(), cwd=tmp_path,
     )
     assert replay.returncode == 0, replay.stderr
     replayed = [json.loads(line) for line in replay.stdout.splitlines() if line.strip()]
@@ -165,7 +166,7 @@ def test_sigterm_stops_the_agent_cleanly_and_detaches_its_programs(tmp_path):
         assert "tracepoint__sock__inet_sock_set_state" in {names.get(prog) for prog in programs}
         assert agent.stop(timeout=5) == 0
     # Program ids are never reused; the kernel frees a program once its last reference goes.
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + scaled(5)
     while programs & loaded_bpf_programs().keys() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert programs & loaded_bpf_programs().keys() == set()
@@ -182,7 +183,7 @@ def test_file_sink_writes_private_files_that_tapio_recent_reads(tmp_path):
         assert agent.stop() == 0
     recent = subprocess.run(
         [str(TAPIO), "recent", "--data-dir", str(data_dir), "--json", "-n", "1000"],
-        capture_output=True, text=True, timeout=30, env=tool_env(),
+        capture_output=True, text=True, timeout=scaled(30), env=tool_env(),
     )
     assert recent.returncode == 0, recent.stderr
     printed = [json.loads(line) for line in recent.stdout.splitlines() if line.strip()]
@@ -202,7 +203,7 @@ def test_without_privileges_the_agent_exits_2_with_one_error_line():
     ]
     done = subprocess.run(
         [*unprivileged, str(AGENT), "--plugins", "network"],
-        capture_output=True, text=True, timeout=30, cwd="/", env=tool_env({"HOME": "/"}),
+        capture_output=True, text=True, timeout=scaled(30), cwd="/", env=tool_env({"HOME": "/"}),
     )
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr
@@ -248,22 +249,23 @@ def test_an_observer_that_fails_to_load_does_not_stop_the_others(tmp_path):
         assert "network" in ready and "broken" not in ready
         run_connects("127.0.0.1", port)
         agent.wait_for(for_port(REFUSED, port))
-        time.sleep(SETTLE_S)
+        time.sleep(scaled(SETTLE_S))
         assert agent.process.poll() is None, agent.stderr_text()
         assert agent.stop() == 0
 
 
 def test_on_a_kernel_whose_retransmit_tracepoint_lacks_err_the_observer_still_compiles():
-    """Older kernels' tcp_retransmit_skb has no ``err``; naming it there would fail the whole compile."""
+    """tcp_retransmit_skb has ``err`` only after 6.12; naming it elsewhere would fail the whole compile."""
+    feature = "failed retransmit attempts told apart in retransmit spikes"
     spec = tapio_observer_network.OBSERVER
     older = attrs.evolve(spec, tracepoint_fields=tuple(
         attrs.evolve(field, field="no_such_field") for field in spec.tracepoint_fields))
     bpf, disabled = load_observer(older, None, Btf.load())
     bpf.cleanup()
-    assert "failed retransmit attempts told apart in retransmit spikes" in disabled
-    bpf, disabled = load_observer(spec, None, Btf.load())  # this kernel has it
+    assert feature in disabled
+    bpf, disabled = load_observer(spec, None, Btf.load())  # as this kernel has it, or not
     bpf.cleanup()
-    assert "failed retransmit attempts told apart in retransmit spikes" not in disabled
+    assert (feature in disabled) == (not tracepoint_has_field("tcp:tcp_retransmit_skb", "err"))
 
 
 def test_kernel_helpers_clean_up_their_namespace_and_table():
