@@ -20,6 +20,7 @@ its no-op callback never looks at the contents. Goal: ingest_vs_bare_drain >= 1.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import gc
 import os
@@ -74,8 +75,13 @@ class SyntheticStream:
         cflags = [f"-I{shared_include_dir()}", f"-DTAPIO_RING_PAGES={RING_PAGES}", f"-DBENCH_BURST={BURST}"]
         self.bpf = BPF(text=text.encode(), cflags=cflags + flags)
         # The observer's own probes attach on load; detach them so only the synthetic stream flows.
-        for tracepoint in spec.tracepoints:
-            self.bpf.detach_tracepoint(tracepoint)
+        for tracepoint in [*spec.tracepoints, *(optional.tracepoint for optional in spec.optional_tracepoints)]:
+            category, _, event = tracepoint.partition(":")
+            with contextlib.suppress(Exception):  # an optional one this kernel lacks was never attached
+                if category == "raw":
+                    self.bpf.detach_raw_tracepoint(tp=event.encode())
+                else:
+                    self.bpf.detach_tracepoint(tracepoint)
         self.config = self.bpf[b"bench_config"]
         self.set(CONFIG_TGID, os.getpid())
         table = self.bpf[spec.ring_buffer.encode()]

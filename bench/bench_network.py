@@ -59,7 +59,16 @@ LOOP_CPU = (os.cpu_count() or 1) - 1
 
 def tracepoint_function(tracepoint: str) -> bytes:
     category, _, event = tracepoint.partition(":")
-    return f"tracepoint__{category}__{event}".encode()
+    return f"raw_tracepoint__{event}".encode() if category == "raw" else f"tracepoint__{category}__{event}".encode()
+
+
+def attached_tracepoints(spec: Any) -> tuple[str, ...]:
+    """The observer's tracepoints that carry a program on this kernel: the required ones and the optional
+    ones this kernel has (``raw:NAME`` for raw tracepoints)."""
+    from tapio_core.bpf import tracepoint_exists
+
+    return spec.tracepoints + tuple(optional.tracepoint for optional in spec.optional_tracepoints
+                                    if tracepoint_exists(optional.tracepoint))
 
 
 class Probes:
@@ -73,13 +82,21 @@ class Probes:
     def attach(self) -> None:
         if not self.attached:
             for tracepoint in self.tracepoints:
-                self.bpf.attach_tracepoint(tp=tracepoint, fn_name=tracepoint_function(tracepoint))
+                category, _, event = tracepoint.partition(":")
+                if category == "raw":
+                    self.bpf.attach_raw_tracepoint(tp=event.encode(), fn_name=tracepoint_function(tracepoint))
+                else:
+                    self.bpf.attach_tracepoint(tp=tracepoint, fn_name=tracepoint_function(tracepoint))
             self.attached = True
 
     def detach(self) -> None:
         if self.attached:
             for tracepoint in self.tracepoints:
-                self.bpf.detach_tracepoint(tracepoint)
+                category, _, event = tracepoint.partition(":")
+                if category == "raw":
+                    self.bpf.detach_raw_tracepoint(tp=event.encode())
+                else:
+                    self.bpf.detach_tracepoint(tracepoint)
             self.attached = False
 
     def run_time(self) -> tuple[int, int]:
@@ -98,6 +115,7 @@ def floor_program(tracepoints: tuple[str, ...]) -> Any:
     from bcc import BPF
 
     text = "\n".join(
+        f"RAW_TRACEPOINT_PROBE({event}) {{ return 0; }}" if category == "raw" else
         f"TRACEPOINT_PROBE({category}, {event}) {{ return 0; }}"
         for category, _, event in (tp.partition(":") for tp in tracepoints)
     )
@@ -185,7 +203,7 @@ def run() -> dict[str, float]:
         floor = server = None
         try:
             observer = agent.pipeline.observers["network"]
-            tracepoints = observer.spec.tracepoints
+            tracepoints = attached_tracepoints(observer.spec)
             floor = Probes(floor_program(tracepoints), tracepoints)
             probes = {"observer": Probes(observer.bpf, tracepoints), "floor": floor, "floor_again": floor}
             server = LoopServer(netns, binary)
