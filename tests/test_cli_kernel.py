@@ -154,13 +154,14 @@ def test_status_and_health_show_unsupported_and_failed_observers_as_the_agent_re
             "network": "running", "nopmu": "unsupported", "notp": "failed"}
         human = tapio("status", "--data-dir", data_dir).stdout
         assert "nopmu: unsupported: no hardware PMU on this machine (test probe)" in human
-        assert "notp: tracepoint(s) missing on this kernel: sock:no_such_tracepoint_for_tapio" in human
+        assert ("notp: cannot run on this kernel: the kernel has no tracepoint sock:no_such_tracepoint_for_tapio"
+                in human)
 
         health = tapio("health", "--data-dir", data_dir, "--json", "--since", "1s")
         verdicts = {o["name"]: (o["health"], o["reason"]) for o in json.loads(health.stdout)["observers"]}
         assert health.returncode == 2
-        assert verdicts["notp"] == ("critical", "the observer failed: notp: tracepoint(s) missing on this kernel: "
-                                                "sock:no_such_tracepoint_for_tapio")
+        assert verdicts["notp"] == ("critical", "the observer failed: notp: cannot run on this kernel: the kernel "
+                                                "has no tracepoint sock:no_such_tracepoint_for_tapio")
         assert verdicts["nopmu"] == ("unsupported", "not supported on this node: nopmu: unsupported: no hardware "
                                                     "PMU on this machine (test probe)")
         only = tapio("health", "nopmu", "--data-dir", data_dir)
