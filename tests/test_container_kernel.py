@@ -441,9 +441,13 @@ print("allocated", len(chunks) * 4, flush=True)
 
 #: oom_kill_holder's sizes in MiB, in a 128 MiB cgroup: held + allocated + two interpreters is over the limit;
 #: allocated + one interpreter is far under it, even with the interpreter's files in a cold page cache (~15 MiB)
-#: charged to the cgroup: once the holder is gone the allocator must not be chosen next, not even where the
-#: holder's memory is slow to go (an emulated guest).
+#: charged to the cgroup.
 HELD_MIB, ALLOCATED_MIB = 80, 40
+#: A small process the OOM killer prefers to the allocator (oom_score_adj 800 outweighs the allocator's 48 MiB
+#: in a 128 MiB cgroup; the holder's 1000 and 80 MiB outweigh it). The kernel can OOM again while the killed
+#: holder's memory is still being freed (6.1 marks a victim's memory gone, MMF_OOM_SKIP, before its batched
+#: pages are uncharged; an emulated guest widens that): the decoy is then chosen, not the allocator.
+DECOY = ["sh", "-c", "echo 800 > /proc/self/oom_score_adj && echo ready && exec sleep 600"]
 
 
 def kernel_log_tail(lines: int = 40) -> str:
@@ -455,17 +459,18 @@ def kernel_log_tail(lines: int = 40) -> str:
 def oom_kill_holder(cgroup: ScratchCgroup) -> tuple[int, int]:
     """In ``cgroup`` (128 MiB), a holder of HELD_MIB is OOM-killed when an allocator asks for ALLOCATED_MIB
     more; returns (holder pid, allocator pid) once both ended as expected."""
+    decoy = subprocess.Popen(in_cgroups([cgroup], DECOY), env=child_env(), stdout=subprocess.PIPE, text=True)
     holder = subprocess.Popen(in_cgroups([cgroup], python(HOLDER, str(HELD_MIB))), env=child_env(),
                               stdout=subprocess.PIPE, text=True)
     allocator = None
     try:
-        assert holder.stdout.readline().strip() == "ready"
+        assert (decoy.stdout.readline().strip(), holder.stdout.readline().strip()) == ("ready", "ready")
         allocator = subprocess.Popen(in_cgroups([cgroup], python(ALLOCATOR, str(ALLOCATED_MIB))), env=child_env(),
                                      stdout=subprocess.PIPE, text=True)
         allocator_status = reap(allocator)
         holder_status = reap(holder)
     finally:
-        for proc in (holder, allocator):
+        for proc in (holder, allocator, decoy):
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 reap(proc)
