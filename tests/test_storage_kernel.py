@@ -3,9 +3,9 @@
 Recipes (see /work/shared/kernel-scenarios.md):
 
 - I/O error: a loop device whose backing file lives on a tmpfs that is full;
-  a direct write to a sparse part of it fails. The loop driver of 6.18 hands
-  the backing file's ENOSPC on (BLK_STS_NOSPC); those of 5.10 and 6.1 turn
-  every failed backing write into EIO (BLK_STS_IOERR), as dd sees too.
+  a direct write to a sparse part of it fails. The loop drivers of 6.12 and
+  6.18 hand the backing file's ENOSPC on (BLK_STS_NOSPC); those of 5.10 and
+  6.1 turn every failed backing write into EIO (BLK_STS_IOERR), as dd sees too.
 - Latency spike: loop (upper) on a file in an ext4 that sits on another loop
   (lower); while ``fsfreeze`` holds the ext4, a direct write to the upper loop
   device cannot complete.
