@@ -470,10 +470,10 @@ def oom_kill_holder(cgroup: ScratchCgroup) -> tuple[int, int]:
         allocator_status = reap(allocator)
         holder_status = reap(holder)
     finally:
-        for proc in (holder, allocator, decoy):
-            if proc is not None and proc.returncode is None:
+        for proc in (holder, allocator, decoy):  # the decoy may have been OOM-killed: poll() reaps it then
+            if proc is not None and proc.poll() is None:
                 proc.kill()
-                reap(proc)
+                proc.wait(scaled(20))
     ended = (os.WIFSIGNALED(holder_status) and os.WTERMSIG(holder_status) == signal.SIGKILL,
              os.WIFEXITED(allocator_status) and os.WEXITSTATUS(allocator_status) == 0)
     assert ended == (True, True), (f"holder {holder.pid} wait status {holder_status}, allocator {allocator.pid} "
