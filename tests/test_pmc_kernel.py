@@ -46,15 +46,23 @@ HAS_CORE_PMU = Path("/sys/bus/event_source/devices/cpu").exists()
 SOFTWARE = {"counters": "software", "interval_ms": 100, "baseline_intervals": 3}
 PAGE = 4096
 
-#: Touches SIZE MiB of fresh 4 KiB pages on one CPU: one page fault per page.
+#: Touches SIZE MiB of fresh 4 KiB pages on one CPU: one page fault per page. It spins on that
+#: CPU for a while before and after, so the CPU's timer (which does not fire on an idle CPU) reads
+#: the counters just before the burst and sees the CPU healthy again after it.
 PAGE_FAULTS = r"""
-import mmap, os, sys
+import mmap, os, sys, time
 os.sched_setaffinity(0, {int(sys.argv[1])})
+def spin(seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
 size = int(sys.argv[2]) << 20
 memory = mmap.mmap(-1, size)
 memory.madvise(mmap.MADV_NOHUGEPAGE)
+spin(float(sys.argv[3]))
 for offset in range(0, size, 4096):
     memory[offset] = 1
+spin(float(sys.argv[3]))
 """
 SPIN = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass\n"
 
@@ -209,7 +217,8 @@ def test_page_faults_on_one_cpu_are_a_real_memory_pressure_episode():
 
     with pmc_agent(settings) as (agent, sink):
         drain_for(agent, 0.3)
-        subprocess.run([sys.executable, "-c", PAGE_FAULTS, str(cpu), str(megabytes)], check=True, timeout=30)
+        # Spins of 3 intervals: readings before the burst, and the recovery intervals after it.
+        subprocess.run([sys.executable, "-c", PAGE_FAULTS, str(cpu), str(megabytes), "0.3"], check=True, timeout=30)
         deadline = time.monotonic() + 5
         while not ours(sink) and time.monotonic() < deadline:
             drain_for(agent, 0.1)
