@@ -194,9 +194,10 @@ def watch(data_dir: Path, network: bool, container: bool, storage: bool, pmc: bo
             "first, or give --data-dir)") from None
     out = None if as_json else console()
     shown = 0
-    click.echo(f"tapio: watching {follower.directory} for new occurrences (Ctrl-C stops)", err=True)
     try:
         with follower:
+            # Said inside the try: a Ctrl-C right after the reader saw it still ends the watch quietly.
+            click.echo(f"tapio: watching {follower.directory} for new occurrences (Ctrl-C stops)", err=True)
             for occurrence in follower.follow(deadline):
                 if not accept(occurrence):
                     continue
