@@ -497,6 +497,29 @@ static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_
     return 1;
 }
 
+/* sk's owner is the current task, from now: a connect (connecting: its SYN_SENT time is kept for
+ * the connect's duration) or a send or read of a socket seen for the first time. 0 when no way could
+ * be claimed (counted by owner_claim). */
+static __always_inline int owner_record_current(u64 sk, u8 connecting)
+{
+    u64 *tag;
+    struct socket_owner *owner = owner_claim(sk, &tag);
+    if (!owner)
+        return 0;
+    tapio_current_task(&owner->task);
+    owner->syn_sent_ns = 0;
+#ifdef TAPIO_CONNECT_CLOCK
+    if (connecting)
+        owner->syn_sent_ns = bpf_ktime_get_ns();
+#endif
+    owner->sock_cookie = 0;
+    owner->connecting = connecting;
+    owner->reset_received = 0;
+    owner->syn_retransmits = 0;
+    owner_publish(tag, sk);
+    return 1;
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != PROTO_TCP)
@@ -504,21 +527,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     u64 sk = (u64)args->skaddr;
     int newstate = args->newstate;
     if (newstate == TCP_SYN_SENT) {
-        u64 *tag;
-        struct socket_owner *owner = owner_claim(sk, &tag);
-        if (!owner)
-            return 0;
-        tapio_current_task(&owner->task);
-#ifdef TAPIO_CONNECT_CLOCK
-        owner->syn_sent_ns = bpf_ktime_get_ns();
-#else
-        owner->syn_sent_ns = 0;
-#endif
-        owner->sock_cookie = 0;
-        owner->connecting = 1;
-        owner->reset_received = 0;
-        owner->syn_retransmits = 0;
-        owner_publish(tag, sk);
+        owner_record_current(sk, 1);
         return 0;
     }
     if (args->oldstate != TCP_SYN_SENT) {
@@ -602,17 +611,8 @@ static __always_inline void remember_owner(void *sk_ptr)
     u64 sk = (u64)sk_ptr;
     if (socket_state(sk_ptr) == TCP_CLOSE)
         return;  /* a read after the reset or close: nothing left to attribute */
-    u64 *tag;
-    struct socket_owner *owner = owner_claim(sk, &tag);
-    if (!owner)
+    if (!owner_record_current(sk, 0))
         return;
-    tapio_current_task(&owner->task);
-    owner->syn_sent_ns = 0;
-    owner->sock_cookie = 0;
-    owner->connecting = 0;
-    owner->reset_received = 0;
-    owner->syn_retransmits = 0;
-    owner_publish(tag, sk);
     /* Closed meanwhile (by a softirq on another CPU, whose CLOSE found nothing to forget)? Then
      * forget it here, or a later socket at this address would inherit this owner. */
     if (socket_state(sk_ptr) == TCP_CLOSE)
