@@ -7,6 +7,9 @@ Recipes from /work/shared/kernel-scenarios.md, each undone on the way out:
   a port's non-SYN segments on input (retransmits) or output (failed retransmit attempts).
 - :class:`TcpServer` and :func:`run_client` are Python processes with known pids that serve and
   drive the scenarios inside a namespace and report what they saw as JSON.
+- :class:`QueuedLink` (from :func:`queued_link`) is the RTT scenario: a client namespace whose shaped
+  link to a server namespace first carries small round trips (the baseline), then a bulk send that
+  fills the queue.
 - :class:`RetransmitWitness` is a tiny BPF program of the test's own that records every
   retransmit toward a port, so counts can be checked against the kernel, not against the observer.
 - :func:`compile_net_loops` builds ``bench/net_loops.c`` (the tight C loops the benchmark uses)
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from kernel_helpers import netns_exec, scaled
+from kernel_helpers import netns_exec, network_namespace, scaled
 from plugin_helpers import Collect
 
 import tapio_observer_network
@@ -257,6 +260,44 @@ def run_client(netns: str | None, host: str, port: int, mode: str, amount: int =
     if done.returncode != 0:
         raise AssertionError(f"client {mode} failed ({done.returncode}): {done.stderr.strip()}")
     return json.loads(done.stdout)
+
+
+SERVER_IP, CLIENT_IP = "10.200.0.2", "10.200.0.1"
+
+
+def random_port() -> int:
+    """Below the ephemeral range (32768-60999), so a connect never picks it as its own source port
+    (a self-connect would succeed where a refusal is wanted)."""
+    return 10000 + secrets.randbelow(22000)
+
+
+@attrs.frozen
+class QueuedLink:
+    """A client namespace and a sink server at :data:`SERVER_IP`:``port`` behind a 4 Mbit/s token bucket."""
+
+    client_ns: str
+    port: int
+
+    def learn_baseline(self) -> dict[str, Any]:
+        """Small round trips over two connections: what an unloaded link's RTT is (well under a ms)."""
+        return run_client(self.client_ns, SERVER_IP, self.port, "pingpong", amount=8, connections=2)
+
+    def fill_queue(self) -> dict[str, Any]:
+        """A bulk send the bucket cannot pass at once: the queue, and the RTT, grow to tens of ms."""
+        return run_client(self.client_ns, SERVER_IP, self.port, "bulk", amount=400_000)
+
+
+@contextmanager
+def queued_link(port: int) -> Iterator[QueuedLink]:
+    """The RTT scenario's two namespaces, veth link, qdisc and server; all removed on the way out."""
+    with (
+        network_namespace() as client_ns,
+        network_namespace() as server_ns,
+        veth_pair(client_ns, server_ns, CLIENT_IP, SERVER_IP) as (client_dev, _),
+        tbf(client_ns, client_dev, rate="4mbit", burst="16kb", latency="1s"),
+        tcp_server(server_ns, SERVER_IP, port, "sink"),
+    ):
+        yield QueuedLink(client_ns, port)
 
 
 # -- an independent witness ------------------------------------------------------------------------

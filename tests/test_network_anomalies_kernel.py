@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import subprocess
 import sys
 import time
@@ -35,19 +34,21 @@ from kernel_helpers import (
     tool_env,
 )
 from network_scenarios import (
+    CLIENT_IP,
     PREFIX,
+    SERVER_IP,
     compile_differently,
     compile_net_loops,
     loop_report,
     nft_random_drop,
     of,
+    queued_link,
+    random_port,
     retransmit_witness,
     run_client,
     start_agent,
     start_refusals,
-    tbf,
     tcp_server,
-    veth_pair,
 )
 
 from tapio_core.bpf import tracepoint_exists
@@ -59,12 +60,6 @@ TCP_SYN_SENT = 2
 FAILED_RETRANSMITS = "failed retransmit attempts told apart in retransmit spikes"
 #: After the occurrence we waited for, how long a wrongly repeated one would have had to show up (scaled).
 SETTLE_S = 0.5
-
-
-def random_port() -> int:
-    """Below the ephemeral range (32768-60999), so a connect never picks it as its own source port
-    (a self-connect would succeed where a refusal is wanted)."""
-    return 10000 + secrets.randbelow(22000)
 
 
 def settings_args(**values: object) -> list[str]:
@@ -143,19 +138,11 @@ def test_syn_retransmits_make_no_spike_but_count_on_the_timed_out_connect(tmp_pa
 def test_rtt_degradation_against_the_baseline_learned_across_connections(tmp_path):
     port = random_port()
     settings = settings_args(rtt_learn_interval_s=0.1, rtt_min_samples=5, rtt_cooldown_s=600)
-    with (
-        network_namespace() as client_ns,
-        network_namespace() as server_ns,
-        veth_pair(client_ns, server_ns) as (client_dev, _),
-        tbf(client_ns, client_dev, rate="4mbit", burst="16kb", latency="1s"),
-        tcp_server(server_ns, "10.200.0.2", port, "sink"),
-        running_agent(tmp_path, extra=settings) as agent,
-    ):
-        # Small round trips over two connections teach the baseline; then a bulk send fills the queue.
-        run_client(client_ns, "10.200.0.2", port, "pingpong", amount=8, connections=2)
-        assert agent.matching(of("rtt_degradation", destination="10.200.0.2")) == []
-        bulk = run_client(client_ns, "10.200.0.2", port, "bulk", amount=400_000)
-        degraded = of("rtt_degradation", destination="10.200.0.2")
+    with queued_link(port) as link, running_agent(tmp_path, extra=settings) as agent:
+        link.learn_baseline()
+        degraded = of("rtt_degradation", destination=SERVER_IP)
+        assert agent.matching(degraded) == []
+        bulk = link.fill_queue()
         agent.wait_for(degraded, timeout=10)
         time.sleep(scaled(SETTLE_S))
         agent.stop()
@@ -166,7 +153,7 @@ def test_rtt_degradation_against_the_baseline_learned_across_connections(tmp_pat
     assert 0 < data["baseline_ms"] < 5  # learned from the unloaded link: well under a millisecond
     assert data["current_ms"] >= 20  # the default floor
     assert data["current_ms"] >= 4 * data["baseline_ms"]  # the default factor
-    assert (data["dst_ip"], data["dst_port"], data["src_ip"]) == ("10.200.0.2", port, "10.200.0.1")
+    assert (data["dst_ip"], data["dst_port"], data["src_ip"]) == (SERVER_IP, port, CLIENT_IP)
     assert data["src_port"] == bulk["src_ports"][0]
     assert (data["pid"], data["comm"], data["owner_known"]) == (bulk["pid"], bulk["comm"], True)
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from container_scenarios import memory_cgroup, oom_kill_holder
 from kernel_helpers import (
     TAPIO,
     closed_tcp_port,
@@ -29,19 +30,18 @@ from kernel_helpers import (
     tool_env,
 )
 from network_scenarios import (
+    SERVER_IP,
     compile_net_loops,
     loop_report,
     nft_random_drop,
     of,
+    queued_link,
+    random_port,
     run_client,
     start_refusals,
-    tbf,
     tcp_server,
-    veth_pair,
 )
-from test_container_kernel import memory_cgroup, oom_kill_holder
-from test_network_anomalies_kernel import random_port
-from test_storage_kernel import (
+from storage_scenarios import (
     direct_write,
     fill,
     finished,
@@ -171,7 +171,7 @@ def test_connection_reset_of_a_connecting_and_of_an_accepting_socket(agent):
         server_port = random_port()
         with tcp_server(netns, "127.0.0.1", server_port, "recv") as server:
             run_client(netns, "127.0.0.1", server_port, "reset_server")
-            assert server.wait_for("error", timeout=scaled(10))["error"] == "ECONNRESET"
+            assert server.wait_for("error")["error"] == "ECONNRESET"
             agent.wait_for(of("connection_reset", src_port=server_port))
     by_client = settled(agent, of("connection_reset", dst_port=port))
     by_server = agent.matching(of("connection_reset", src_port=server_port))
@@ -190,7 +190,7 @@ def test_retransmit_spike(agent):
         tcp_server(netns, "127.0.0.1", port, "sink"),
         nft_random_drop(netns, port, 30),
     ):
-        client = run_client(netns, "127.0.0.1", port, "bulk", amount=3_000_000, timeout=scaled(120))
+        client = run_client(netns, "127.0.0.1", port, "bulk", amount=3_000_000, timeout=120)
         agent.wait_for(spike, timeout=10)
     occ = exactly_one("retransmit_spike", settled(agent, spike))
     assert occ["data"]["retransmits"] == SETTINGS["network.retransmit_threshold"]
@@ -200,19 +200,12 @@ def test_retransmit_spike(agent):
 
 def test_rtt_degradation(agent):
     port = random_port()
-    degraded = of("rtt_degradation", destination="10.200.0.2")
-    with (
-        network_namespace() as client_ns,
-        network_namespace() as server_ns,
-        veth_pair(client_ns, server_ns) as (client_dev, _),
-        tbf(client_ns, client_dev, rate="4mbit", burst="16kb", latency="1s"),
-        tcp_server(server_ns, "10.200.0.2", port, "sink"),
-    ):
-        run_client(client_ns, "10.200.0.2", port, "pingpong", amount=8, connections=2, timeout=scaled(30))
-        bulk = run_client(client_ns, "10.200.0.2", port, "bulk", amount=400_000, timeout=scaled(30))
-        agent.wait_for(of("rtt_degradation", dst_port=port), timeout=10)
-    occ = exactly_one("rtt_degradation", settled(agent, of("rtt_degradation", dst_port=port)))
-    assert degraded(occ)
+    degraded = of("rtt_degradation", destination=SERVER_IP, dst_port=port)
+    with queued_link(port) as link:
+        link.learn_baseline()
+        bulk = link.fill_queue()
+        agent.wait_for(degraded, timeout=10)
+    occ = exactly_one("rtt_degradation", settled(agent, degraded))
     assert (occ["data"]["pid"], occ["data"]["src_port"]) == (bulk["pid"], bulk["src_ports"][0])
     assert occ["data"]["current_ms"] >= 4 * occ["data"]["baseline_ms"]
     detected("rtt_degradation")
@@ -223,8 +216,7 @@ def test_rst_storm(agent, tmp_path):
     loops = compile_net_loops(tmp_path)
     threshold = SETTINGS["network.rst_storm_threshold"]
     with network_namespace() as netns:
-        report = loop_report(start_refusals(loops, "127.0.0.1", port, threshold + 10, netns=netns),
-                             timeout=scaled(60))
+        report = loop_report(start_refusals(loops, "127.0.0.1", port, threshold + 10, netns=netns))
         assert (report["ops"], report["errors"]) == (threshold + 10, 0)
         agent.wait_for(of("rst_storm", destination=f"127.0.0.1:{port}"))
     occ = exactly_one("rst_storm", settled(agent, of("rst_storm", destination=f"127.0.0.1:{port}")))
