@@ -63,14 +63,14 @@ run: setup
 # anomaly type, doctor against the agent) in a guest of each kernel of the matrix.
 test: setup guests
 	rm -rf $(MATRIX_OUT)
-	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest $(PYTEST_ARGS)
+	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest --junitxml=$(MATRIX_OUT)/host/junit.xml $(PYTEST_ARGS)
 	$(MATRIX) --out $(MATRIX_OUT) -- tests/test_portability_kernel.py $(PYTEST_ARGS)
 	$(BIN)/python kernels/support.py $(MATRIX_OUT) README.md
 
 # Every real-kernel test on this machine's kernel and in a guest of each kernel of the matrix.
 test-kernels: setup guests
 	rm -rf $(MATRIX_OUT)
-	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest -m kernel $(PYTEST_ARGS)
+	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest -m kernel --junitxml=$(MATRIX_OUT)/host/junit.xml $(PYTEST_ARGS)
 	$(MATRIX) --out $(MATRIX_OUT) -- -m kernel $(PYTEST_ARGS)
 	$(BIN)/python kernels/support.py $(MATRIX_OUT) README.md
 
@@ -78,7 +78,7 @@ bench: setup
 	$(BIN)/python bench/run.py
 
 lint: venv
-	$(BIN)/ruff check tapio_core plugins tests bench
+	$(BIN)/ruff check tapio_core plugins tests bench kernels
 
 clean:
 	rm -rf $(VENV)

@@ -80,7 +80,7 @@ def vng_command(image: Path, out: Path, command: list[str], memory: str, cpus: i
 
 
 def junit_counts(path: Path) -> dict[str, int]:
-    """passed/failed/errors/skipped from pytest's junit XML; empty when it is missing or unreadable."""
+    """passed/failed/errors/skipped and seconds from pytest's junit XML; empty when it is missing or unreadable."""
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
@@ -88,6 +88,7 @@ def junit_counts(path: Path) -> dict[str, int]:
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     total = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
     total["passed"] = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
+    total["time"] = sum(float(s.get("time", 0)) for s in suites)
     return total
 
 

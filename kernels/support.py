@@ -3,7 +3,8 @@
     python kernels/support.py OUT README.md
 
 ``OUT`` is where ``make test`` / ``make test-kernels`` left each kernel's results
-(``OUT/<kernel>/tests/support.json``, written by tests/test_portability_kernel.py; ``host`` is this
+(``OUT/<kernel>/tests/support.json``, written by tests/test_portability_kernel.py, and pytest's
+``OUT/<kernel>/junit.xml``, whose counts and time make the table's first row; ``host`` is this
 machine's kernel). The table between the README's ``support-table`` markers is replaced; nothing
 else is touched. A kernel whose scenario did not finish shows what it did measure, and a type it
 did not see is marked as not detected: the table says what was measured, not what was hoped.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from matrix import junit_counts
 
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 TYPES = {
@@ -31,15 +34,26 @@ def load(out: Path) -> list[tuple[str, dict]]:
     for path in sorted(out.glob("*/tests/support.json")):
         name = path.parent.parent.name
         measured = json.loads(path.read_text())
+        measured["tests"] = junit_counts(path.parent.parent / "junit.xml")
         title = f"{measured['kernel']} (this host)" if name == "host" else f"{name} ({measured['kernel']})"
         found.append((name, title, measured))
     found.sort(key=lambda item: (item[0] == "host", [int(p) if p.isdigit() else 0 for p in item[0].split(".")]))
     return [(title, measured) for _, title, measured in found]
 
 
+def tests_cell(counts: dict) -> str:
+    if not counts:
+        return "not counted"
+    said = [f"{counts[key]} {key}" for key in ("passed", "failures", "errors", "skipped") if counts.get(key)]
+    bad = counts.get("failures") or counts.get("errors") or counts.get("skipped")
+    return ("**" + ", ".join(said) + "**" if bad else ", ".join(said)) + f" in {counts.get('time', 0):.0f} s"
+
+
 def table(columns: list[tuple[str, dict]]) -> str:
     header = "| observer | feature | " + " | ".join(title for title, _ in columns) + " |"
-    lines = [header, "|" + "---|" * (len(columns) + 2)]
+    lines = [header, "|" + "---|" * (len(columns) + 2),
+             "| tests | run on this kernel | " + " | ".join(tests_cell(measured.get("tests") or {})
+                                                         for _, measured in columns) + " |"]
     notes = []
     for observer, types in TYPES.items():
         statuses = []

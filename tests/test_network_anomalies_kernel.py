@@ -52,12 +52,12 @@ from network_scenarios import (
 )
 
 from tapio_core.bpf import tracepoint_exists
+from tapio_observer_network import FAILED_RETRANSMITS
 from tapio_observer_network.settings import NetworkSettings, kernel_settings
 
 pytestmark = pytest.mark.kernel
 
 TCP_SYN_SENT = 2
-FAILED_RETRANSMITS = "failed retransmit attempts told apart in retransmit spikes"
 #: After the occurrence we waited for, how long a wrongly repeated one would have had to show up (scaled).
 SETTLE_S = 0.5
 

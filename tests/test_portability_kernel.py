@@ -54,6 +54,9 @@ from storage_scenarios import (
     wait_writes_in_flight,
 )
 
+from tapio_observer_container import LAST_THREAD_FROM_TRACEPOINT
+from tapio_observer_network import FAILED_RETRANSMITS, OWNERS_FROM_SENDS
+
 pytestmark = pytest.mark.kernel
 
 OBSERVERS = ("network", "container", "storage", "pmc")
@@ -65,6 +68,20 @@ SETTINGS = {
     "network.rst_storm_threshold": 20, "network.rst_storm_window_s": 5, "network.rst_storm_cooldown_s": 600,
     "network.rst_storm_node_threshold": 1_000_000,
     "storage.warning_ms": 1000, "storage.critical_ms": 1500,
+}
+#: Every feature an observer turns off on a kernel of the matrix, because that kernel lacks its data; every other
+#: feature must be on there. sock:sock_send_length came in 6.3; 6.12 and older have neither the err field of
+#: tcp_retransmit_skb nor the group_dead field of sched_process_exit.
+LACKING_BEFORE_6_3 = {("network", OWNERS_FROM_SENDS): "the kernel has no tracepoint sock:sock_send_length"}
+LACKING_UP_TO_6_12 = {
+    ("network", FAILED_RETRANSMITS): "tracepoint tcp:tcp_retransmit_skb has no field err",
+    ("container", LAST_THREAD_FROM_TRACEPOINT): "tracepoint sched:sched_process_exit has no field group_dead",
+}
+OFF_ON_MATRIX_KERNELS = {
+    (5, 10): LACKING_BEFORE_6_3 | LACKING_UP_TO_6_12,
+    (6, 1): LACKING_BEFORE_6_3 | LACKING_UP_TO_6_12,
+    (6, 12): LACKING_UP_TO_6_12,
+    (6, 18): {},
 }
 #: What this kernel made, filled in by the tests below and written out when the module ends.
 MEASURED: dict = {"kernel": os.uname().release, "detected": {}, "observers": {}, "doctor_matches_agent": None}
@@ -115,6 +132,32 @@ def test_observers_start_as_this_kernel_allows(agent):
     # No hardware PMU in a guest or on this machine: pmc says so and the rest runs.
     assert statuses == {"network": "running", "container": "running", "storage": "running",
                         "pmc": "running" if has_pmu() else "unsupported"}, state["observers"]
+
+
+def release() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_what_this_kernel_lacks_is_off_alone_and_status_and_health_say_which_and_why(agent):
+    from tapio_core.state import read_state
+
+    observers = (read_state(agent.data_dir) or {})["observers"]
+    off = {(name, feature): why for name in OBSERVERS
+           for feature, why in (observers[name].get("disabled") or {}).items()}
+    if release() in OFF_ON_MATRIX_KERNELS:  # elsewhere (a developer's own kernel) only what is said is checked
+        assert off == OFF_ON_MATRIX_KERNELS[release()]
+    said = {}
+    for command in ("status", "health"):
+        done = subprocess.run([str(TAPIO), command, "--json", "--data-dir", str(agent.data_dir)], capture_output=True,
+                              text=True, timeout=scaled(60), env=tool_env())
+        assert done.stdout, done.stderr
+        report = json.loads(done.stdout)
+        said[command] = ({name: entry.get("reason") or "" for name, entry in report["state"]["observers"].items()}
+                         if command == "status" else {item["name"]: item["reason"] for item in report["observers"]})
+    for (name, feature), why in off.items():
+        assert f"{feature} ({why})" in said["status"][name], said["status"][name]
+        assert f"{feature} ({why})" in said["health"][name], said["health"][name]
 
 
 def has_pmu() -> bool:

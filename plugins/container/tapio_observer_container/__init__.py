@@ -24,6 +24,7 @@ log = logging.getLogger("tapio.container")
 
 _CGROUP = "cgroup id and path"
 _MEMORY = "memory limit and usage of OOM victims"
+LAST_THREAD_FROM_TRACEPOINT = "the process's last thread from the tracepoint (found through signal_struct.live instead)"
 _VICTIM_FROM_MARK = "the OOM victim's task from mark_victim"
 _VICTIM_FROM_SIGKILL = "the OOM victim's task from the OOM killer's SIGKILL"
 OBSERVER = ObserverSpec(
@@ -67,8 +68,7 @@ OBSERVER = ObserverSpec(
     ),
     # Newer kernels mark a process's last thread in the tracepoint; older ones are asked signal_struct.live.
     tracepoint_fields=(TracepointField("TAPIO_EXIT_HAS_GROUP_DEAD", "sched:sched_process_exit", "group_dead",
-                                       feature="the process's last thread from the tracepoint "
-                                               "(found through signal_struct.live instead)"),),
+                                       feature=LAST_THREAD_FROM_TRACEPOINT),),
     # Kernels before about 6.8 hand mark_victim the victim's pid, not its task: there the victim's task is the
     # target of the SIGKILL the OOM killer sends it just before. Either way the victim is read at its mark.
     raw_tracepoint_args=(RawTracepointArg("TAPIO_MARK_VICTIM_TASK", "mark_victim", 0, "struct task_struct *",

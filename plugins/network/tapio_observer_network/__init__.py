@@ -22,6 +22,7 @@ RTT = "RTT degradation"
 OWNERS_FROM_READS = "owners of accepted and older sockets learned from their reads"
 OWNERS_FROM_SENDS = "owners of accepted and older sockets learned from their sends"
 FAMILY = "address families of resets, retransmits and RTT samples"
+FAILED_RETRANSMITS = "failed retransmit attempts told apart in retransmit spikes"
 
 OBSERVER = ObserverSpec(
     name="network",
@@ -79,7 +80,7 @@ OBSERVER = ObserverSpec(
         BtfField("TAPIO_SKC_NUM_OFFSET", "sock", "__sk_common.skc_num", feature=RTT),
     ),
     tracepoint_fields=(TracepointField("TAPIO_RETRANSMIT_HAS_ERR", "tcp:tcp_retransmit_skb", "err",
-                                       feature="failed retransmit attempts told apart in retransmit spikes"),),
+                                       feature=FAILED_RETRANSMITS),),
     required_features=(FAMILY,),
     description="TCP connects refused, unreachable or timed out, resets, retransmit spikes, RTT degradation,"
                 " RST storms",
