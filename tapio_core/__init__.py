@@ -15,6 +15,7 @@ from tapio_core.observer import (
     RawTracepointArg,
     RunningObserver,
     TracepointField,
+    c_string,
     record_dtype,
 )
 from tapio_core.occurrence import Context, Entity, Error, Occurrence
@@ -39,6 +40,7 @@ __all__ = [
     "RunningSink",
     "SinkSpec",
     "TracepointField",
+    "c_string",
     "hookimpl",
     "record_dtype",
 ]

@@ -26,6 +26,11 @@ def record_dtype(fields: list[tuple[str, Any]]) -> np.dtype:
     return np.dtype(fields, align=True)
 
 
+def c_string(raw: bytes) -> str:
+    """A fixed-size C char array from a record (a comm, a device name): up to its NUL, never failing on bad bytes."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 @attrs.frozen
 class BtfField:
     """A kernel struct member the BPF source reads at a BTF-resolved offset.

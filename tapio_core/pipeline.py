@@ -227,16 +227,3 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def wall_time_ms(wall_ns: int) -> datetime:
     """Wall-clock nanoseconds as a UTC datetime truncated to milliseconds (integer maths, no float rounding)."""
     return _EPOCH + timedelta(milliseconds=wall_ns // 1_000_000)
-
-
-def row_to_facts(row: Any, fields: Iterable[str]) -> dict[str, Any]:
-    """Plain-Python values of chosen fields of one structured-array row."""
-    return {name: _plain(row[name]) for name in fields}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.split(b"\0", 1)[0].decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

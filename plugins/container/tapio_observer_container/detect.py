@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tapio_core import Anomaly
+from tapio_core import Anomaly, c_string
 from tapio_observer_container.records import (
     FLAG_CGROUP,
     FLAG_LIMITED,
@@ -40,8 +40,6 @@ def signal_name(number: int) -> str:
         return f"SIG{number}"
 
 
-def text(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def process_facts(row: np.void) -> dict[str, Any]:
@@ -51,9 +49,9 @@ def process_facts(row: np.void) -> dict[str, Any]:
     return {
         "pid": int(task["pid"]),
         "tid": int(task["tid"]),
-        "comm": text(task["comm"]),
+        "comm": c_string(task["comm"]),
         "cgroup_id": int(task["cgroup_id"]) if has_cgroup else None,
-        "cgroup_path": (text(row["cgroup_path"]) or None) if has_cgroup else None,
+        "cgroup_path": (c_string(row["cgroup_path"]) or None) if has_cgroup else None,
         "cgroup_path_truncated": bool(flags & FLAG_PATH_TRUNCATED),
         "cgroup_version": int(row["cgroup_mode"]) if has_cgroup else None,
     }
@@ -93,7 +91,7 @@ def oom_kill(row: np.void) -> Anomaly:
         **rss,
         oom_score_adj=int(row["oom_score_adj"]) if flags & FLAG_OOM_SCORE_ADJ else None,
         trigger_pid=int(row["trigger_pid"]) if flags & FLAG_TRIGGER else None,
-        trigger_comm=text(row["trigger_comm"]) if flags & FLAG_TRIGGER else None,
+        trigger_comm=c_string(row["trigger_comm"]) if flags & FLAG_TRIGGER else None,
     )
     return Anomaly(type=OOM_KILL, timestamp_ns=int(row["timestamp_ns"]), severity="critical", outcome="failure",
                    data=facts, error_code="OOM_KILLED", error_message="killed by the kernel's OOM killer",

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tapio_core import Anomaly
+from tapio_core import Anomaly, c_string
 from tapio_observer_network.records import (
     FAMILIES,
     KIND_CONNECT_FAILED,
@@ -61,8 +61,6 @@ def destination(ip: str, port: int, family: int) -> str:
     return f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
 
 
-def _text(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _state(code: int) -> str:
@@ -77,7 +75,7 @@ def _fingerprints(rows: np.ndarray) -> list[bytes]:
 
 def _owner(task: Any, known: int) -> dict[str, Any]:
     pid, tid, cgroup, comm = task
-    return {"pid": pid, "tid": tid, "comm": _text(comm), "cgroup_id": cgroup, "owner_known": bool(known)}
+    return {"pid": pid, "tid": tid, "comm": c_string(comm), "cgroup_id": cgroup, "owner_known": bool(known)}
 
 
 def _with_netns(data: dict[str, Any], netns: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tapio_core import Anomaly
+from tapio_core import Anomaly, c_string
 from tapio_observer_storage.records import BlockStatus, Operations, block_status, block_status_of_errno
 from tapio_observer_storage.settings import StorageSettings, Thresholds
 
@@ -103,14 +103,14 @@ class StorageDetector:
         for row, (ts, latency, sector, baseline, deviation, samples, queue, pid, tid, cgroup, comm, major, minor, size,
                   completed, cmd_flags, status, partial, matched, status_is_errno, disk) in zip(events, columns,
                                                                                                 strict=True):
-            device = _text(disk) or f"{major}:{minor}"
+            device = c_string(disk) or f"{major}:{minor}"
             thresholds = self.thresholds(device)
             self.screens.learn(queue, device, thresholds, bool(matched))
             if status == 0 and latency < thresholds.warning_ns:
                 self.screened += 1
                 continue
             data = {
-                "pid": pid, "tid": tid, "comm": _text(comm), "cgroup_id": cgroup,
+                "pid": pid, "tid": tid, "comm": c_string(comm), "cgroup_id": cgroup,
                 "device": device, "dev_major": major, "dev_minor": minor,
                 "operation": self.operations.name(cmd_flags), "cmd_flags": cmd_flags,
                 "sector": sector, "bytes": size, "completed_bytes": completed, "partial": bool(partial),
@@ -146,5 +146,3 @@ class StorageDetector:
                        outcome="success", data=data, fingerprint=row.tobytes())
 
 
-def _text(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
