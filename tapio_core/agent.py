@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from tapio_core import __version__
+from tapio_core.bpf import can_load_bpf
 from tapio_core.config import ConfigError, config_options, load_settings
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
@@ -24,26 +25,11 @@ from tapio_core.state import STATE_INTERVAL_S, write_state
 
 log = logging.getLogger("tapio.agent")
 
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 #: After a batch smaller than this, pause briefly so the next one can grow:
 #: re-reading the ring for a record or two at a time burns a core.
 SMALL_BATCH = 64
 SMALL_BATCH_PAUSE_S = 0.002
 HOUSEKEEPING_S = 1.0
-
-
-def effective_capabilities() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
-def can_load_bpf() -> bool:
-    caps = effective_capabilities()
-    has = lambda cap: bool(caps >> cap & 1)
-    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
 
 
 def configure_logging(verbose: int) -> None:
@@ -297,9 +283,9 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, conf
     except PluginError as exc:
         fail(str(exc))
     if list_plugins:
-        from tapio_core.cli import print_plugins
+        from tapio_core.render import console, print_plugins  # rich only for this listing
 
-        print_plugins(plugins)
+        print_plugins(plugins, console())
         return
     if not can_load_bpf():
         fail("loading BPF programs needs root or CAP_BPF+CAP_PERFMON; run with sudo")

@@ -6,6 +6,7 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,31 @@ def tracepoint_cflags(spec: ObserverSpec) -> tuple[list[str], dict[str, str]]:
         else:
             disabled.setdefault(field.feature, f"tracepoint {field.tracepoint} has no field {field.field}")
     return flags, disabled
+
+
+#: Linux capability numbers: loading BPF programs needs CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON (5.8+).
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def effective_capabilities() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def can_load_bpf() -> bool:
+    caps = effective_capabilities()
+    has = lambda cap: bool(caps >> cap & 1)
+    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int] | None:
+    """(major, minor) of a kernel release such as ``6.18.44-fc-v657`` (default: the running kernel's); None
+    when it does not start with a version."""
+    match = re.match(r"(\d+)(?:\.(\d+))?", release if release is not None else os.uname().release)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
 
 
 def tracepoint_exists(name: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from tapio_core.bpf import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, effective_capabilities, kernel_version
 from tapio_core.plugins import LoadedPlugins
 
 OK, FAIL, WARN, OPTIONAL = "ok", "fail", "warn", "optional"
@@ -77,8 +78,6 @@ def node(name: str, status: str, detail: str, fix: str = "") -> Check:
 
 
 def check_privileges() -> Check:
-    from tapio_core.agent import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, effective_capabilities
-
     caps = effective_capabilities()
     has = lambda cap: bool(caps >> cap & 1)
     if has(CAP_SYS_ADMIN):
@@ -139,11 +138,6 @@ def check_tracefs(paths: NodePaths) -> Check:
         return node("tracefs", OK, f"{events}")
     return node("tracefs", FAIL, f"{events} is missing or empty: tracepoints cannot be found or attached",
                 f"mount -t tracefs tracefs {paths.tracefs}")
-
-
-def kernel_version(release: str) -> tuple[int, int] | None:
-    match = re.match(r"(\d+)\.(\d+)", release)
-    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def check_ring_buffer(release: str) -> Check:

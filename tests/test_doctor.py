@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from kernel_helpers import TAPIO, tool_env
 
 from tapio_core import BtfField, ObserverSpec, OptionalTracepoint, hookimpl
+from tapio_core.bpf import kernel_version
 from tapio_core.cli import cli
 from tapio_core.doctor import FAIL, OK, OPTIONAL, WARN, NodePaths, check_ring_buffer, needed_ok, run_checks
 from tapio_core.plugins import load_plugins
@@ -95,6 +96,12 @@ def test_kernel_headers_may_come_from_the_kernel_itself(tmp_path):
     paths = node_tree(tmp_path, headers=False)
     paths.kheaders.write_bytes(b"xz")
     assert by_name(run_checks(probe_plugins(), paths=paths, release=RELEASE))[("node", "kernel headers")].status == OK
+
+
+@pytest.mark.parametrize(("release", "version"), [
+    ("6.18.44-fc-v657", (6, 18)), ("5.15.0-91-generic", (5, 15)), ("6", (6, 0)), ("weird", None)])
+def test_kernel_version_parsing(release, version):
+    assert kernel_version(release) == version
 
 
 def test_a_kernel_older_than_5_8_has_no_ring_buffer():

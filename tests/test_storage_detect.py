@@ -24,7 +24,6 @@ from tapio_observer_storage.records import (
     block_status,
     block_statuses,
     kernel_dev,
-    kernel_version,
     operations_from_btf,
 )
 from tapio_observer_storage.settings import DeviceRule, StorageSettings
@@ -194,12 +193,6 @@ def test_an_unknown_status_code_is_named_by_number_with_the_kernels_fallback_err
 def test_block_status_codes_follow_the_kernel_version_that_defined_them(release, code, name, errno_name):
     status = block_status(code, block_statuses(release))
     assert (status.name, status.errno) == (name, errno_name)
-
-
-@pytest.mark.parametrize(("release", "version"), [
-    ("6.18.44-fc-v657", (6, 18)), ("5.15.0-91-generic", (5, 15)), ("6", (6, 0)), ("weird", (0, 0))])
-def test_kernel_version_parsing(release, version):
-    assert kernel_version(release) == version
 
 
 # -- latency spikes ---------------------------------------------------------------------------------

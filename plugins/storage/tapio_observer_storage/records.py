@@ -9,11 +9,11 @@ statuses from the kernel source (they are macros, absent from BTF).
 from __future__ import annotations
 
 import errno
-import os
 
 import attrs
 
 from tapio_core import record_dtype
+from tapio_core.bpf import kernel_version
 from tapio_core.btf import Btf, BtfError
 from tapio_core.observer import TASK_DTYPE
 
@@ -98,19 +98,9 @@ _STATUSES_SINCE_6_10 = {
 }
 
 
-def kernel_version(release: str | None = None) -> tuple[int, int]:
-    """(major, minor) of a kernel release string such as ``6.18.44-fc-v657``."""
-    release = release if release is not None else os.uname().release
-    numbers = release.split("-", 1)[0].split(".")
-    try:
-        return int(numbers[0]), int(numbers[1]) if len(numbers) > 1 else 0
-    except ValueError:
-        return (0, 0)
-
-
 def block_statuses(release: str | None = None) -> dict[int, BlockStatus]:
     """``blk_status_t`` code -> status, for the kernel ``release`` (default: the running one)."""
-    return _STATUSES_SINCE_6_10 if kernel_version(release) >= (6, 10) else _STATUSES_BEFORE_6_10
+    return _STATUSES_SINCE_6_10 if (kernel_version(release) or (0, 0)) >= (6, 10) else _STATUSES_BEFORE_6_10
 
 
 def block_status(code: int, statuses: dict[int, BlockStatus]) -> BlockStatus:
