@@ -39,7 +39,9 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from tapio_core import __version__
 from tapio_core.hookspecs import hookimpl
+from tapio_core.http_transport import HttpTransport, Reply, SendError
 from tapio_core.occurrence import Occurrence
 from tapio_core.sink import RunningSink, SinkError
 
@@ -93,21 +95,6 @@ class DeliverySettings:
     def __attrs_post_init__(self) -> None:
         if self.token_env and self.token_file:
             raise ValueError("token_env and token_file: must set one of them, not both")
-
-
-@attrs.frozen
-class Reply:
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
-
-
-class SendError(Exception):
-    """A request got no HTTP answer (retriable unless said otherwise); the message never holds the token."""
-
-    def __init__(self, message: str, retriable: bool = True) -> None:
-        super().__init__(message)
-        self.retriable = retriable
 
 
 #: Posts a body with these headers, ``timeout`` seconds at most; raises SendError when no answer comes.
@@ -343,9 +330,6 @@ def start_delivery(sink: RunningSink, url: str, encoder: Encoder, *,
     The counts go in ``sink.counters``, which `tapio status` shows; ``retry_statuses`` are the
     HTTP statuses worth sending a batch again for (a protocol may narrow them, as OTLP does).
     """
-    from tapio_core import __version__
-    from tapio_core.http_transport import HttpTransport
-
     try:
         transport = HttpTransport(url, sink.config, user_agent=f"tapio/{__version__}")
     except SinkError as exc:

@@ -1,7 +1,7 @@
 """The HTTP side of remote delivery: one pooled ``requests`` session and the bearer token.
 
-Kept apart from ``delivery`` (queueing, batching, retries), which only needs a
-callable that posts bytes and answers with a :class:`~tapio_core.delivery.Reply`.
+The layer under ``delivery`` (queueing, batching, retries), which only needs a
+callable that posts bytes and answers with a :class:`Reply` or raises :class:`SendError`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,37 @@ import re
 import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
-from tapio_core.delivery import DeliverySettings, Reply, SendError
+import attrs
+
 from tapio_core.sink import SinkError
 
 log = logging.getLogger("tapio.delivery")
+
+
+class HttpSettings(Protocol):
+    """What the transport reads of a remote sink's settings (``delivery.DeliverySettings`` has them)."""
+
+    ca_bundle: str | None
+    token_env: str | None
+    token_file: str | None
+
+
+@attrs.frozen
+class Reply:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class SendError(Exception):
+    """A request got no HTTP answer (retriable unless said otherwise); the message never holds the token."""
+
+    def __init__(self, message: str, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
 
 
 class BearerToken:
@@ -27,7 +52,7 @@ class BearerToken:
     A file is read again when it changes, so rotated (projected service-account) tokens are picked up.
     """
 
-    def __init__(self, settings: DeliverySettings) -> None:
+    def __init__(self, settings: HttpSettings) -> None:
         self._env, self._path = settings.token_env, settings.token_file
         self._value, self._stamp = "", None
         if self._env:
@@ -72,7 +97,7 @@ def _checked(token: str, source: str) -> str:
 class HttpTransport:
     """POSTs with one pooled ``requests`` session: certificates verified, redirects not followed."""
 
-    def __init__(self, url: str, settings: DeliverySettings, user_agent: str) -> None:
+    def __init__(self, url: str, settings: HttpSettings, user_agent: str) -> None:
         import requests  # a dependency of the remote sinks, not of tapio-core
 
         self._requests = requests
