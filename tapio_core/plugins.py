@@ -167,7 +167,11 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, what: str, failed: dict[s
     user's choice); any other error in a plugin's registration leaves that plugin out.
     """
     declared: dict[str, tuple[str, Any]] = {}
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls():
+        # Through pluggy (so TAPIO_TRACE_PLUGINS sees the call), with every other plugin left out.
+        others = [plugin for plugin in pm.get_plugins() if plugin is not impl.plugin]
+        only_this = pm.subset_hook_caller(hook_name, others)
 
         def register(spec: Any, _plugin: str = impl.plugin_name) -> None:
             if spec.name in declared:
@@ -178,7 +182,7 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, what: str, failed: dict[s
             declared[spec.name] = (_plugin, spec)
 
         try:
-            impl.function(**{name: register for name in impl.argnames})
+            only_this(**{name: register for name in hook.spec.argnames})
         except PluginError:
             raise
         except Exception as exc:

@@ -53,6 +53,17 @@ def test_allow_list_from_environment(monkeypatch):
     assert set(load_plugins().observers) == {"b"}
 
 
+def test_plugin_tracing_sees_each_plugins_registration_call(monkeypatch, caplog):
+    caplog.set_level("INFO", logger="tapio.plugins")
+    fake_entry_points(monkeypatch, FakeEntryPoint("a", lambda: observer_plugin("a")),
+                      FakeEntryPoint("b", lambda: observer_plugin("b")))
+    monkeypatch.setenv("TAPIO_TRACE_PLUGINS", "1")
+    assert set(load_plugins(allow=None).observers) == {"a", "b"}
+    calls = [r.getMessage() for r in caplog.records
+             if r.getMessage().split()[:2] == ["hook", "tapio_register_observers"]]
+    assert len(calls) == 2, caplog.text  # one call per plugin, each seen by pluggy's tracing
+
+
 def test_naming_a_plugin_that_is_not_installed_is_an_error(monkeypatch):
     fake_entry_points(monkeypatch, FakeEntryPoint("a", lambda: observer_plugin("a")))
     with pytest.raises(PluginError, match="not installed: nope"):
