@@ -8,6 +8,14 @@
 BPF_RINGBUF_OUTPUT(events, TAPIO_RING_PAGES);
 BPF_PERCPU_ARRAY(tapio_lost, u64, 1);
 
+/* Adds one to a count in a per-CPU array (an observer's counters, which tapio status shows): this
+ * CPU's copy is uncontended, but an interrupt may run another program mid-update, so the add is atomic. */
+static __always_inline void tapio_count(u64 *value)
+{
+    if (value)
+        lock_xadd(value, 1);
+}
+
 /* Sends one record; a full ring buffer is counted in tapio_lost, never silent.
  * Returns 0 when sent, so a caller can keep what the record carried (e.g. a
  * suppressed count) for the next one. */
@@ -16,11 +24,16 @@ static __always_inline int tapio_submit(void *record, u32 size)
     int err = events.ringbuf_output(record, size, 0);
     if (err != 0) {
         int zero = 0;
-        u64 *lost = tapio_lost.lookup(&zero);
-        if (lost)
-            (*lost)++;
+        tapio_count(tapio_lost.lookup(&zero));
     }
     return err;
+}
+
+/* A kernel pointer's slot in a table of 2^bits: Fibonacci hashing, whose top bits of the product spread
+ * pointers evenly (their low bits are alignment, their high bits shared by a whole slab). */
+static __always_inline u32 tapio_pointer_slot(u64 pointer, int bits)
+{
+    return (u32)((pointer * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
 }
 
 /* Compare-and-swap of a u64 another CPU may be changing: 1 when *word was expected and is now

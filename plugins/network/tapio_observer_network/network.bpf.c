@@ -197,9 +197,7 @@ static __always_inline struct network_settings *settings(void)
 
 static __always_inline void count(int slot)
 {
-    u64 *value = network_counts.lookup(&slot);
-    if (value)
-        (*value)++;
+    tapio_count(network_counts.lookup(&slot));
 }
 
 /* One more event of a key held back: carried in the key's next record, and counted node-wide. */
@@ -211,8 +209,7 @@ static __always_inline void hold_back(u64 *suppressed)
 
 static __always_inline struct owner_bucket *owner_bucket(u64 sk)
 {
-    /* Fibonacci hashing: the top bits of the product spread slab addresses evenly. */
-    u32 index = (u32)((sk * 0x9E3779B97F4A7C15ULL) >> (64 - OWNER_BUCKET_BITS));
+    u32 index = tapio_pointer_slot(sk, OWNER_BUCKET_BITS);
     return owners.lookup(&index);
 }
 

@@ -104,9 +104,7 @@ BPF_PERCPU_ARRAY(storage_counts, u64, 2);
 
 static __always_inline void count(int slot)
 {
-    u64 *value = storage_counts.lookup(&slot);
-    if (value)
-        lock_xadd(value, 1);  /* this CPU's copy: uncontended; atomic as an interrupt may run us mid-update */
+    tapio_count(storage_counts.lookup(&slot));
 }
 
 static __always_inline u64 setting(int slot)
@@ -115,10 +113,9 @@ static __always_inline u64 setting(int slot)
     return value ? *value : 0;
 }
 
-/* Fibonacci hashing of the pointer: its low bits are alignment, its high bits shared by all requests. */
 static __always_inline u32 first_slot(u64 rq)
 {
-    return (u32)((rq * 0x9E3779B97F4A7C15ULL) >> (64 - __builtin_ctzll(STORAGE_MAX_INFLIGHT)));
+    return tapio_pointer_slot(rq, __builtin_ctzll(STORAGE_MAX_INFLIGHT));
 }
 
 /* Fires in the submitter's context. A requeued request is inserted again by a kblockd worker: its new
