@@ -108,15 +108,23 @@ def print_status(agent: AgentStatus, out: Console) -> None:
     out.print(f"tapio {clean(info.get('version', '?'))} on {clean(info.get('node', '?'))}; state written "
               f"{format_duration(agent.age_s)} ago{'' if agent.running else ' (figures below are from then)'}")
     observers = table("observer", "status", "records", "/s", "anomalies", "/s ", "lost", "malformed", "counters",
-                      "reason", title="Observers", numeric=("records", "/s", "anomalies", "/s ", "lost", "malformed"))
+                      title="Observers", numeric=("records", "/s", "anomalies", "/s ", "lost", "malformed"))
+    reasons = []
     for name, entry in agent.observers.items():
         status = clean(entry.get("status", "?"))
         rates = [number(entry.get(key), rate=True) if agent.running else "-"
                  for key in ("records_per_s", "anomalies_per_s")]
         observers.add_row(clean(name), Text(status, style=STATUS_STYLE.get(status, "")), number(entry.get("records")),
                           rates[0], number(entry.get("anomalies")), rates[1], number(entry.get("lost")),
-                          number(entry.get("malformed")), counters(entry), clean(entry.get("reason") or ""))
+                          number(entry.get("malformed")), counters(entry))
+        reason = clean(entry.get("reason") or "")
+        if reason:
+            reasons.append(reason if reason.startswith(f"{clean(name)}: ") else f"{clean(name)}: {reason}")
     out.print(observers)
+    # Under the table, one line each: a reason (what this kernel lacks, why an observer failed) can be
+    # long, and folded into a column it would squeeze every other column too.
+    for reason in reasons:
+        out.print(Text(reason), soft_wrap=True)
     sinks = table("sink", "delivered", "failed", "counters", title="Sinks", numeric=("delivered", "failed"))
     for name, entry in agent.sinks.items():
         sinks.add_row(clean(name), number(entry.get("delivered")), number(entry.get("failed")), counters(entry))

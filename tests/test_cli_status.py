@@ -56,10 +56,24 @@ def test_a_running_agent_shows_observers_sinks_counts_and_rates(tmp_path):
     network = next(line for line in out.splitlines() if line.lstrip().startswith("network"))
     assert network.split()[:8] == ["network", "running", "1,234", "12.5", "7", "0.2", "3", "0"]
     assert "suppressed=2 unmatched=1" in network
-    assert re.search(r"pmc\s+unsupported.*pmc: unsupported: no hardware PMU", out)
-    assert re.search(r"storage\s+failed.*tracepoint\(s\) missing on this kernel: raw:nope", out)
+    assert re.search(r"\n *pmc +unsupported +", out) and re.search(r"\n *storage +failed +", out)
+    # reasons go under the table, whole, one line each
+    assert "\npmc: unsupported: no hardware PMU\n" in out
+    assert "\nstorage: tracepoint(s) missing on this kernel: raw:nope\n" in out
     assert re.search(r"file\s+7\s+1\s+dropped=4 retried=2", out)
     assert '"rst_storm_threshold": 50' in out
+
+
+def test_a_long_reason_is_one_whole_line_under_the_table_and_squeezes_no_column(tmp_path):
+    written = state()
+    long = "disabled: " + "; ".join(f"feature number {i} (the kernel has no tracepoint sock:thing_{i})"
+                                    for i in range(6))
+    written["observers"]["network"]["reason"] = long
+    write_state(tmp_path, written)
+    out = status(tmp_path).output
+    network = next(line for line in out.splitlines() if line.lstrip().startswith("network"))
+    assert network.split()[:8] == ["network", "running", "1,234", "12.5", "7", "0.2", "3", "0"]
+    assert f"\nnetwork: {long}\n" in out
 
 
 def test_json_carries_the_whole_state(tmp_path):
