@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from kernel_helpers import TAPIO, closed_tcp_port, run_connects, running_agent, tool_env
+from kernel_helpers import TAPIO, closed_tcp_port, run_connects, running_agent, scaled, tool_env
 from plugin_helpers import install_on_path
 from test_cli_watch import Watch
 
@@ -27,7 +27,8 @@ STATE_WAIT_S = 10.0
 
 
 def tapio(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TAPIO), *map(str, args)], capture_output=True, text=True, timeout=60, env=tool_env())
+    return subprocess.run([str(TAPIO), *map(str, args)], capture_output=True, text=True, timeout=scaled(60),
+                          env=tool_env())
 
 
 def status_json(data_dir: Path) -> tuple[int, dict]:

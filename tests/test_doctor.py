@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from kernel_helpers import TAPIO, tool_env
+from kernel_helpers import TAPIO, scaled, tool_env
 
 from tapio_core import BtfField, ObserverSpec, OptionalTracepoint, hookimpl
 from tapio_core.bpf import kernel_version
@@ -175,7 +175,7 @@ def test_a_plugin_that_fails_to_import_is_named_with_its_error(tmp_path):
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: tapio-doctor-broken\nVersion: 0.0.1\n")
     (dist_info / "entry_points.txt").write_text("[tapio]\ndoctorbroken = tapio_doctor_broken\n")
-    done = subprocess.run([str(TAPIO), "doctor", "--json"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([str(TAPIO), "doctor", "--json"], capture_output=True, text=True, timeout=scaled(60),
                           env=tool_env({"PYTHONPATH": str(site)}))
     assert done.returncode == 1
     report = json.loads(done.stdout)
@@ -214,7 +214,7 @@ def test_plugins_lists_what_each_installed_plugin_provides():
 
 @pytest.mark.kernel
 def test_on_this_node_everything_needed_works():
-    done = subprocess.run([str(TAPIO), "doctor", "--json"], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([str(TAPIO), "doctor", "--json"], capture_output=True, text=True, timeout=scaled(60),
                           env=tool_env())
     report = json.loads(done.stdout)
     failed = [c for c in report["checks"] if c["status"] == FAIL]
@@ -225,7 +225,7 @@ def test_on_this_node_everything_needed_works():
         assert checks[("observer network", f"tracepoint {tracepoint}")]["status"] == OK
     has_pmu = os.path.isdir("/sys/bus/event_source/devices/cpu")
     assert checks[("node", "hardware PMU")]["status"] == (OK if has_pmu else OPTIONAL)
-    human = subprocess.run([str(TAPIO), "doctor"], capture_output=True, text=True, timeout=60, env=tool_env())
+    human = subprocess.run([str(TAPIO), "doctor"], capture_output=True, text=True, timeout=scaled(60), env=tool_env())
     assert human.returncode == 0
     assert human.stdout.rstrip().endswith("Everything Tapio needs works on this node.")
 
@@ -235,7 +235,7 @@ def test_without_privileges_doctor_says_so_and_exits_1():
     unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
                     "--bounding-set=-all"]
     done = subprocess.run([*unprivileged, str(TAPIO), "doctor", "--json"], capture_output=True, text=True,
-                          timeout=60, cwd="/", env=tool_env({"HOME": "/"}))
+                          timeout=scaled(60), cwd="/", env=tool_env({"HOME": "/"}))
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     checks = {(c["group"], c["name"]): c for c in json.loads(done.stdout)["checks"]}

@@ -40,7 +40,7 @@ from k8s_api_server import (
     serve,
     write_kubeconfig,
 )
-from kernel_helpers import CONNECT_SCRIPT, closed_tcp_port, running_agent
+from kernel_helpers import CONNECT_SCRIPT, closed_tcp_port, running_agent, scaled
 
 from tapio_enrich_kubernetes.cgroups import HandleResolver, find_cgroup2_root
 
@@ -134,7 +134,7 @@ def child_env() -> dict[str, str]:
 def refused_connect(port: int, cgroup: PodCgroup | None = None) -> dict:
     """A refused connect to 127.0.0.1:``port`` from a new process (inside ``cgroup`` if given): its report."""
     argv = [sys.executable, "-c", CONNECT_SCRIPT, "127.0.0.1", str(port), "1"]
-    done = subprocess.run(cgroup.enter(argv) if cgroup else argv, capture_output=True, text=True, timeout=20,
+    done = subprocess.run(cgroup.enter(argv) if cgroup else argv, capture_output=True, text=True, timeout=scaled(20),
                           check=True, env=child_env())
     report = json.loads(done.stdout)
     assert report["attempts"][0]["errno"] == "ECONNREFUSED"
@@ -248,7 +248,7 @@ def test_refused_connect_in_a_pod_names_pod_namespace_container_and_deployment(c
 def test_abnormal_exit_in_a_pod_names_it(cluster):
     pod, cgroup, deployment = cluster.web
     proc = subprocess.Popen(cgroup.enter(["sh", "-c", "exit 3"]), env=child_env())
-    assert proc.wait(20) == 3
+    assert proc.wait(scaled(20)) == 3
     [occ] = cluster.agent.wait_for(of_pid(EXIT, proc.pid), timeout=10)
     assert occ["data"]["exit_code"] == 3
     assert occ["context"] == expected_context(pod, cgroup, deployment)
@@ -258,7 +258,7 @@ def test_oom_killed_process_in_a_job_pod_names_the_cronjob(cluster):
     pod, cgroup, cron = cluster.batch
     allocate = "chunks = [b'a' * (4 << 20) for _ in range(128)]"  # 512 MiB against a 64 MiB limit
     proc = subprocess.Popen(cgroup.enter([sys.executable, "-c", allocate]), env=child_env())
-    assert proc.wait(30) == -signal.SIGKILL
+    assert proc.wait(scaled(30)) == -signal.SIGKILL
     [occ] = cluster.agent.wait_for(of_pid(OOM, proc.pid), timeout=10)
     assert occ["data"]["memory_limit_bytes"] == 64 * MIB
     assert occ["context"] == expected_context(pod, cgroup, cron)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kernel_helpers import closed_tcp_port, run_connects, running_agent
+from kernel_helpers import closed_tcp_port, run_connects, running_agent, scaled
 from plugin_helpers import Collect
 
 import tapio_observer_pmc
@@ -218,7 +218,8 @@ def test_page_faults_on_one_cpu_are_a_real_memory_pressure_episode():
     with pmc_agent(settings) as (agent, sink):
         drain_for(agent, 0.3)
         # Spins of 3 intervals: readings before the burst, and the recovery intervals after it.
-        subprocess.run([sys.executable, "-c", PAGE_FAULTS, str(cpu), str(megabytes), "0.3"], check=True, timeout=30)
+        subprocess.run([sys.executable, "-c", PAGE_FAULTS, str(cpu), str(megabytes), "0.3"], check=True,
+                       timeout=scaled(30))
         deadline = time.monotonic() + 5
         while not ours(sink) and time.monotonic() < deadline:
             drain_for(agent, 0.1)
