@@ -4,7 +4,6 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-KERNEL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc linux-headers-amd64 nftables bpftool iproute2 libatomic1 kmod util-linux
 # Every plugin folder with a pyproject.toml is a distribution: a new plugin needs no edit here.
 DISTRIBUTIONS := . $(patsubst %/pyproject.toml,%,$(sort $(wildcard plugins/*/pyproject.toml plugins/sinks/*/pyproject.toml)))
@@ -17,23 +16,17 @@ MATRIX := PATH=$(abspath $(BIN)):$$PATH $(BIN)/python kernels/matrix.py
 # Where the kernel tests leave what they measured (kernels/support.py writes the README's table from it).
 MATRIX_OUT := .tapio-matrix
 
-.PHONY: setup system guests venv run test test-kernels bench lint clean
+.PHONY: setup system headers guests venv run test test-kernels bench lint clean
 
-setup: system venv
+setup: system venv headers
 
-# Debian packages, kernel headers where bcc looks for them, tracefs.
+# Debian packages and tracefs. The kernel headers are Tapio's own (see venv), never linked into
+# the host's /lib/modules: any recent headers serve, as struct offsets come from BTF.
 system:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
-	@headers=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1); \
-	if [ -z "$$headers" ]; then echo "no linux-headers-*-amd64 under /usr/src" >&2; exit 1; fi; \
-	if [ ! -e /lib/modules/$(KERNEL)/build/Makefile ]; then \
-		mkdir -p /lib/modules/$(KERNEL); \
-		ln -sfn $$headers /lib/modules/$(KERNEL)/build; \
-		ln -sfn $${headers%-amd64}-common /lib/modules/$(KERNEL)/source; \
 	fi
 	@if [ ! -d /sys/kernel/tracing/events ]; then mount -t tracefs tracefs /sys/kernel/tracing; fi
 
@@ -46,6 +39,10 @@ $(VENV)/.installed: $(PYPROJECTS)
 	ln -sfn /usr/lib/python3/dist-packages/bcc $$site/bcc
 	$(BIN)/pip install -q --disable-pip-version-check $(foreach d,$(DISTRIBUTIONS),-e $(d)) -e '.[test]'
 	@touch $@
+
+# Tapio's own kernel headers beside the venv (tapio_core.bpf.BUNDLED_HEADERS), from linux-headers-amd64.
+headers: system venv
+	@deploy/kernel-headers.sh $(VENV)/share/tapio/kernel-headers
 
 # Debian's own 5.10, 6.1 and 6.12 kernels, unpacked into a cache (kernels/fetch.sh), and what boots them.
 guests: system venv

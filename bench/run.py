@@ -36,6 +36,9 @@ def discover(selected: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    from tapio_core.bpf import use_kernel_headers
+
+    use_kernel_headers()  # the benchmarks' own BPF programs compile against the agent's headers
     failed = []
     for name in discover(argv):
         note(f"bench: {name} ...")

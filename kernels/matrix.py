@@ -43,30 +43,18 @@ def matrix_kernels() -> list[str]:
     return names
 
 
-def headers_dirs() -> tuple[Path, Path]:
-    """The newest installed Debian headers (``*-amd64`` and its ``*-common``): bcc needs both, and
-    since every struct offset comes from BTF, their version need not match the guest's kernel."""
-    found = sorted(Path("/usr/src").glob("linux-headers-*-amd64"), key=lambda p: [
-        int(part) if part.isdigit() else 0 for part in p.name.replace("-", ".").split(".")])
-    if not found:
-        raise SystemExit("matrix: no /usr/src/linux-headers-*-amd64 (make setup installs them)")
-    build = found[-1]
-    return build, build.with_name(build.name.removesuffix("-amd64") + "-common")
-
-
 def prepare_kernel(cache: Path, name: str) -> tuple[Path, str]:
-    """The kernel image to boot, and its release; links the headers where bcc looks in the guest."""
+    """The kernel image to boot, and its release. The guest has no kernel headers of its own: bcc
+    compiles against Tapio's (in the shared venv, as on a node without headers)."""
     root = cache / name
     image, release_file = root / "vmlinuz", root / "release"
     if not image.exists() or not release_file.exists():
         raise SystemExit(f"matrix: kernel {name} is not in {cache} (run kernels/fetch.sh)")
     release = release_file.read_text().strip()
     modules = root / "lib" / "modules" / release
-    build, source = headers_dirs()
-    for link, target in ((modules / "build", build), (modules / "source", source)):
-        if link.is_symlink() or link.exists():
+    for link in (modules / "build", modules / "source"):  # left by older versions of this script
+        if link.is_symlink():
             link.unlink()
-        link.symlink_to(target)
     return image, release
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,57 @@ def can_load_bpf() -> bool:
     caps = effective_capabilities()
     has = lambda cap: bool(caps >> cap & 1)
     return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+
+
+#: Where ``make setup`` and the image put Tapio's own kernel headers: beside its Python environment.
+BUNDLED_HEADERS = Path(sys.prefix) / "share" / "tapio" / "kernel-headers"
+
+
+@attrs.frozen
+class KernelHeaders:
+    """The headers bcc compiles against, and who chose them; ``path`` None: bcc finds none."""
+
+    path: Path | None
+    origin: str
+    #: A single merged tree bcc must be told of (BCC_KERNEL_SOURCE); the node's own build/source pair
+    #: under /lib/modules bcc finds by itself, and must not be told of (it would lose the source half).
+    tell_bcc: bool = False
+
+
+def _headers_tree(path: Path) -> bool:
+    return (path / "include" / "linux" / "kconfig.h").is_file()
+
+
+def find_kernel_headers(
+    bundled: Path = BUNDLED_HEADERS,
+    modules: Path = Path("/lib/modules"),
+    kheaders: Path = Path("/sys/kernel/kheaders.tar.xz"),
+    release: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> KernelHeaders:
+    """Headers named by TAPIO_KERNEL_HEADERS (or bcc's own BCC_KERNEL_SOURCE), else Tapio's own, else
+    the node's. Any recent headers serve: they give bcc type declarations and macros, while every
+    kernel struct offset comes from BTF, so the node needs none installed."""
+    environ = os.environ if environ is None else environ
+    for variable in ("TAPIO_KERNEL_HEADERS", "BCC_KERNEL_SOURCE"):
+        if environ.get(variable):
+            return KernelHeaders(Path(environ[variable]), f"{variable} names it", tell_bcc=True)
+    if _headers_tree(bundled):
+        return KernelHeaders(bundled, "Tapio's own, installed beside it", tell_bcc=True)
+    build = modules / (release or os.uname().release) / "build"
+    if (build / "include").is_dir() or (build / "Makefile").is_file():
+        return KernelHeaders(build, "the node's")
+    if kheaders.exists():
+        return KernelHeaders(kheaders, "the kernel's built-in (CONFIG_IKHEADERS)")
+    return KernelHeaders(None, "none found")
+
+
+def use_kernel_headers() -> KernelHeaders:
+    """Point bcc at :func:`find_kernel_headers`' choice (bcc reads BCC_KERNEL_SOURCE at each compile)."""
+    headers = find_kernel_headers()
+    if headers.tell_bcc:
+        os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)
+    return headers
 
 
 def kernel_version(release: str | None = None) -> tuple[int, int] | None:
@@ -232,6 +284,7 @@ def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) ->
     flags, disabled = list(fit.cflags), dict(fit.disabled)
     includes = [f"-I{ebpf_dir}"] if ebpf_dir is not None else []
     includes.append(f"-I{shared_include_dir()}")
+    use_kernel_headers()
     from bcc import BPF
 
     try:

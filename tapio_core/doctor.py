@@ -17,7 +17,15 @@ from typing import Any
 
 import attrs
 
-from tapio_core.bpf import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, effective_capabilities, kernel_version
+from tapio_core.bpf import (
+    BUNDLED_HEADERS,
+    CAP_BPF,
+    CAP_PERFMON,
+    CAP_SYS_ADMIN,
+    effective_capabilities,
+    find_kernel_headers,
+    kernel_version,
+)
 from tapio_core.plugins import LoadedPlugins
 
 OK, FAIL, WARN, OPTIONAL = "ok", "fail", "warn", "optional"
@@ -49,6 +57,9 @@ class NodePaths:
     event_sources: Path = Path("/sys/bus/event_source/devices")
     modules: Path = Path("/lib/modules")
     kheaders: Path = Path("/sys/kernel/kheaders.tar.xz")
+    bundled_headers: Path = BUNDLED_HEADERS
+    #: The environment TAPIO_KERNEL_HEADERS / BCC_KERNEL_SOURCE are read from (None: the process's).
+    environ: dict[str, str] | None = None
 
 
 def needed_ok(checks: list[Check]) -> bool:
@@ -101,14 +112,18 @@ def check_bcc() -> Check:
 
 
 def check_headers(paths: NodePaths, release: str) -> Check:
-    build = paths.modules / release / "build"
-    if (build / "include").is_dir() or (build / "Makefile").is_file():
-        return node("kernel headers", OK, f"{build} -> {build.resolve()}")
-    if paths.kheaders.exists():
-        return node("kernel headers", OK, f"{paths.kheaders} (the kernel's built-in headers)")
-    return node("kernel headers", FAIL, f"neither {build} nor {paths.kheaders}: bcc cannot compile BPF programs",
-                f"apt-get install linux-headers-{release} (or the nearest linux-headers package) and link "
-                f"{build} to it; `make setup` does")
+    headers = find_kernel_headers(paths.bundled_headers, paths.modules, paths.kheaders, release, paths.environ)
+    safe = "any recent headers serve: every kernel struct offset comes from BTF"
+    if headers.path is None:
+        return node("kernel headers", FAIL, f"none for bcc to compile BPF programs against (not "
+                    f"{paths.bundled_headers}, {paths.modules / release / 'build'} or {paths.kheaders})",
+                    "make setup (Tapio's own headers), or set TAPIO_KERNEL_HEADERS to a kernel headers tree; "
+                    + safe)
+    if headers.tell_bcc and not (headers.path / "include" / "linux" / "kconfig.h").is_file():
+        return node("kernel headers", FAIL, f"{headers.path} ({headers.origin}) has no include/linux/kconfig.h",
+                    "point TAPIO_KERNEL_HEADERS at one tree with a kernel's include/ and its generated headers")
+    shown = f"{headers.path} -> {headers.path.resolve()}" if headers.path.is_symlink() else str(headers.path)
+    return node("kernel headers", OK, f"{shown}: {headers.origin}; {safe}")
 
 
 def check_btf(paths: NodePaths, plugins: LoadedPlugins | None) -> tuple[Any, Check]:

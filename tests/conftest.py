@@ -28,6 +28,10 @@ def _bpf_unavailable_reason() -> str | None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kernel: needs root and real BPF on this machine")
+    # The tests' own BPF programs compile against the same headers the agent's do.
+    from tapio_core.bpf import use_kernel_headers
+
+    use_kernel_headers()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

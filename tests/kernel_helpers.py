@@ -51,8 +51,9 @@ Occurrence = dict[str, Any]
 
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The caller's environment without Tapio settings that would change what the tools load."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TAPIO_")}
+    """The caller's environment without Tapio settings that would change what the tools load (nor the
+    BCC_KERNEL_SOURCE conftest set for the tests' own programs: the tools choose their headers themselves)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TAPIO_") and k != "BCC_KERNEL_SOURCE"}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env

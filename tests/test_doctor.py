@@ -9,13 +9,14 @@ import re
 import subprocess
 from pathlib import Path
 
+import attrs
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from kernel_helpers import TAPIO, scaled, tool_env
 
 from tapio_core import BtfField, ObserverSpec, OptionalTracepoint, hookimpl
-from tapio_core.bpf import kernel_version
+from tapio_core.bpf import BUNDLED_HEADERS, kernel_version
 from tapio_core.cli import cli
 from tapio_core.doctor import FAIL, OK, OPTIONAL, WARN, NodePaths, check_ring_buffer, needed_ok, run_checks
 from tapio_core.plugins import load_plugins
@@ -29,7 +30,8 @@ needs_btf = pytest.mark.skipif(not BTF.exists(), reason="this kernel has no BTF 
 def node_tree(root: Path, *, tracefs=True, btf=True, headers=True, pmu=True) -> NodePaths:
     """A crafted node: each piece present or missing as asked."""
     paths = NodePaths(tracefs=root / "tracing", btf=root / "vmlinux", event_sources=root / "devices",
-                      modules=root / "modules", kheaders=root / "kheaders.tar.xz")
+                      modules=root / "modules", kheaders=root / "kheaders.tar.xz",
+                      bundled_headers=root / "bundled", environ={})
     (root / "devices" / "software").mkdir(parents=True)
     if tracefs:
         (root / "tracing" / "events" / "sched").mkdir(parents=True)
@@ -69,7 +71,7 @@ def test_a_crafted_node_missing_everything_fails_each_check_with_what_to_do(tmp_
     checks = by_name(run_checks(probe_plugins(), paths=paths, release=RELEASE))
     headers = checks[("node", "kernel headers")]
     assert headers.status == FAIL
-    assert f"apt-get install linux-headers-{RELEASE}" in headers.fix
+    assert headers.fix.startswith("make setup (Tapio's own headers), or set TAPIO_KERNEL_HEADERS")
     assert checks[("node", "BTF")].status == FAIL
     assert "CONFIG_DEBUG_INFO_BTF=y" in checks[("node", "BTF")].fix
     assert checks[("node", "tracefs")].status == FAIL
@@ -90,6 +92,28 @@ def test_a_crafted_node_with_everything_passes_and_names_what_it_found(tmp_path)
         assert found[("node", name)].status == OK, found[("node", name)]
     assert found[("node", "hardware PMU")].detail == f"cpu under {tmp_path / 'devices'}"
     assert found[("node", "kernel headers")].detail.startswith(str(tmp_path / "modules" / RELEASE / "build"))
+
+
+def headers_tree(path: Path) -> Path:
+    (path / "include" / "linux").mkdir(parents=True)
+    (path / "include" / "linux" / "kconfig.h").write_text("")
+    return path
+
+
+def test_tapios_own_headers_come_before_the_nodes_and_a_named_tree_before_both(tmp_path):
+    paths = node_tree(tmp_path)  # the node has headers too
+    headers_tree(paths.bundled_headers)
+    check = by_name(run_checks(probe_plugins(), paths=paths, release=RELEASE))[("node", "kernel headers")]
+    assert (check.status, check.detail) == (OK, f"{paths.bundled_headers}: Tapio's own, installed beside it; "
+                                                "any recent headers serve: every kernel struct offset comes from BTF")
+    named = headers_tree(tmp_path / "named")
+    paths = attrs.evolve(paths, environ={"TAPIO_KERNEL_HEADERS": str(named)})
+    check = by_name(run_checks(probe_plugins(), paths=paths, release=RELEASE))[("node", "kernel headers")]
+    assert check.detail.startswith(f"{named}: TAPIO_KERNEL_HEADERS names it;")
+    paths = attrs.evolve(paths, environ={"TAPIO_KERNEL_HEADERS": str(tmp_path / "devices")})
+    check = by_name(run_checks(probe_plugins(), paths=paths, release=RELEASE))[("node", "kernel headers")]
+    assert (check.status, check.detail) == (
+        FAIL, f"{tmp_path / 'devices'} (TAPIO_KERNEL_HEADERS names it) has no include/linux/kconfig.h")
 
 
 def test_kernel_headers_may_come_from_the_kernel_itself(tmp_path):
@@ -221,6 +245,9 @@ def test_on_this_node_everything_needed_works():
     assert (done.returncode, report["ok"], failed) == (0, True, [])
     checks = {(c["group"], c["name"]): c for c in report["checks"]}
     assert checks[("node", "ring buffer")]["detail"].startswith("a BPF ring buffer map was created")
+    # make setup installed Tapio's own headers: what bcc compiles against on this node (and in the guests,
+    # which have no headers at all); tool_env() passes no TAPIO_KERNEL_HEADERS.
+    assert checks[("node", "kernel headers")]["detail"].startswith(f"{BUNDLED_HEADERS}: Tapio's own")
     for tracepoint in ("sock:inet_sock_set_state", "tcp:tcp_receive_reset", "tcp:tcp_retransmit_skb"):
         assert checks[("observer network", f"tracepoint {tracepoint}")]["status"] == OK
     has_pmu = os.path.isdir("/sys/bus/event_source/devices/cpu")
