@@ -179,7 +179,10 @@ HELD_MIB, ALLOCATED_MIB = 80, 40
 #: A small process the OOM killer prefers to the allocator (oom_score_adj 800 outweighs the allocator's 48 MiB
 #: in a 128 MiB cgroup; the holder's 1000 and 80 MiB outweigh it). The kernel can OOM again while the killed
 #: holder's memory is still being freed (6.1 marks a victim's memory gone, MMF_OOM_SKIP, before its batched
-#: pages are uncharged; an emulated guest widens that): the decoy is then chosen, not the allocator.
+#: pages are uncharged; an emulated guest widens that): the decoy is then chosen, not the allocator. Once in
+#: a while (a 6.1 guest) the window outlasts the decoy too and the allocator is killed third: that kill is
+#: the kernel's, after the one the tests look at, so the scenario accepts it. (Making the allocator immune,
+#: oom_score_adj -1000, needs CAP_SYS_RESOURCE, which a container may lack.)
 DECOY = ["sh", "-c", "echo 800 > /proc/self/oom_score_adj && echo ready && exec sleep 600"]
 
 
@@ -191,7 +194,8 @@ def kernel_log_tail(lines: int = 40) -> str:
 
 def oom_kill_holder(cgroup: ScratchCgroup) -> tuple[int, int]:
     """In ``cgroup`` (128 MiB), a holder of HELD_MIB is OOM-killed when an allocator asks for ALLOCATED_MIB
-    more; returns (holder pid, allocator pid) once both ended as expected."""
+    more; returns (holder pid, allocator pid) once both ended (the allocator done, or killed after the
+    holder, see DECOY)."""
     decoy = subprocess.Popen(in_cgroups([cgroup], DECOY), env=child_env(), stdout=subprocess.PIPE, text=True)
     holder = subprocess.Popen(in_cgroups([cgroup], python(HOLDER, str(HELD_MIB))), env=child_env(),
                               stdout=subprocess.PIPE, text=True)
@@ -207,8 +211,9 @@ def oom_kill_holder(cgroup: ScratchCgroup) -> tuple[int, int]:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(scaled(20))
-    ended = (os.WIFSIGNALED(holder_status) and os.WTERMSIG(holder_status) == signal.SIGKILL,
-             os.WIFEXITED(allocator_status) and os.WEXITSTATUS(allocator_status) == 0)
+    killed = lambda status: os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    ended = (killed(holder_status),
+             killed(allocator_status) or (os.WIFEXITED(allocator_status) and os.WEXITSTATUS(allocator_status) == 0))
     assert ended == (True, True), (f"holder {holder.pid} wait status {holder_status}, allocator {allocator.pid} "
                                    f"{allocator_status}; the kernel said:\n{kernel_log_tail()}")
     return holder.pid, allocator.pid
