@@ -23,7 +23,7 @@ pytestmark = pytest.mark.kernel
 
 REFUSED = "kernel.network.connection_refused"
 #: The agent rewrites its state every 2 s.
-STATE_WAIT_S = 10.0
+STATE_WAIT_S = scaled(10.0)
 
 
 def tapio(*args: object) -> subprocess.CompletedProcess:

@@ -20,15 +20,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from kernel_helpers import TAPIO, tool_env
+from kernel_helpers import TAPIO, scaled, tool_env
 
 from tapio_core.occurrence import Occurrence, occurrence_id
 from tapio_core.occurrence_reader import IN_Q_OVERFLOW, OccurrenceFollower
 from tapio_core.store import OccurrenceWriter, occurrences_dir
 
 READY = "tapio: watching "
-#: Bounds on waiting for something that should happen within milliseconds.
-WAIT_S = 10.0
+#: Bounds on waiting for something that should happen within milliseconds (scaled: the CLI kernel tests
+#: start a watch in an emulated guest, where Python alone takes seconds to start).
+WAIT_S = scaled(10.0)
 #: How long to wait for something that must not happen.
 QUIET_S = 0.5
 
