@@ -92,13 +92,18 @@ def kubelet_cgroup(mounts: list[Path], uid: str | None = None, memory_limit: int
     cgroup = attrs.evolve(cgroup, leaves=tuple(m / kubelet_path(uid, cgroup.container_id) for m in mounts))
     created: list[Path] = []
     try:
-        for leaf in cgroup.leaves:
+        for mount, leaf in zip(mounts, cgroup.leaves, strict=True):
             for directory in reversed([leaf, *leaf.parents]):
                 if not directory.exists():
                     directory.mkdir()
                     created.append(directory)
-            if memory_limit is not None and (leaf / "memory.limit_in_bytes").exists():
+            if memory_limit is not None and (leaf / "memory.limit_in_bytes").exists():  # the v1 controller
                 (leaf / "memory.limit_in_bytes").write_text(str(memory_limit))
+            elif memory_limit is not None and "memory" in (mount / "cgroup.controllers").read_text().split():
+                # cgroup v2 only (the guests): the controller is handed down kubelet's path, as systemd does
+                for ancestor in reversed(leaf.relative_to(mount).parents):  # ".", "kubepods.slice", ...
+                    (mount / ancestor / "cgroup.subtree_control").write_text("+memory")
+                (leaf / "memory.max").write_text(str(memory_limit))
         yield cgroup
     finally:
         for directory in reversed(created):
