@@ -202,6 +202,9 @@ BPF_RINGBUF_OUTPUT(events2, 16);
 BPF_HASH(tgids, u32, u8, 16);
 BPF_ARRAY(config, u64, 4);
 BPF_ARRAY(stats, u64, 8);
+#ifndef HAVE_ATOMICS
+BPF_HASH(seq_lock, u64, u8, 64);  /* one key; spare entries for each CPU's free list */
+#endif
 
 static __always_inline void bump(int idx) {
     u64 *v = stats.lookup(&idx);
@@ -234,7 +237,22 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
     u64 *counter = stats.lookup(&zero);
     if (!counter)
         return 0;
+#ifdef HAVE_ATOMICS
     u64 seq = __sync_fetch_and_add(counter, 1);
+#else
+    /* Before 5.12 the verifier takes no atomic whose result is used: the sequence is taken under a
+     * map-insert lock (as the prelude's tapio_cas does), retried while another CPU holds it. */
+    u64 key = 0, seq = 0;
+    u8 one = 1;
+    int locked = 0;
+    for (int i = 0; i < 4096 && !locked; i++)  /* a bounded loop: 5.3+ */
+        locked = seq_lock.insert(&key, &one) == 0;
+    if (!locked)
+        return 0;  /* never seen here: two CPUs hold it for a few instructions */
+    seq = *counter;
+    *counter = seq + 1;
+    seq_lock.delete(&key);
+#endif
     u64 mask = cfg(0), dper = cfg(1), sper = cfg(2);
     struct rec_t r = {};
     fill(&r, seq, id);
@@ -286,7 +304,9 @@ class Prog:
     def __init__(self) -> None:
         from bcc import BPF
 
-        self.bpf = BPF(text=BPF_TEXT.encode())
+        from tapio_core.bpf import bpf_atomics
+
+        self.bpf = BPF(text=BPF_TEXT.encode(), cflags=["-DHAVE_ATOMICS=1"] if bpf_atomics() else [])
 
     def set(self, idx: int, value: int, table: str = "config") -> None:
         self.bpf[table.encode()][ct.c_int(idx)] = ct.c_uint64(value)
