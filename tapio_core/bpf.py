@@ -133,7 +133,8 @@ class KernelHeaders:
     tell_bcc: bool = False
 
 
-def _headers_tree(path: Path) -> bool:
+def is_headers_tree(path: Path) -> bool:
+    """Whether ``path`` is one tree bcc can compile against (it looks for include/linux/kconfig.h)."""
     return (path / "include" / "linux" / "kconfig.h").is_file()
 
 
@@ -151,7 +152,7 @@ def find_kernel_headers(
     for variable in ("TAPIO_KERNEL_HEADERS", "BCC_KERNEL_SOURCE"):
         if environ.get(variable):
             return KernelHeaders(Path(environ[variable]), f"{variable} names it", tell_bcc=True)
-    if _headers_tree(bundled):
+    if is_headers_tree(bundled):
         return KernelHeaders(bundled, "Tapio's own, installed beside it", tell_bcc=True)
     build = modules / (release or os.uname().release) / "build"
     if (build / "include").is_dir() or (build / "Makefile").is_file():

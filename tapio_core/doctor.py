@@ -24,6 +24,7 @@ from tapio_core.bpf import (
     CAP_SYS_ADMIN,
     effective_capabilities,
     find_kernel_headers,
+    is_headers_tree,
     kernel_version,
 )
 from tapio_core.plugins import LoadedPlugins
@@ -119,7 +120,7 @@ def check_headers(paths: NodePaths, release: str) -> Check:
                     f"{paths.bundled_headers}, {paths.modules / release / 'build'} or {paths.kheaders})",
                     "make setup (Tapio's own headers), or set TAPIO_KERNEL_HEADERS to a kernel headers tree; "
                     + safe)
-    if headers.tell_bcc and not (headers.path / "include" / "linux" / "kconfig.h").is_file():
+    if headers.tell_bcc and not is_headers_tree(headers.path):
         return node("kernel headers", FAIL, f"{headers.path} ({headers.origin}) has no include/linux/kconfig.h",
                     "point TAPIO_KERNEL_HEADERS at one tree with a kernel's include/ and its generated headers")
     shown = f"{headers.path} -> {headers.path.resolve()}" if headers.path.is_symlink() else str(headers.path)
