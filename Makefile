@@ -64,11 +64,12 @@ test: setup guests
 	$(MATRIX) --out $(MATRIX_OUT) -- tests/test_portability_kernel.py $(PYTEST_ARGS)
 	$(BIN)/python kernels/support.py $(MATRIX_OUT) README.md
 
-# Every real-kernel test on this machine's kernel and in a guest of each kernel of the matrix.
+# Every real-kernel test on this machine's kernel and in a guest of each kernel of the matrix
+# (under emulation the whole suite takes 40-70 minutes per guest kernel).
 test-kernels: setup guests
 	rm -rf $(MATRIX_OUT)
 	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest -m kernel --junitxml=$(MATRIX_OUT)/host/junit.xml $(PYTEST_ARGS)
-	$(MATRIX) --out $(MATRIX_OUT) -- -m kernel $(PYTEST_ARGS)
+	$(MATRIX) --timeout 7200 --out $(MATRIX_OUT) -- -m kernel $(PYTEST_ARGS)
 	$(BIN)/python kernels/support.py $(MATRIX_OUT) README.md
 
 bench: setup
