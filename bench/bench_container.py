@@ -126,17 +126,19 @@ def load_container_observer() -> tuple[ExitProgram, Any]:
     """The observer's program as the agent builds it, configured by its own start hook."""
     import tapio_observer_container
     from tapio_core import RunningObserver
-    from tapio_core.bpf import load_observer
+    from tapio_core.bpf import observer_build
     from tapio_core.btf import Btf
+    from tapio_core.compile_helper import compile_in_process
     from tapio_observer_container.settings import ContainerSettings
 
     spec = tapio_observer_container.OBSERVER
-    bpf, disabled = load_observer(spec, None, Btf.load())
-    if disabled:
-        raise BenchError(f"container observer lacks BTF members here: {', '.join(disabled)}")
-    observer = RunningObserver(spec=spec, config=ContainerSettings(), bpf=bpf)
+    build = observer_build(spec, None, Btf.load())
+    if build.disabled:
+        raise BenchError(f"container observer lacks BTF members here: {', '.join(build.disabled)}")
+    program = compile_in_process(build.text, build.cflags)
+    observer = RunningObserver(spec=spec, config=ContainerSettings(), bpf=program)
     tapio_observer_container.tapio_observer_started(observer=observer)
-    return ExitProgram(bpf), observer
+    return ExitProgram(program.bcc), observer
 
 
 def run() -> dict[str, float]:
@@ -160,7 +162,7 @@ def run() -> dict[str, float]:
                           for name, program in modes.items()}
                 abnormal_ns = median(abnormal_exit_ns(str(helper), container, observer) for _ in range(STATS_PASSES))
             finally:
-                container.bpf.cleanup()
+                observer.bpf.close()
         finally:
             empty.bpf.cleanup()
     return figures(samples, bpf_ns, abnormal_ns)
@@ -215,10 +217,11 @@ def bpf_ns_per_exit(helper: str, program: ExitProgram, forks: int, code: int) ->
 
 def abnormal_exit_ns(helper: str, container: ExitProgram, observer: Any) -> float:
     """Per-exit run time when every child exits with code 1: each becomes a record, checked to arrive."""
-    from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
+    from tapio_core.ringbuf import RingBufferReader
 
     record = observer.spec.record_dtype
-    reader = RingBufferReader(*ringbuf_map_info(observer.bpf[b"events"]), record.itemsize)
+    ring = observer.bpf["events"]
+    reader = RingBufferReader(ring.fd, ring.max_entries, record.itemsize)
     try:
         reader.read_batch()  # whatever the node's own processes left there
         ns = bpf_ns_per_exit(helper, container, ABNORMAL_FORKS, 1)

@@ -67,7 +67,7 @@ class SyntheticStream:
 
         from tapio_core.bpf import kernel_fit, program_text, shared_include_dir
         from tapio_core.btf import Btf
-        from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
+        from tapio_core.ringbuf import RingBufferReader
 
         self.spec = spec
         flags = list(kernel_fit(spec, Btf.load()).cflags)  # as the agent compiles it
@@ -85,7 +85,7 @@ class SyntheticStream:
         self.config = self.bpf[b"bench_config"]
         self.set(CONFIG_TGID, os.getpid())
         table = self.bpf[spec.ring_buffer.encode()]
-        self.reader = RingBufferReader(*ringbuf_map_info(table), spec.record_dtype.itemsize)
+        self.reader = RingBufferReader(table.map_fd, table.max_entries, spec.record_dtype.itemsize)
 
         def bare_callback(ctx: Any, data: Any, size: int) -> int:
             return 0  # bcc turns a None return into 0 through an exception: return 0 outright

@@ -123,8 +123,13 @@ def floor_program(tracepoints: tuple[str, ...]) -> Any:
 
 
 def start_observer(data_dir: Path) -> Any:
-    """The network observer as the agent runs it (settings written by its own hook), into a null sink."""
+    """The network observer as the agent runs it (settings written by its own hook), into a null sink; compiled
+    in this process rather than by a helper, so its programs can be detached and re-attached with bcc."""
+    from unittest import mock
+
+    import tapio_core.bpf
     from tapio_core.agent import Agent
+    from tapio_core.compile_helper import compile_in_process
     from tapio_core.occurrence import KernelClock
     from tapio_core.pipeline import Pipeline
     from tapio_core.plugins import load_plugins
@@ -133,7 +138,13 @@ def start_observer(data_dir: Path) -> Any:
     plugins = load_plugins(["network"], extra=[("bench-null-sink", NullSink())])
     pipeline = Pipeline.build(plugins, ["bench-null"], SinkOptions(data_dir=data_dir), {}, KernelClock())
     agent = Agent(plugins, pipeline, recorder=None)
-    agent.load(ebpf_dir=None)
+
+    def load_in_process(spec: Any, ebpf_dir: Path | None, btf: Any) -> tuple[Any, dict[str, str]]:
+        build = tapio_core.bpf.observer_build(spec, ebpf_dir, btf)
+        return compile_in_process(build.text, build.cflags, spec.perf_event_programs), build.disabled
+
+    with mock.patch.object(tapio_core.bpf, "load_observer", load_in_process):
+        agent.load(ebpf_dir=None)
     observer = pipeline.observers["network"]
     if observer.status != "running":
         agent.shutdown()
@@ -205,7 +216,7 @@ def run() -> dict[str, float]:
             observer = agent.pipeline.observers["network"]
             tracepoints = attached_tracepoints(observer.spec)
             floor = Probes(floor_program(tracepoints), tracepoints)
-            probes = {"observer": Probes(observer.bpf, tracepoints), "floor": floor, "floor_again": floor}
+            probes = {"observer": Probes(observer.bpf.bcc, tracepoints), "floor": floor, "floor_again": floor}
             server = LoopServer(netns, binary)
             figures: dict[str, float] = {}
             for loop in ROUND_S:

@@ -113,21 +113,23 @@ class Programs:
 
 def load_storage_observer() -> tuple[Programs, Any]:
     """The observer's program as the agent builds it, configured by its own start hook."""
-    from bcc import BPF
-
     import tapio_observer_storage
     from tapio_core import RunningObserver
-    from tapio_core.bpf import kernel_fit, program_text, shared_include_dir
+    from tapio_core.bpf import ObserverLoadError, observer_build
     from tapio_core.btf import Btf
+    from tapio_core.compile_helper import compile_in_process
     from tapio_observer_storage.settings import StorageSettings
 
     spec = tapio_observer_storage.OBSERVER
-    fit = kernel_fit(spec, Btf.load())
-    if fit.missing or fit.disabled:
-        raise BenchError(f"storage observer lacks kernel features here: {'; '.join([*fit.missing, *fit.disabled])}")
-    bpf = BPF(text=program_text(Path(spec.bpf_source), None).encode(),
-              cflags=[f"-I{shared_include_dir()}", *fit.cflags])
-    observer = RunningObserver(spec=spec, config=StorageSettings(), bpf=bpf)
+    try:
+        build = observer_build(spec, None, Btf.load())
+    except ObserverLoadError as exc:
+        raise BenchError(str(exc)) from None
+    if build.disabled:
+        raise BenchError(f"storage observer lacks kernel features here: {'; '.join(build.disabled)}")
+    program = compile_in_process(build.text, build.cflags)
+    bpf = program.bcc
+    observer = RunningObserver(spec=spec, config=StorageSettings(), bpf=program)
     tapio_observer_storage.tapio_observer_started(observer=observer)
     # Every raw tracepoint it declares (block_rq_insert and block_rq_merge too), block_rq_issue first.
     return Programs(bpf, tuple(tp.split(":", 1)[1].encode() for tp in spec.tracepoints)), observer
@@ -162,7 +164,7 @@ def run() -> dict[str, float]:
                         bpf_ns = {name: bpf_ns_per_request(str(helper), loop, p) for name, p in modes.items()}
                         records = ring_records(observer.bpf)
                     finally:
-                        storage.bpf.cleanup()
+                        observer.bpf.close()
                 finally:
                     empty.bpf.cleanup()
             finally:
@@ -176,10 +178,10 @@ def run() -> dict[str, float]:
 
 def ring_records(bpf: Any) -> int:
     """Records waiting in the observer's ring buffer (normal writes should leave none)."""
-    from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
+    from tapio_core.ringbuf import RingBufferReader
     from tapio_observer_storage.records import STORAGE_RECORD
 
-    reader = RingBufferReader(*ringbuf_map_info(bpf[b"events"]), STORAGE_RECORD.itemsize)
+    reader = RingBufferReader(bpf["events"].fd, bpf["events"].max_entries, STORAGE_RECORD.itemsize)
     try:
         return len(reader.read_batch()) // STORAGE_RECORD.itemsize
     finally:

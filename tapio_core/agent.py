@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import os
 import select
@@ -63,7 +64,7 @@ class Agent:
     def load(self, ebpf_dir: Path | None) -> None:
         from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, load_observer
         from tapio_core.btf import Btf
-        from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
+        from tapio_core.ringbuf import RingBufferReader
 
         try:
             btf = Btf.load()
@@ -75,8 +76,9 @@ class Agent:
             try:
                 observer.bpf, disabled = load_observer(observer.spec, ebpf_dir, btf)
                 self.plugins.hook_for("tapio_observer_started", observer.plugin_name)(observer=observer)
-                fd, size = ringbuf_map_info(observer.bpf[observer.spec.ring_buffer.encode()])
-                self.readers[observer.name] = RingBufferReader(fd, size, observer.spec.record_dtype.itemsize)
+                ring = observer.bpf[observer.spec.ring_buffer]
+                self.readers[observer.name] = RingBufferReader(ring.fd, ring.max_entries,
+                                                               observer.spec.record_dtype.itemsize)
             except Exception as exc:  # one observer's failure, of whatever kind, leaves the others running
                 unsupported = isinstance(exc, ObserverUnsupported)
                 if isinstance(exc, ObserverLoadError):
@@ -88,7 +90,7 @@ class Agent:
                 observer.status, observer.status_reason = ("unsupported" if unsupported else "failed"), reason
                 self.readers.pop(observer.name, None)
                 if observer.bpf is not None:
-                    observer.bpf.cleanup()
+                    observer.bpf.close()
                     observer.bpf = None
                 continue
             observer.status = "running"
@@ -104,7 +106,7 @@ class Agent:
         self._stop = True
 
     def run(self) -> None:
-        # Everything loaded so far (bcc, plugins, numpy) lives as long as the agent: keep it out of
+        # Everything loaded so far (plugins, numpy) lives as long as the agent: keep it out of
         # the garbage collector's way, so a burst of anomalies does not pay for scanning it.
         gc.freeze()
         poller = select.epoll()
@@ -236,7 +238,7 @@ class Agent:
             reader.close()
         for observer in self.pipeline.observers.values():
             if observer.bpf is not None:
-                observer.bpf.cleanup()  # detaches the tracepoints
+                observer.bpf.close()  # detaches the tracepoints
                 observer.bpf = None
             if observer.status == "running":
                 observer.status = "stopped"
@@ -289,9 +291,8 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, conf
         return
     if not can_load_bpf():
         fail("loading BPF programs needs root or CAP_BPF+CAP_PERFMON; run with sudo")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    # Only found, not imported: bcc (and LLVM) run in the compile helpers, never in this process.
+    if importlib.util.find_spec("bcc") is None:
         fail("bcc's Python module is missing: install python3-bpfcc (`make setup` does)")
     if not plugins.observers:
         fail("no observer plugin is loaded (see `tapio-agent --list-plugins`)")

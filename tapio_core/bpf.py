@@ -1,4 +1,4 @@
-"""Compiling and attaching an observer's BPF program with bcc."""
+"""What the running kernel offers an observer, and loading its BPF program (compiled by bcc in a helper)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import re
 import struct
 import sys
 from pathlib import Path
-from typing import Any
 
 import attrs
 
+from tapio_core.bpf_objects import LoadedProgram
 from tapio_core.btf import Btf
 from tapio_core.observer import ObserverSpec
 
@@ -261,19 +261,30 @@ def tracepoint_has_field(tracepoint: str, field: str) -> bool:
                for line in text.splitlines())
 
 
-def read_counter(bpf: Any, map_name: str, index: int) -> int:
+def read_counter(program: LoadedProgram, map_name: str, index: int) -> int:
     """One slot of a BPF array map, summed over CPUs for a per-CPU map; 0 when the map is absent."""
-    try:
-        table = bpf[map_name.encode()]
-    except KeyError:
+    table = program.maps.get(map_name)
+    if table is None:
         return 0
-    if hasattr(table, "getvalue"):  # per-CPU: one value per CPU
-        return int(sum(table.getvalue(table.Key(index))))
-    return int(table[table.Key(index)].value)
+    value = table.get(index)
+    if value is None:
+        return 0
+    if table.per_cpu:  # one value per CPU
+        return int(sum(leaf.value for leaf in value))
+    return int(value.value)
 
 
-def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) -> tuple[Any, dict[str, str]]:
-    """Compile and attach one observer. Returns the bcc BPF object and the disabled features (feature -> why)."""
+@attrs.frozen
+class ObserverBuild:
+    """What bcc compiles for one observer on this kernel: the program text, its flags, and the features off."""
+
+    text: str
+    cflags: list[str]
+    disabled: dict[str, str]
+
+
+def observer_build(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) -> ObserverBuild:
+    """Resolve ``spec`` against this kernel; ObserverLoadError when it cannot run here."""
     fit = kernel_fit(spec, btf)
     if fit.missing:
         raise ObserverLoadError(f"{spec.name}: cannot run on this kernel: {'; '.join(fit.missing)}")
@@ -282,20 +293,31 @@ def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) ->
     source = resolve_source(spec, ebpf_dir)
     if not source.is_file():
         raise ObserverLoadError(f"{spec.name}: BPF source {source} not found")
-    flags, disabled = list(fit.cflags), dict(fit.disabled)
     includes = [f"-I{ebpf_dir}"] if ebpf_dir is not None else []
     includes.append(f"-I{shared_include_dir()}")
-    use_kernel_headers()
-    from bcc import BPF
+    use_kernel_headers()  # a compile helper inherits BCC_KERNEL_SOURCE
+    return ObserverBuild(program_text(source, ebpf_dir), [*includes, *fit.cflags, *spec.cflags], dict(fit.disabled))
 
+
+def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) -> tuple[LoadedProgram, dict[str, str]]:
+    """Compile and attach one observer in a compile helper (bcc never enters this process).
+
+    Returns the loaded program (its descriptors) and the disabled features (feature -> why).
+    """
+    from tapio_core.compile_helper import CompileError, compile_in_helper
+
+    build = observer_build(spec, ebpf_dir, btf)
     try:
-        # TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE programs attach as bcc loads them.
-        bpf = BPF(text=program_text(source, ebpf_dir).encode(), cflags=includes + flags + list(spec.cflags))
-    except Exception as exc:
-        raise ObserverLoadError(f"{spec.name}: BPF compile/attach failed: {exc}") from None
-    return bpf, disabled
+        program, helper_peak_kb = compile_in_helper(build.text, build.cflags, spec.perf_event_programs)
+    except CompileError as exc:
+        raise ObserverLoadError(f"{spec.name}: {exc}") from None
+    log.debug("%s: compiled and attached by a helper that peaked at %d kB", spec.name, helper_peak_kb)
+    if spec.ring_buffer not in program:
+        program.close()
+        raise ObserverLoadError(f"{spec.name}: the BPF program has no map {spec.ring_buffer}")
+    return program, build.disabled
 
 
-def read_lost(bpf: Any, counter: str | None) -> int:
+def read_lost(program: LoadedProgram, counter: str | None) -> int:
     """Records the BPF side could not put in the ring buffer (summed over CPUs)."""
-    return 0 if counter is None else read_counter(bpf, counter, 0)
+    return 0 if counter is None else read_counter(program, counter, 0)

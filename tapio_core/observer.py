@@ -136,6 +136,9 @@ class ObserverSpec:
     #: What its occurrence types start with, when not ``kernel.<name>.``.
     type_prefix: str | None = None
     bpf_counters: tuple[BpfCounter, ...] = ()
+    #: BPF functions the observer attaches itself to perf events in ``tapio_observer_started`` (e.g. a
+    #: sampling timer): loaded, not attached, each handed over as ``observer.bpf.programs[name]``.
+    perf_event_programs: tuple[str, ...] = ()
 
 
 @attrs.define(eq=False)
@@ -143,7 +146,8 @@ class RunningObserver:
     """One observer while the agent (or a replay) runs it; passed to its hooks.
 
     ``state`` belongs to the observer's plugin for detection state kept across
-    batches; ``bpf`` is the loaded bcc program (None in replay); ``config`` is
+    batches; ``bpf`` is the loaded program (a :class:`tapio_core.bpf_objects.LoadedProgram`: maps and
+    programs by file descriptor; None in replay); ``config`` is
     an instance of ``spec.config_type`` holding the user's settings.
     """
 

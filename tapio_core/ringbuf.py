@@ -53,11 +53,6 @@ def _load_libatomic() -> tuple[Any, Any, Any]:
 _atomic_load, _atomic_store, _atomic_fence = _load_libatomic()
 
 
-def ringbuf_map_info(table: Any) -> tuple[int, int]:
-    """(map_fd, data_size) of a bcc ring buffer table; data_size is the map's max_entries."""
-    return int(table.map_fd), int(table.max_entries)
-
-
 class RingBufferReader:
     """The single consumer of one BPF ring buffer map, returning whole batches of fixed-size records.
 

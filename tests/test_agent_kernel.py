@@ -112,7 +112,7 @@ class ToyObserver:
     def tapio_observer_started(self, observer):
         if self.fail_start:
             raise self.fail_start(f"{observer.name}: refusing to start")
-        table = observer.bpf[b"toy_settings"]
+        table = observer.bpf["toy_settings"]
         table[table.Key(0)] = table.Leaf(observer.config.value)
         table[table.Key(1)] = table.Leaf(os.getpid())
 

@@ -491,7 +491,7 @@ def test_successful_and_ignored_exits_never_reach_the_ring_buffer(tmp_path):
     settings = {"container": {"ignore_exit_codes": [IGNORED_CODE], "ignore_signals": ["USR1"],
                               "ignore_process_names": [IGNORED_NAME]}}
     with agent_in_process(settings) as agent:
-        layout = agent.pipeline.observers["container"].bpf[b"container_layout"][0]
+        layout = agent.pipeline.observers["container"].bpf["container_layout"][0]
         assert layout.configured == 1 and layout.page_size == os.sysconf("SC_PAGE_SIZE")
         quiet = [
             run_to_end(["true"])[0],

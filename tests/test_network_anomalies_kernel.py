@@ -346,7 +346,7 @@ def test_settings_reach_the_kernel_map_as_written():
     settings = {"retransmit_threshold": 7, "rst_storm_window_s": 2.5, "rtt_factor": 3.0, "connection_burst": 9}
     agent, _ = start_agent(settings)
     try:
-        leaf = agent.pipeline.observers["network"].bpf[b"network_settings"][0]
+        leaf = agent.pipeline.observers["network"].bpf["network_settings"][0]
         in_kernel = {name: getattr(leaf, name) for name, *_ in leaf._fields_}
     finally:
         agent.shutdown()

@@ -16,6 +16,7 @@ import secrets
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import attrs
 import pytest
@@ -165,6 +166,9 @@ def test_sigterm_stops_the_agent_cleanly_and_detaches_its_programs(tmp_path):
         programs = bpf_prog_ids_of(agent.pid)
         names = loaded_bpf_programs()
         assert "tracepoint__sock__inet_sock_set_state" in {names.get(prog) for prog in programs}
+        # Compiled apart: bcc and LLVM never enter the agent's own process.
+        mapped = Path(f"/proc/{agent.pid}/maps").read_text()
+        assert "libbcc" not in mapped and "libLLVM" not in mapped and "libclang" not in mapped
         assert agent.stop(timeout=5) == 0
     # Program ids are never reused; the kernel frees a program once its last reference goes.
     deadline = time.monotonic() + scaled(5)
@@ -262,10 +266,10 @@ def test_on_a_kernel_whose_retransmit_tracepoint_lacks_err_the_observer_still_co
     older = attrs.evolve(spec, tracepoint_fields=tuple(
         attrs.evolve(field, field="no_such_field") for field in spec.tracepoint_fields))
     bpf, disabled = load_observer(older, None, Btf.load())
-    bpf.cleanup()
+    bpf.close()
     assert feature in disabled
     bpf, disabled = load_observer(spec, None, Btf.load())  # as this kernel has it, or not
-    bpf.cleanup()
+    bpf.close()
     assert (feature in disabled) == (not tracepoint_has_field("tcp:tcp_retransmit_skb", "err"))
 
 

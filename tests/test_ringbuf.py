@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tapio_core.ringbuf import BUSY_BIT, DISCARD_BIT, RingBufferReader, ringbuf_map_info
+from tapio_core.ringbuf import BUSY_BIT, DISCARD_BIT, RingBufferReader
 
 PAGE = mmap.PAGESIZE
 
@@ -321,8 +321,8 @@ class Prog:
             t[ct.c_uint32(tgid)] = ct.c_uint8(1)
 
     def reader(self, name: str = "events") -> RingBufferReader:
-        fd, size = ringbuf_map_info(self.bpf[name.encode()])
-        return RingBufferReader(fd, size, REC_SIZE)
+        table = self.bpf[name.encode()]
+        return RingBufferReader(table.map_fd, table.max_entries, REC_SIZE)
 
     def reset(self, mask: int, discard_every: int = 0, short_every: int = 0, spin: int = 0) -> None:
         self.allow()
@@ -362,13 +362,6 @@ def check_contents(recs: np.ndarray, pids: set[int]) -> None:
     assert (recs["cpu"] < os.cpu_count()).all() and (recs["pad"] == 0).all()
     want = (recs["seq"][:, None] + np.arange(PAYLOAD, dtype=np.uint64)) & 0xFF
     assert (recs["payload"] == want).all()
-
-
-@pytest.mark.kernel
-def test_ringbuf_map_info(prog: Prog) -> None:
-    fd, size = ringbuf_map_info(prog.bpf[b"events"])
-    assert fd == prog.bpf[b"events"].map_fd and size == 16 * PAGE
-    assert ringbuf_map_info(prog.bpf[b"tiny"])[1] == PAGE
 
 
 @pytest.mark.kernel

@@ -85,14 +85,15 @@ def storage_agent(settings: dict | None = None) -> Iterator[tuple[Agent, Collect
 
 def counts(bpf) -> tuple[int, int]:
     """(unmatched completions, in-flight overflows) as the kernel counted them, summed over CPUs."""
-    table = bpf[b"storage_counts"]
-    return sum(table.getvalue(table.Key(0))), sum(table.getvalue(table.Key(1)))
+    table = bpf["storage_counts"]
+    return sum(leaf.value for leaf in table[0]), sum(leaf.value for leaf in table[1])
 
 
 def device_state(bpf, device: str):
     """The kernel's entry for ``device`` in map ``devices`` (keyed by request queue; it records the dev_t)."""
     dev = kernel_dev(*numbers(device))
-    return next((state for state in bpf[b"devices"].values() if state.dev == dev), None)
+    table = bpf["devices"]
+    return next((state for key in table if (state := table.get(key)) is not None and state.dev == dev), None)
 
 
 def baseline(bpf, device: str, op: int) -> tuple[int, int]:
@@ -224,18 +225,17 @@ def test_normal_direct_io_under_load_is_judged_in_the_kernel_and_never_crosses(t
 
 def test_requests_beyond_a_full_inflight_map_are_counted_and_never_reported_with_a_guess(tmp_path):
     """Compiled with room for 4 in-flight requests; 8 writes held by a frozen file system."""
-    from bcc import BPF
-
     from tapio_core.bpf import kernel_fit, program_text, read_counter, shared_include_dir
-    from tapio_core.ringbuf import RingBufferReader, ringbuf_map_info
+    from tapio_core.compile_helper import compile_in_helper
+    from tapio_core.ringbuf import RingBufferReader
 
     spec = tapio_observer_storage.OBSERVER
     fit = kernel_fit(spec, Btf.load())
     # 5.10, 6.1, 6.12 and 6.18 each have one of every pair of layouts: nothing missing, no feature off.
     assert (fit.missing, fit.disabled) == ((), {})
     flags = list(fit.cflags)
-    bpf = BPF(text=program_text(spec.bpf_source, None).encode(),
-              cflags=[f"-I{shared_include_dir()}", *flags, "-DSTORAGE_MAX_INFLIGHT=4"])
+    bpf, _ = compile_in_helper(program_text(spec.bpf_source, None),
+                               [f"-I{shared_include_dir()}", *flags, "-DSTORAGE_MAX_INFLIGHT=4"])
     try:
         with stacked_loops(tmp_path) as (ext4, upper):
             name = Path(upper).name
@@ -243,7 +243,7 @@ def test_requests_beyond_a_full_inflight_map_are_counted_and_never_reported_with
                                        devices=(DeviceRule(name, warning_ms=300.0, critical_ms=300.0),))
             observer = RunningObserver(spec=spec, config=settings, bpf=bpf)
             tapio_observer_storage.tapio_observer_started(observer=observer)
-            reader = RingBufferReader(*ringbuf_map_info(bpf[b"events"]), STORAGE_RECORD.itemsize)
+            reader = RingBufferReader(bpf["events"].fd, bpf["events"].max_entries, STORAGE_RECORD.itemsize)
             unmatched_before, overflows_before = counts(bpf)
             with frozen(ext4):
                 writers = [direct_write(upper, seek=i) for i in range(8)]
@@ -257,7 +257,7 @@ def test_requests_beyond_a_full_inflight_map_are_counted_and_never_reported_with
             device_warning = device_state(bpf, upper).warning_ns
             reader.close()
     finally:
-        bpf.cleanup()
+        bpf.close()
     ours = [a for a in anomalies if a.data["device"] == name]
     assert 1 <= len(ours) <= 4  # other I/O on the node may hold some of the 4 slots
     assert all(a.type == LATENCY_SPIKE and a.data["latency_ns"] >= 300 * MS for a in ours)

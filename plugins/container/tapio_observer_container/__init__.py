@@ -96,20 +96,20 @@ def bitmap(values: tuple[int, ...], words: int) -> list[int]:
 
 def write_settings(bpf, layout: KernelLayout, settings: ContainerSettings) -> None:
     """Filters first, the layout (with ``configured``) last: the BPF side reports nothing before."""
-    filters = bpf[b"exit_filter"]
+    filters = bpf["exit_filter"]
     leaf = filters.Leaf()
     for index, word in enumerate(bitmap(settings.ignore_exit_codes, 4)):
         leaf.ignored_exit_codes[index] = word
     for index, word in enumerate(bitmap(settings.ignore_signals, 2)):
         leaf.ignored_signals[index] = word
     filters[filters.Key(0)] = leaf
-    names = bpf[b"ignored_process_names"]
+    names = bpf["ignored_process_names"]
     names.clear()
     for name in settings.ignore_process_names:
         key = names.Key()
         key.comm = name.encode()
         names[key] = names.Leaf(1)
-    table = bpf[b"container_layout"]
+    table = bpf["container_layout"]
     leaf = table.Leaf()
     for field, value in attrs.asdict(layout).items():
         setattr(leaf, field, value)

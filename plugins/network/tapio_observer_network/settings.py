@@ -104,7 +104,7 @@ def kernel_settings(settings: NetworkSettings) -> dict[str, int]:
 def write_kernel_settings(bpf: Any, settings: NetworkSettings) -> None:
     """Fill the ``network_settings`` map; the BPF side judges nothing until this is done."""
     try:
-        table = bpf[b"network_settings"]
+        table = bpf["network_settings"]
     except KeyError:  # e.g. an --ebpf-dir source from before settings lived in the kernel
         raise ObserverLoadError("network: the BPF program has no network_settings map") from None
     values = kernel_settings(settings)

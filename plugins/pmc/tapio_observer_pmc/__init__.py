@@ -23,6 +23,7 @@ OBSERVER = ObserverSpec(
     bpf_source=Path(__file__).with_name("pmc.bpf.c"),
     record_dtype=PMC_RECORD,
     tracepoints=(),  # a perf event program, attached in tapio_observer_started
+    perf_event_programs=("pmc_sample",),
     config_type=PmcSettings,
     description="per-CPU stalls, memory pressure and IPC degradation from hardware counters",
 )
@@ -51,8 +52,8 @@ def tapio_observer_started(observer):
         raise ObserverUnsupported(
             f"pmc: unsupported: only cycles can be counted here ({'; '.join(counters.missing.values())})")
     try:
-        start_sampling(observer.bpf, settings.interval_ms)
-    except Exception as exc:  # bcc raises bare Exception
+        start_sampling(observer.bpf, cpus, settings.interval_ms)
+    except OSError as exc:
         raise ObserverLoadError(f"pmc: cannot start the sampling timer: {exc}") from None
     if counters.missing:
         lost = []

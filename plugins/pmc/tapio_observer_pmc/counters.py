@@ -1,10 +1,10 @@
 """Opening the per-CPU counters the BPF program reads, and the timer that makes it read them.
 
-Each counter is probed with perf_event_open(2) on every online CPU before bcc
-opens it for real: the probe learns the errno (ENOENT: this machine has no
-such counter) without libbcc printing a line per failure on the agent's
-stderr. A counter that cannot be opened leaves its perf array empty; the BPF
-side then marks it missing in every record.
+Each counter is opened with perf_event_open(2) on every online CPU and its
+descriptors put in the counter's BPF perf array; the kernel's errno tells a
+missing counter (ENOENT: no such hardware) from a refusal. A counter that
+cannot be opened on every CPU leaves its perf array empty; the BPF side then
+marks it missing in every record.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import errno
 import os
 import platform
 import struct
+from pathlib import Path
 
 import attrs
 
+from tapio_core.bpf_objects import LoadedProgram
 from tapio_observer_pmc.records import COUNTERS
 
 PERF_TYPE_HARDWARE, PERF_TYPE_SOFTWARE = 0, 1
@@ -50,35 +52,49 @@ PRESETS: dict[str, dict[str, CounterEvent]] = {
 #: Without cycles no ratio exists, so only these may be skipped.
 SKIPPABLE = ("instructions", "stall_cycles")
 #: The BPF perf array holding each counter (pmc.bpf.c).
-TABLES = {name: f"pmc_{name}".encode() for name in COUNTERS}
+TABLES = {name: f"pmc_{name}" for name in COUNTERS}
 #: What perf_event_open answers when the hardware has no such counter.
 NOT_ON_THIS_HARDWARE = {errno.ENOENT, errno.ENODEV, errno.EOPNOTSUPP}
 
 _NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "ppc64le": 319, "ppc64": 319, "s390x": 331}
 _PERF_ATTR_SIZE_VER0 = 64
 _PERF_FLAG_FD_CLOEXEC = 8
+#: _IO('$', 0) and _IOW('$', 8, __u32) from uapi/linux/perf_event.h.
+_PERF_EVENT_IOC_ENABLE, _PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def perf_event_open(event_type: int, config: int, cpu: int, sample_period: int = 0) -> int:
+    """A system-wide perf event on ``cpu``, counting from now; its fd. Raises OSError with the kernel's errno."""
+    number = _NR_PERF_EVENT_OPEN.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, f"perf_event_open: no syscall number known for {platform.machine()}")
+    attr = ctypes.create_string_buffer(_PERF_ATTR_SIZE_VER0)
+    struct.pack_into("=IIQQ", attr, 0, event_type, _PERF_ATTR_SIZE_VER0, config, sample_period)
+    fd = _libc.syscall(ctypes.c_long(number), attr, ctypes.c_int(-1), ctypes.c_int(cpu), ctypes.c_int(-1),
+                       ctypes.c_ulong(_PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return fd
 
 
 def probe(event: CounterEvent, cpu: int) -> int:
     """0 when ``event`` can be opened on ``cpu`` (system-wide), else the errno; opens nothing lasting."""
-    number = _NR_PERF_EVENT_OPEN.get(platform.machine())
-    if number is None:
-        return 0  # unknown syscall number: let bcc's own open decide
-    attr = ctypes.create_string_buffer(_PERF_ATTR_SIZE_VER0)
-    struct.pack_into("=IIQ", attr, 0, event.type, _PERF_ATTR_SIZE_VER0, event.config)
-    fd = _libc.syscall(ctypes.c_long(number), attr, ctypes.c_int(-1), ctypes.c_int(cpu), ctypes.c_int(-1),
-                       ctypes.c_ulong(_PERF_FLAG_FD_CLOEXEC))
-    if fd < 0:
-        return ctypes.get_errno()
-    os.close(fd)
+    try:
+        os.close(perf_event_open(event.type, event.config, cpu))
+    except OSError as exc:
+        return exc.errno or errno.EINVAL
     return 0
 
 
 def online_cpus() -> list[int]:
-    from bcc.utils import get_online_cpus
-
-    return list(get_online_cpus())
+    """The CPUs ``/sys/devices/system/cpu/online`` lists (e.g. ``0-3,6``)."""
+    cpus: list[int] = []
+    for part in Path("/sys/devices/system/cpu/online").read_text().strip().split(","):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
 
 
 @attrs.define
@@ -91,11 +107,11 @@ class OpenedCounters:
     cycles_errno: int = 0
 
 
-def open_counters(bpf, preset: str, skip: tuple[str, ...], cpus: list[int]) -> OpenedCounters:
+def open_counters(program: LoadedProgram, preset: str, skip: tuple[str, ...], cpus: list[int]) -> OpenedCounters:
     """Open every counter of ``preset`` not in ``skip`` on ``cpus`` into the BPF perf arrays.
 
     A counter that fails on any CPU is left out everywhere, so each counter
-    means the same on every CPU. bcc closes what it opened in ``bpf.cleanup()``.
+    means the same on every CPU. The events are ``program``'s to close.
     """
     result = OpenedCounters()
     for name in COUNTERS:
@@ -103,23 +119,40 @@ def open_counters(bpf, preset: str, skip: tuple[str, ...], cpus: list[int]) -> O
         if name in skip:
             result.missing[name] = "skipped by skip_counters"
             continue
-        failed = next(((cpu, code) for cpu in cpus if (code := probe(event, cpu))), None)
-        if failed is not None:
-            cpu, code = failed
-            result.missing[name] = f"{event.name}: {os.strerror(code)} ({errno.errorcode.get(code, code)}, cpu {cpu})"
-            if name == "cycles":
-                result.cycles_errno = code
-            continue
+        fds: list[int] = []
         try:
-            bpf[TABLES[name]].open_perf_event(event.type, event.config)
-        except Exception as exc:  # bcc raises bare Exception
+            for cpu in cpus:
+                try:
+                    fds.append(perf_event_open(event.type, event.config, cpu))
+                except OSError as exc:
+                    code = exc.errno or errno.EINVAL
+                    result.missing[name] = f"{event.name}: {os.strerror(code)} ({errno.errorcode.get(code, code)}, " \
+                                           f"cpu {cpu})"
+                    if name == "cycles":
+                        result.cycles_errno = code
+                    break
+            else:
+                table = program[TABLES[name]]
+                for cpu, fd in zip(cpus, fds, strict=False):
+                    table[cpu] = fd
+                result.opened[name] = event
+        except OSError as exc:  # the perf array refused an event
             result.missing[name] = f"{event.name}: {exc}"
-            continue
-        result.opened[name] = event
+        if name in result.opened:
+            program.owned.extend(fds)
+        else:
+            for fd in fds:
+                os.close(fd)
     return result
 
 
-def start_sampling(bpf, interval_ms: int) -> None:
-    """Run ``pmc_sample`` on every online CPU once per ``interval_ms``, from a cpu-clock timer."""
-    bpf.attach_perf_event(ev_type=PERF_TYPE_SOFTWARE, ev_config=PERF_COUNT_SW_CPU_CLOCK, fn_name=b"pmc_sample",
-                          sample_period=interval_ms * 1_000_000, cpu=-1)
+def start_sampling(program: LoadedProgram, cpus: list[int], interval_ms: int) -> None:
+    """Run ``pmc_sample`` on each of ``cpus`` once per ``interval_ms``, from a cpu-clock timer."""
+    sampler = program.programs["pmc_sample"]
+    for cpu in cpus:
+        fd = perf_event_open(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK, cpu, sample_period=interval_ms * 1_000_000)
+        program.owned.append(fd)
+        for request, argument in ((_PERF_EVENT_IOC_SET_BPF, sampler), (_PERF_EVENT_IOC_ENABLE, 0)):
+            if _libc.ioctl(fd, ctypes.c_ulong(request), ctypes.c_int(argument)) < 0:
+                code = ctypes.get_errno()
+                raise OSError(code, f"cpu {cpu}: {os.strerror(code)}")

@@ -71,10 +71,10 @@ def tapio_observer_started(observer):
     except BtfError as exc:
         raise ObserverLoadError(f"storage: cannot read request operations from kernel BTF: {exc}") from None
     settings: StorageSettings = observer.config
-    table = observer.bpf[b"storage_settings"]
+    table = observer.bpf["storage_settings"]
     table[table.Key(SETTING_OP_MASK)] = table.Leaf(operations.mask)
     table[table.Key(SETTING_SCREEN_NS)] = table.Leaf(settings.screen_ns())
-    screens = DeviceScreens(observer.bpf[b"devices"])
+    screens = DeviceScreens(observer.bpf["devices"])
     observer.state["detector"] = StorageDetector(settings, operations, block_statuses(), screens)
 
 
