@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := python3-bpfcc linux-headers-amd64 nftables bpftool iproute2 libatomic1 kmod util-linux
+APT_PACKAGES := python3-bpfcc libbpf1 linux-headers-amd64 nftables bpftool iproute2 libatomic1 kmod util-linux
 # Every plugin folder with a pyproject.toml is a distribution: a new plugin needs no edit here.
 DISTRIBUTIONS := . $(patsubst %/pyproject.toml,%,$(sort $(wildcard plugins/*/pyproject.toml plugins/sinks/*/pyproject.toml)))
 PYPROJECTS := $(addsuffix /pyproject.toml,$(DISTRIBUTIONS))

@@ -127,8 +127,8 @@ def load_container_observer() -> tuple[ExitProgram, Any]:
     import tapio_observer_container
     from tapio_core import RunningObserver
     from tapio_core.bpf import observer_build
+    from tapio_core.bpf_objects import compile_in_process
     from tapio_core.btf import Btf
-    from tapio_core.compile_helper import compile_in_process
     from tapio_observer_container.settings import ContainerSettings
 
     spec = tapio_observer_container.OBSERVER

@@ -129,7 +129,7 @@ def start_observer(data_dir: Path) -> Any:
 
     import tapio_core.bpf
     from tapio_core.agent import Agent
-    from tapio_core.compile_helper import compile_in_process
+    from tapio_core.bpf_objects import compile_in_process
     from tapio_core.occurrence import KernelClock
     from tapio_core.pipeline import Pipeline
     from tapio_core.plugins import load_plugins

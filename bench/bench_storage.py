@@ -116,8 +116,8 @@ def load_storage_observer() -> tuple[Programs, Any]:
     import tapio_observer_storage
     from tapio_core import RunningObserver
     from tapio_core.bpf import ObserverLoadError, observer_build
+    from tapio_core.bpf_objects import compile_in_process
     from tapio_core.btf import Btf
-    from tapio_core.compile_helper import compile_in_process
     from tapio_observer_storage.settings import StorageSettings
 
     spec = tapio_observer_storage.OBSERVER

@@ -101,6 +101,11 @@ class Agent:
                 reasons.append("disabled: " + "; ".join(f"{feature} ({why})" for feature, why in disabled.items()))
             observer.status_reason = "; ".join(reasons)
             log.info("observer %s running%s", observer.name, f" ({observer.status_reason})" if reasons else "")
+        # The parsed BTF index is about 30 MB of small objects, needed only while observers start.
+        for observer in self.pipeline.observers.values():
+            observer.btf = None
+        del btf
+        gc.collect()
 
     def stop(self, *_: object) -> None:
         self._stop = True

@@ -9,6 +9,7 @@ import os
 import re
 import struct
 import sys
+import time
 from pathlib import Path
 
 import attrs
@@ -304,14 +305,16 @@ def load_observer(spec: ObserverSpec, ebpf_dir: Path | None, btf: Btf | None) ->
 
     Returns the loaded program (its descriptors) and the disabled features (feature -> why).
     """
-    from tapio_core.compile_helper import CompileError, compile_in_helper
+    from tapio_core.bpf_objects import CompileError, compile_in_helper
 
     build = observer_build(spec, ebpf_dir, btf)
+    started = time.monotonic()
     try:
         program, helper_peak_kb = compile_in_helper(build.text, build.cflags, spec.perf_event_programs)
     except CompileError as exc:
         raise ObserverLoadError(f"{spec.name}: {exc}") from None
-    log.debug("%s: compiled and attached by a helper that peaked at %d kB", spec.name, helper_peak_kb)
+    log.info("%s: compiled and attached in %.1f s by a helper process that peaked at %.0f MB RSS", spec.name,
+             time.monotonic() - started, helper_peak_kb / 1024)
     if spec.ring_buffer not in program:
         program.close()
         raise ObserverLoadError(f"{spec.name}: the BPF program has no map {spec.ring_buffer}")

@@ -1,8 +1,9 @@
 """An observer's BPF objects as the agent holds them: file descriptors, read and written through bpf(2).
 
-bcc (and LLVM with it) lives only in the compile helper (:mod:`tapio_core.compile_helper`); the
-long-lived agent gets the helper's program, attachment and map descriptors and uses the kernel's
-own libbpf for map access, a small C library already on every machine that runs bcc.
+bcc (and LLVM with it) lives only in the compile helper (:mod:`tapio_core.compile_helper`, started
+by :func:`compile_in_helper`); the long-lived agent gets the helper's program, attachment and map
+descriptors and uses the kernel's own libbpf for map access, a small C library already on every
+machine that runs bcc.
 """
 
 from __future__ import annotations
@@ -11,11 +12,23 @@ import contextlib
 import ctypes
 import errno
 import functools
+import json
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
+
+from tapio_core.compile_helper import MAX_FDS, MESSAGE_LIMIT, compile_and_attach
+
+#: The helper, run as a script so that it imports nothing of tapio_core.
+HELPER = Path(__file__).with_name("compile_helper.py")
+#: A compile takes seconds on a node and up to a minute under emulation; a helper silent for longer is stuck.
+HELPER_TIMEOUT_S = 600.0
 
 #: Map types whose lookup returns one value per possible CPU (uapi/linux/bpf.h).
 PER_CPU_MAP_TYPES = frozenset({5, 6, 10})  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
@@ -203,3 +216,80 @@ class LoadedProgram:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class CompileError(Exception):
+    """The helper could not compile, load or attach the program (its message says why)."""
+
+
+def compile_in_helper(text: str, cflags: list[str], perf_event_programs: tuple[str, ...] = ()) \
+        -> tuple[LoadedProgram, int]:
+    """Compile and attach in a helper process. Returns the loaded program and the helper's peak RSS in kB."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        # Its stdout goes to our stderr: the stdout sink's JSON must carry nothing else.
+        helper = subprocess.Popen([sys.executable, "-P", str(HELPER), str(theirs.fileno())],
+                                  pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=2)
+        theirs.close()
+        ours.settimeout(HELPER_TIMEOUT_S)
+        try:
+            ours.sendall(json.dumps({"text": text, "cflags": cflags,
+                                     "perf_event_programs": list(perf_event_programs)}).encode())
+            message, fds, _, _ = socket.recv_fds(ours, MESSAGE_LIMIT, MAX_FDS)
+        except TimeoutError:
+            helper.kill()
+            helper.wait()
+            raise CompileError(f"the compile helper gave no answer in {HELPER_TIMEOUT_S:.0f} s") from None
+        except (ConnectionError, BrokenPipeError):  # it died before reading or answering
+            message, fds = b"", []
+        code = helper.wait()
+    finally:
+        ours.close()
+    if not message:
+        raise CompileError(f"the compile helper died ({describe_exit(code)}) before it answered")
+    reply = json.loads(message)
+    if "error" in reply:
+        for fd in fds:
+            os.close(fd)
+        raise CompileError(reply["error"])
+    return program_from_reply(reply, fds), int(reply["peak_rss_kb"])
+
+
+def describe_exit(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
+def program_from_reply(reply: dict[str, Any], fds: list[int]) -> LoadedProgram:
+    maps = {}
+    for entry in reply["maps"]:
+        key_type = value_type = None
+        try:
+            key_type = ctype_from_description(entry["key"]) if entry["key"] else None
+            value_type = ctype_from_description(entry["value"]) if entry["value"] else None
+        except (ValueError, TypeError):
+            pass  # raw bytes of the declared sizes serve (e.g. the ring buffer, read by mmap)
+        maps[entry["name"]] = BpfMap(entry["name"], fds[entry["fd"]], entry["type"], entry["max_entries"],
+                                     entry["key_size"], entry["value_size"], key_type, value_type)
+    return LoadedProgram(maps=maps, programs={name: fds[index] for name, index in reply["programs"].items()},
+                         attachments=[fds[index] for index in reply["attachments"]])
+
+
+@attrs.define(eq=False)
+class InProcessProgram(LoadedProgram):
+    """A program compiled in this process, seen as the agent sees a helper's; ``bcc`` is bcc's own object,
+    which owns the descriptors (``close()`` is its ``cleanup()``)."""
+
+    bcc: Any = None
+
+    def close(self) -> None:
+        if self.bcc is not None:
+            self.bcc.cleanup()
+            self.bcc = None
+
+
+def compile_in_process(text: str, cflags: list[str], perf_event_programs: tuple[str, ...] = ()) -> InProcessProgram:
+    """For benchmarks and tests that detach and re-attach programs through bcc; the agent never calls this."""
+    bpf, reply, fds = compile_and_attach({"text": text, "cflags": cflags,
+                                          "perf_event_programs": list(perf_event_programs)})
+    program = program_from_reply(reply, fds)
+    return InProcessProgram(maps=program.maps, programs=program.programs, attachments=program.attachments, bcc=bpf)

@@ -1,12 +1,13 @@
-"""Compile apart, run light: bcc compiles and attaches one observer's BPF program in a short-lived process.
+"""The compile helper: bcc compiles and attaches one observer's BPF program in a short-lived process.
 
 Importing bcc maps LLVM (about 60 MB) and every compile leaves about 50 MB more that a process
-keeps for life. So the agent never imports bcc: for each observer it starts this module as a
-helper (``python -m tapio_core.compile_helper FD``) on one end of a Unix socket pair, sends the
-program text and compiler flags, and receives the loaded objects' file descriptors (SCM_RIGHTS)
-with a description of each map. The helper then exits with ``os._exit``: bcc's clean-up would
-disable the tracepoint perf events the agent now shares. A helper that crashes (LLVM does, on
-some inputs) fails that observer alone.
+keeps for life. So the agent never imports bcc: for each observer it runs this file as a script
+(``python -P .../compile_helper.py FD``: nothing of tapio_core is imported, which keeps the
+helper quick to start) on one end of a Unix socket pair, sends the program text and compiler
+flags, and receives the loaded objects' file descriptors (SCM_RIGHTS) with a description of each
+map (:func:`tapio_core.bpf_objects.compile_in_helper` is the agent's side). The helper then exits
+with ``os._exit``: bcc's clean-up would disable the tracepoint perf events the agent now shares.
+A helper that crashes (LLVM does, on some inputs) fails that observer alone.
 """
 
 from __future__ import annotations
@@ -16,78 +17,13 @@ import json
 import os
 import resource
 import socket
-import subprocess
 import sys
 from typing import Any
-
-import attrs
-
-from tapio_core.bpf_objects import BpfMap, LoadedProgram, ctype_from_description
 
 #: The largest message either side sends (program text one way, map descriptions the other).
 MESSAGE_LIMIT = 1 << 20
 #: SCM_MAX_FD: the most descriptors one message carries.
 MAX_FDS = 253
-#: A compile takes seconds on a node and up to a minute under emulation; a helper silent for longer is stuck.
-HELPER_TIMEOUT_S = 600.0
-
-
-class CompileError(Exception):
-    """The helper could not compile, load or attach the program (its message says why)."""
-
-
-def compile_in_helper(text: str, cflags: list[str], perf_event_programs: tuple[str, ...] = ()) \
-        -> tuple[LoadedProgram, int]:
-    """Compile and attach in a helper process. Returns the loaded program and the helper's peak RSS in kB."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        helper = subprocess.Popen([sys.executable, "-m", "tapio_core.compile_helper", str(theirs.fileno())],
-                                  pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
-        theirs.close()
-        ours.settimeout(HELPER_TIMEOUT_S)
-        try:
-            ours.sendall(json.dumps({"text": text, "cflags": cflags,
-                                     "perf_event_programs": list(perf_event_programs)}).encode())
-            message, fds, _, _ = socket.recv_fds(ours, MESSAGE_LIMIT, MAX_FDS)
-        except TimeoutError:
-            helper.kill()
-            helper.wait()
-            raise CompileError(f"the compile helper gave no answer in {HELPER_TIMEOUT_S:.0f} s") from None
-        except (ConnectionError, BrokenPipeError):  # it died before reading or answering
-            message, fds = b"", []
-        code = helper.wait()
-    finally:
-        ours.close()
-    if not message:
-        raise CompileError(f"the compile helper died ({describe_exit(code)}) before it answered")
-    reply = json.loads(message)
-    if "error" in reply:
-        for fd in fds:
-            os.close(fd)
-        raise CompileError(reply["error"])
-    return program_from_reply(reply, fds), int(reply["peak_rss_kb"])
-
-
-def describe_exit(code: int) -> str:
-    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-
-
-def program_from_reply(reply: dict[str, Any], fds: list[int]) -> LoadedProgram:
-    maps = {}
-    for entry in reply["maps"]:
-        key_type = value_type = None
-        try:
-            key_type = ctype_from_description(entry["key"]) if entry["key"] else None
-            value_type = ctype_from_description(entry["value"]) if entry["value"] else None
-        except (ValueError, TypeError):
-            pass  # raw bytes of the declared sizes serve (e.g. the ring buffer, read by mmap)
-        maps[entry["name"]] = BpfMap(entry["name"], fds[entry["fd"]], entry["type"], entry["max_entries"],
-                                     entry["key_size"], entry["value_size"], key_type, value_type)
-    return LoadedProgram(maps=maps, programs={name: fds[index] for name, index in reply["programs"].items()},
-                         attachments=[fds[index] for index in reply["attachments"]])
-
-
-# --- the helper's side ---------------------------------------------------------
 
 
 def _libbcc_tables(lib: Any) -> None:
@@ -99,27 +35,6 @@ def _libbcc_tables(lib: Any) -> None:
         function = getattr(lib, name)
         function.argtypes, function.restype = [ctypes.c_void_p, ctypes.c_ulonglong], restype
     lib.bpf_num_tables.argtypes, lib.bpf_num_tables.restype = [ctypes.c_void_p], ctypes.c_size_t
-
-
-@attrs.define(eq=False)
-class InProcessProgram(LoadedProgram):
-    """A program compiled in this process, seen as the agent sees a helper's; ``bcc`` is bcc's own object,
-    which owns the descriptors (``close()`` is its ``cleanup()``)."""
-
-    bcc: Any = None
-
-    def close(self) -> None:
-        if self.bcc is not None:
-            self.bcc.cleanup()
-            self.bcc = None
-
-
-def compile_in_process(text: str, cflags: list[str], perf_event_programs: tuple[str, ...] = ()) -> InProcessProgram:
-    """For benchmarks and tests that detach and re-attach programs through bcc; the agent never calls this."""
-    bpf, reply, fds = compile_and_attach({"text": text, "cflags": cflags,
-                                          "perf_event_programs": list(perf_event_programs)})
-    program = program_from_reply(reply, fds)
-    return InProcessProgram(maps=program.maps, programs=program.programs, attachments=program.attachments, bcc=bpf)
 
 
 def compile_and_attach(request: dict[str, Any]) -> tuple[Any, dict[str, Any], list[int]]:
@@ -155,7 +70,7 @@ def compile_and_attach(request: dict[str, Any]) -> tuple[Any, dict[str, Any], li
         })
         fds.append(lib.bpf_table_fd_id(bpf.module, index))
     if len(fds) > MAX_FDS:
-        raise CompileError(f"{len(fds)} BPF objects are more than one message carries ({MAX_FDS})")
+        raise ValueError(f"{len(fds)} BPF objects are more than one message carries ({MAX_FDS})")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return bpf, {"maps": maps, "programs": programs, "attachments": attachments, "peak_rss_kb": peak}, fds
 

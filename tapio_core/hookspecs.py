@@ -65,9 +65,11 @@ def tapio_observer_started(observer: RunningObserver) -> None:
 
     Called once per observer after its BPF program compiled and attached and
     before its first batch, only on the plugin that registered it; never in
-    replay. ``observer.bpf`` is the bcc program and ``observer.config`` the
-    user's settings: write the values the BPF side reads into its maps here,
-    so changing a setting needs no recompile. Raise
+    replay. ``observer.bpf`` is the loaded program (maps and programs by name,
+    held by file descriptor: bcc compiled it in a helper process),
+    ``observer.config`` the user's settings and ``observer.btf`` the kernel's
+    parsed BTF (during this call only): write the values the BPF side reads
+    into its maps here, so changing a setting needs no recompile. Raise
     ``tapio_core.bpf.ObserverLoadError`` to mark the observer failed, or
     ``ObserverUnsupported`` when this machine lacks what it needs (e.g. a
     hardware PMU); either way the other observers go on (any other exception

@@ -155,7 +155,8 @@ class RunningObserver:
     config: Any = None
     state: dict[str, Any] = attrs.field(factory=dict)
     bpf: Any = None
-    #: The running kernel's BTF (tapio_core.btf.Btf), already parsed; None in replay.
+    #: The running kernel's BTF (tapio_core.btf.Btf), already parsed, during ``tapio_observer_started`` only
+    #: (the agent lets go of it afterwards: it is large); None in replay.
     btf: Any = None
     plugin_name: str = ""
     status: str = "starting"

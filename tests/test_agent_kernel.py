@@ -96,6 +96,7 @@ class ToySettings:
 class ToyObserver:
     def __init__(self, name, source, fail_start=None):
         self.name, self.source, self.fail_start = name, source, fail_start
+        self.btf_seen = None
 
     @hookimpl
     def tapio_register_observers(self, register):
@@ -112,6 +113,7 @@ class ToyObserver:
     def tapio_observer_started(self, observer):
         if self.fail_start:
             raise self.fail_start(f"{observer.name}: refusing to start")
+        self.btf_seen = observer.btf
         table = observer.bpf["toy_settings"]
         table[table.Key(0)] = table.Leaf(observer.config.value)
         table[table.Key(1)] = table.Leaf(os.getpid())
@@ -140,10 +142,12 @@ def start_agent(extra, settings):
 def test_tapio_observer_started_writes_settings_the_kernel_uses(toy_source, caplog):
     sink = Collect()
     caplog.set_level(logging.WARNING)
-    agent = start_agent([("toy", ToyObserver("toy", toy_source)), ("collect", sink)], {"toy": {"value": 42}})
+    toy = ToyObserver("toy", toy_source)
+    agent = start_agent([("toy", toy), ("collect", sink)], {"toy": {"value": 42}})
     try:
         assert agent.pipeline.observers["toy"].status == "running"
-        assert agent.pipeline.observers["toy"].btf is not None  # parsed once, handed to the plugin
+        assert toy.btf_seen is not None  # parsed once, handed to the plugin while it starts
+        assert agent.pipeline.observers["toy"].btf is None  # then let go: it is large
         for _ in range(3):
             os.getppid()
         agent.drain("toy")

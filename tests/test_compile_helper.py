@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tapio_core.bpf_objects import ctype_from_description, possible_cpus
-from tapio_core.compile_helper import CompileError, compile_in_helper
+from tapio_core.bpf_objects import CompileError, compile_in_helper, ctype_from_description, possible_cpus
 from tapio_core.ringbuf import RingBufferReader
 from tests.kernel_helpers import scaled
 

@@ -226,7 +226,7 @@ def test_normal_direct_io_under_load_is_judged_in_the_kernel_and_never_crosses(t
 def test_requests_beyond_a_full_inflight_map_are_counted_and_never_reported_with_a_guess(tmp_path):
     """Compiled with room for 4 in-flight requests; 8 writes held by a frozen file system."""
     from tapio_core.bpf import kernel_fit, program_text, read_counter, shared_include_dir
-    from tapio_core.compile_helper import compile_in_helper
+    from tapio_core.bpf_objects import compile_in_helper
     from tapio_core.ringbuf import RingBufferReader
 
     spec = tapio_observer_storage.OBSERVER

@@ -11,6 +11,7 @@ straight to that thread: a slow API never holds the pod watch up for long.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -111,11 +112,11 @@ class OwnerResolver:
             self.counters["owner_lookups"] += 1
         try:
             if owner.kind == "ReplicaSet":
-                found = client.AppsV1Api(self._api()).read_namespaced_replica_set(
-                    owner.name, namespace, _request_timeout=timeout)
+                found = read_json(client.AppsV1Api(self._api()).read_namespaced_replica_set(
+                    owner.name, namespace, _request_timeout=timeout, _preload_content=False))
             else:
-                found = client.BatchV1Api(self._api()).read_namespaced_job(
-                    owner.name, namespace, _request_timeout=timeout)
+                found = read_json(client.BatchV1Api(self._api()).read_namespaced_job(
+                    owner.name, namespace, _request_timeout=timeout, _preload_content=False))
         except ApiException as exc:
             if exc.status != 404:
                 return f"{exc.status} {exc.reason}", False
@@ -123,7 +124,7 @@ class OwnerResolver:
         except Exception as exc:
             return describe_error(exc), True
         else:
-            workload = controller_of(found.metadata) or owner
+            workload = controller_of(found.get("metadata") or {}) or owner
         self.cache.set_workload(namespace, owner, Workload(workload.kind, workload.name, workload.uid))
         return None
 
@@ -149,6 +150,26 @@ class OwnerResolver:
         self._retry_at.pop(key, None)
         self._owners.pop(key, None)
         self._slow.discard(key)
+
+
+def api_error(response: Any) -> Exception:
+    """The client's ApiException for a response it handed over unread (``_preload_content=False``)."""
+    from kubernetes.client.exceptions import ApiException
+
+    exc = ApiException(status=response.status, reason=response.reason)
+    exc.body = response.data.decode("utf-8", "replace") if response.data else None
+    return exc
+
+
+def read_json(response: Any) -> dict[str, Any]:
+    """The JSON body of a response read without the client's models: those cost far more memory than the
+    dozen fields read here (recent clients build pydantic models)."""
+    try:
+        if not 200 <= response.status < 300:
+            raise api_error(response)
+        return json.loads(response.data)
+    finally:
+        response.release_conn()
 
 
 def describe_error(exc: BaseException) -> str:

@@ -54,33 +54,37 @@ def container_id(status_id: str | None) -> str | None:
     return status_id.rpartition("://")[2] or None
 
 
-def controller_of(metadata: Any) -> Workload | None:
-    """The owner reference with ``controller: true`` (else the first), from model metadata."""
-    references = list(getattr(metadata, "owner_references", None) or [])
+def controller_of(metadata: dict[str, Any]) -> Workload | None:
+    """The owner reference with ``controller: true`` (else the first), from an object's JSON metadata."""
+    references = list(metadata.get("ownerReferences") or [])
     if not references:
         return None
-    chosen = next((ref for ref in references if ref.controller), references[0])
-    return Workload(kind=chosen.kind, name=chosen.name, uid=chosen.uid)
+    chosen = next((ref for ref in references if ref.get("controller")), references[0])
+    return Workload(kind=chosen["kind"], name=chosen["name"], uid=chosen.get("uid", ""))
 
 
-def pod_info(pod: Any) -> PodInfo:
-    """A :class:`PodInfo` from a ``V1Pod`` model: every container id its status names."""
-    status = pod.status
+def pod_info(pod: dict[str, Any]) -> PodInfo:
+    """A :class:`PodInfo` from a pod as the API's JSON has it: every container id its status names.
+
+    Read as JSON, not as the client's ``V1Pod`` model: building the models (pydantic ones in recent
+    clients) cost the agent about 40 MB for a node's pods, to read a dozen fields.
+    """
+    status = pod.get("status") or {}
     containers: dict[str, str] = {}
-    for group in ("init_container_statuses", "container_statuses", "ephemeral_container_statuses"):
-        for entry in getattr(status, group, None) or []:
+    for group in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
+        for entry in status.get(group) or []:
             # The previous run's id: its exit is reported after the restart that replaced it.
-            last = entry.last_state.terminated if entry.last_state is not None else None
-            for found in (last.container_id if last is not None else None, entry.container_id):
+            last = ((entry.get("lastState") or {}).get("terminated") or {}).get("containerID")
+            for found in (last, entry.get("containerID")):
                 cid = container_id(found)
                 if cid is not None:
-                    containers[cid] = entry.name
-    meta = pod.metadata
-    mirror_of = (meta.annotations or {}).get(MIRROR_ANNOTATION) or None
+                    containers[cid] = entry["name"]
+    meta = pod["metadata"]
+    mirror_of = (meta.get("annotations") or {}).get(MIRROR_ANNOTATION) or None
     return PodInfo(
-        uid=meta.uid, namespace=meta.namespace, name=meta.name, containers=containers,
-        owner=controller_of(meta), resource_version=meta.resource_version,
-        mirror_of=mirror_of if mirror_of != meta.uid else None,
+        uid=meta["uid"], namespace=meta.get("namespace", ""), name=meta["name"], containers=containers,
+        owner=controller_of(meta), resource_version=meta.get("resourceVersion"),
+        mirror_of=mirror_of if mirror_of != meta["uid"] else None,
     )
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tapio_enrich_kubernetes.owners import OwnerResolver, describe_error
+from tapio_enrich_kubernetes.owners import OwnerResolver, api_error, describe_error, read_json
 from tapio_enrich_kubernetes.pods import PodCache, pod_info
 from tapio_enrich_kubernetes.settings import KubernetesSettings
 
@@ -103,7 +103,6 @@ class PodWatcher:
         self._api: Any = None
         self.owners = OwnerResolver(settings, cache, lambda: self._api, self.counters)
         self._response: Any = None
-        self._decoder: Any = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -146,13 +145,13 @@ class PodWatcher:
     def list_pods(self) -> None:
         from kubernetes import client
 
-        pods = client.CoreV1Api(self._api).list_pod_for_all_namespaces(
-            field_selector=self.selector, _request_timeout=self.settings.request_timeout_s)
-        infos = [pod_info(pod) for pod in pods.items]
+        pods = read_json(client.CoreV1Api(self._api).list_pod_for_all_namespaces(
+            field_selector=self.selector, _request_timeout=self.settings.request_timeout_s, _preload_content=False))
+        infos = [pod_info(pod) for pod in pods.get("items") or []]
         for info in infos:  # before the pods are published, so none is seen with its ReplicaSet only
             self.owners.resolve(info.namespace, info.owner)
         new_containers = self.cache.replace(infos)
-        self.resource_version = pods.metadata.resource_version
+        self.resource_version = pods["metadata"]["resourceVersion"]
         self.counters["lists"] += 1
         self.backoff.reset()
         self._set_state("synced")
@@ -179,14 +178,15 @@ class PodWatcher:
                 raise _api_exception(response)
             self.counters["watches"] += 1
             self._set_state("synced")
-            self._decoder = self._decoder or watch.Watch()
             for line in watch.watch.iter_resp_lines(response):
-                try:
-                    event = self._decoder.unmarshal_event(line, "V1Pod")
-                except Exception as exc:  # one pod the client's models reject must not stall the watch
-                    self._malformed(line, exc)
+                if not line or line.isspace():
                     continue
-                if event is None:
+                try:
+                    event = json.loads(line)
+                    if not isinstance(event, dict) or "type" not in event or not isinstance(event.get("object"), dict):
+                        raise ValueError("not a watch event: no type or object")
+                except ValueError as exc:  # one bad event must not stall the watch
+                    self._malformed(line, exc)
                     continue
                 self.apply_event(event)
                 if not events:
@@ -204,7 +204,7 @@ class PodWatcher:
 
     def apply_event(self, event: dict[str, Any]) -> None:
         kind = event["type"]
-        raw = event["raw_object"]
+        raw = event["object"]
         if kind == "ERROR":
             code = raw.get("code") if isinstance(raw, dict) else None
             if code == 410:
@@ -215,7 +215,11 @@ class PodWatcher:
             self.counters["bookmarks"] += 1
             self.resource_version = raw["metadata"]["resourceVersion"]
             return
-        info = pod_info(event["object"])
+        try:
+            info = pod_info(raw)
+        except (KeyError, TypeError, AttributeError) as exc:
+            self._malformed(json.dumps(event), exc)
+            return
         if kind != "DELETED":
             self.owners.resolve(info.namespace, info.owner)
         new_ids = self.cache.upsert(info)
@@ -272,10 +276,7 @@ class PodWatcher:
 
 
 def _api_exception(response: Any) -> Exception:
-    from kubernetes.client.exceptions import ApiException
-
-    exc = ApiException(status=response.status, reason=response.reason)
-    exc.body = response.data.decode("utf-8", "replace") if response.data else None
+    exc = api_error(response)
     if response.status == 410:
         return WatchGone(exc.body or "")
     return exc

@@ -1,0 +1,107 @@
+"""What the agent costs a node in memory and start-up, with everything on.
+
+Starts the real ``tapio-agent`` with all four observers, the stdout (to /dev/null), file and
+otlp sinks (into a local receiver) and the kubernetes enricher (``NODE_NAME`` and a kubeconfig
+pointing at the test suite's API server, which lists PODS pods of this node), then reports:
+
+- ``agent_startup_s``: from process start to the agent's ready line (every observer compiled,
+  attached and started, or said to be unsupported);
+- ``agent_steady_rss_mb``: the agent's resident memory STEADY_AFTER_S seconds after start;
+- ``agent_peak_rss_mb``: the agent's high-water mark (VmHWM) by then;
+- ``compile_helper_peak_rss_mb``: the largest peak of the compile helpers (from the agent's log),
+  which run one at a time at start-up and are gone afterwards.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench_agent_idle import stop
+from common import BenchError, note, require_root
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+STEADY_AFTER_S = 60.0
+START_TIMEOUT_S = 120.0
+PODS = 50
+NODE = "tapio-bench-node"
+READY_LINE = "tapio-agent: running"
+HELPER_LINE = re.compile(r"(\w+): compiled and attached in [\d.]+ s by a helper process that peaked at (\d+) MB")
+
+
+def status_kb(pid: int, field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    if match is None:
+        raise BenchError(f"/proc/{pid}/status has no {field}")
+    return int(match.group(1))
+
+
+def run() -> dict[str, float]:
+    require_root("bench_agent_memory")
+    from tests.http_servers import Receiver
+    from tests.k8s_api_server import make_pod, serve, write_kubeconfig
+
+    agent_bin = Path(sys.executable).with_name("tapio-agent")
+    with serve() as api, tempfile.TemporaryDirectory(prefix="tapio-bench-memory-") as scratch, Receiver() as otlp:
+        for index in range(PODS):
+            api.add_pod(make_pod(f"pod-{index}", node=NODE, containers=[("app", f"{index:064x}")]))
+        work = Path(scratch)
+        env = {"NODE_NAME": NODE, "KUBECONFIG": str(write_kubeconfig(work / "kubeconfig", api.url)),
+               "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        command = [str(agent_bin), "-v", "--sink", "stdout", "--sink", "file", "--sink", "otlp",
+                   "--set", f"otlp.endpoint={otlp.url}", "--data-dir", str(work / "data")]
+        started = time.monotonic()
+        agent = subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            ready_at, helper_peaks = watch_start(agent, started)
+            time.sleep(max(0.0, started + STEADY_AFTER_S - time.monotonic()))
+            if agent.poll() is not None:
+                raise BenchError(f"tapio-agent exited with status {agent.returncode}")
+            steady_kb, peak_kb = status_kb(agent.pid, "VmRSS"), status_kb(agent.pid, "VmHWM")
+            if not api.requests_of("watch"):
+                raise BenchError("the kubernetes enricher never watched the API server: it was not on")
+        finally:
+            stop(agent)
+    note("  compile helpers' peaks: " + ", ".join(f"{name} {mb} MB" for name, mb in helper_peaks.items()))
+    return {
+        "agent_startup_s": ready_at - started,
+        "agent_steady_rss_mb": steady_kb / 1024,
+        "agent_peak_rss_mb": peak_kb / 1024,
+        "compile_helper_peak_rss_mb": float(max(helper_peaks.values(), default=0)),
+    }
+
+
+def watch_start(agent: subprocess.Popen[str], started: float) -> tuple[float, dict[str, int]]:
+    """(when the ready line came, each observer's compile helper peak in MB); the agent's stderr goes on
+    being read (and dropped) so it never blocks on a full pipe."""
+    ready = threading.Event()
+    ready_at: list[float] = []
+    peaks: dict[str, int] = {}
+
+    def read() -> None:
+        assert agent.stderr is not None
+        for line in agent.stderr:
+            if (match := HELPER_LINE.search(line)) is not None:
+                peaks[match.group(1)] = int(match.group(2))
+            if READY_LINE in line and not ready.is_set():
+                ready_at.append(time.monotonic())
+                ready.set()
+            if "WARNING" in line or "ERROR" in line:
+                note(f"  agent: {line.rstrip()}")
+
+    threading.Thread(target=read, daemon=True).start()
+    while not ready.wait(0.05):
+        if agent.poll() is not None:
+            raise BenchError(f"tapio-agent exited with status {agent.returncode} before running")
+        if time.monotonic() - started > START_TIMEOUT_S:
+            raise BenchError(f"tapio-agent did not report running within {START_TIMEOUT_S:.0f} s")
+    return ready_at[0], peaks
