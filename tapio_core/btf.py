@@ -1,4 +1,4 @@
-"""A small pure-Python reader of kernel BTF, for struct offsets and enum values.
+"""A small Python reader of kernel BTF (no C library), for struct offsets and enum values.
 
 Tapio's BPF programs must read kernel struct fields at the offsets of the *running*
 kernel: the installed headers may be older than it. The agent asks this module for
@@ -10,6 +10,7 @@ lists are read on demand.
 from __future__ import annotations
 
 import os
+from array import array
 from functools import lru_cache
 from struct import Struct, iter_unpack, unpack_from
 from struct import error as StructError
@@ -52,26 +53,40 @@ class Btf:
             raise BtfError("BTF sections run past the end of the blob")
         self._data = memoryview(data)
         self._strs = bytes(data[s0 : s0 + str_len])
-        self._offs: list[int] = [0]  # record offset per type id; id 0 is void
-        self._names: dict[str, list[int]] = {}
+        # Per type id (0 is void): where its record starts and its name's string offset. Flat arrays, not
+        # Python objects per type: the agent parses vmlinux's 100k+ types and keeps its memory small.
+        self._offs = array("I", [0])
+        self._name_offs = array("I", [0])
         hdr = Struct(end + "III").unpack_from
-        offs, names, strs, fixed, per = self._offs, self._names, self._strs, _FIXED, _PER_VLEN
+        offs, name_offs, fixed, per = self._offs, self._name_offs, _FIXED, _PER_VLEN
         off, stop = t0, t0 + type_len
         try:
             while off < stop:
                 name_off, info, _ = hdr(data, off)
                 kind = (info >> 24) & 0x1F
-                tid = len(offs)
                 offs.append(off)
-                if name_off:
-                    name = strs[name_off : strs.index(b"\0", name_off)].decode()
-                    names.setdefault(name, []).append(tid)
+                name_offs.append(name_off)
                 off += 12 + fixed[kind] + per[kind] * (info & 0xFFFF)
-        except (IndexError, ValueError, StructError) as exc:
+        except (IndexError, ValueError, StructError, OverflowError) as exc:
             raise BtfError(f"malformed BTF type section at byte {off}: {exc}") from exc
         if off != stop:
             raise BtfError("BTF type section does not end on a record boundary")
         self._members = lru_cache(maxsize=4096)(self._read_members)
+
+    def _ids_named(self, name: str) -> list[int]:
+        """Type ids named ``name``, in id order: the name's offsets in the string section, then the types
+        whose name is at one of them."""
+        needle = b"\0" + name.encode() + b"\0"
+        offsets = []
+        at = self._strs.find(needle)
+        while at != -1:
+            offsets.append(at + 1)
+            at = self._strs.find(needle, at + 1)
+        if not offsets:
+            return []
+        import numpy as np
+
+        return np.flatnonzero(np.isin(np.frombuffer(self._name_offs, dtype=np.uint32), offsets)).tolist()
 
     @classmethod
     def load(cls, path: str | os.PathLike = "/sys/kernel/btf/vmlinux") -> Btf:
@@ -116,7 +131,7 @@ class Btf:
     def _find_struct(self, name: str) -> int | None:
         """The first struct/union named ``name`` with members (or through a typedef)."""
         first = None
-        for tid in self._names.get(name, ()):
+        for tid in self._ids_named(name):
             rid = self._resolve(tid)
             kind, _kf, vlen, _st, _o = self._rec(rid) if rid else (0, 0, 0, 0, 0)
             if kind in (_STRUCT, _UNION):
@@ -166,7 +181,7 @@ class Btf:
 
     def has_type(self, name: str, kind: str | None = None) -> bool:
         """Whether a type of that name (and kind: "struct", "enum", ... ) exists."""
-        for tid in self._names.get(name, ()):
+        for tid in self._ids_named(name):
             k = _KINDS[self._rec(tid)[0]]
             if kind is None or k == kind or (kind == "enum" and k == "enum64"):
                 return True
@@ -201,7 +216,7 @@ class Btf:
         """The C type of a raw tracepoint's argument ``index`` (``ctx->args[index]``), e.g.
         ``"struct task_struct *"`` or ``"int"``, from the kernel's ``btf_trace_<tracepoint>``
         prototype; None when BTF does not have it."""
-        for tid in self._names.get(f"btf_trace_{tracepoint}", ()):
+        for tid in self._ids_named(f"btf_trace_{tracepoint}"):
             proto = self._resolve(tid)
             kind, _kf, _vl, target, _o = self._rec(proto) if proto else (0, 0, 0, 0, 0)
             if kind == _PTR:
@@ -228,7 +243,7 @@ class Btf:
 
     def enum_value(self, enum: str, name: str) -> int | None:
         """Value of enumerator ``name`` in ``enum``; enum "" searches anonymous enums."""
-        ids = self._names.get(enum, ()) if enum else range(1, len(self._offs))
+        ids = self._ids_named(enum) if enum else range(1, len(self._offs))
         for tid in ids:
             if not enum and unpack_from(self._end + "I", self._data, self._offs[tid])[0]:
                 continue  # named; only anonymous enums are searched for enum ""

@@ -11,14 +11,15 @@ straight to that thread: a slow API never holds the pod watch up for long.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
+from tapio_enrich_kubernetes.api import JOB, REPLICA_SET, api_get, describe_error, read_json
 from tapio_enrich_kubernetes.pods import INTERMEDIATE_OWNERS, PodCache, Workload, controller_of
 from tapio_enrich_kubernetes.settings import KubernetesSettings
 
@@ -104,19 +105,15 @@ class OwnerResolver:
 
     def _lookup(self, key: Key, owner: Workload, timeout: float) -> tuple[str, bool] | None:
         """GET the owner and cache the workload it names; else (why, whether the API did not answer)."""
-        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
         namespace = key[0]
         with self._cond:  # both threads count
             self.counters["owner_lookups"] += 1
         try:
-            if owner.kind == "ReplicaSet":
-                found = read_json(client.AppsV1Api(self._api()).read_namespaced_replica_set(
-                    owner.name, namespace, _request_timeout=timeout, _preload_content=False))
-            else:
-                found = read_json(client.BatchV1Api(self._api()).read_namespaced_job(
-                    owner.name, namespace, _request_timeout=timeout, _preload_content=False))
+            path = REPLICA_SET if owner.kind == "ReplicaSet" else JOB
+            found = read_json(api_get(self._api(), path.format(namespace=quote(namespace, safe=""),
+                                                               name=quote(owner.name, safe="")), [], timeout))
         except ApiException as exc:
             if exc.status != 404:
                 return f"{exc.status} {exc.reason}", False
@@ -150,32 +147,3 @@ class OwnerResolver:
         self._retry_at.pop(key, None)
         self._owners.pop(key, None)
         self._slow.discard(key)
-
-
-def api_error(response: Any) -> Exception:
-    """The client's ApiException for a response it handed over unread (``_preload_content=False``)."""
-    from kubernetes.client.exceptions import ApiException
-
-    exc = ApiException(status=response.status, reason=response.reason)
-    exc.body = response.data.decode("utf-8", "replace") if response.data else None
-    return exc
-
-
-def read_json(response: Any) -> dict[str, Any]:
-    """The JSON body of a response read without the client's models: those cost far more memory than the
-    dozen fields read here (recent clients build pydantic models)."""
-    try:
-        if not 200 <= response.status < 300:
-            raise api_error(response)
-        return json.loads(response.data)
-    finally:
-        response.release_conn()
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for status and logs: ``HTTP 503 Service Unavailable``, or the exception's first line."""
-    status = getattr(exc, "status", None)
-    if status is not None:
-        return f"HTTP {status} {getattr(exc, 'reason', '') or ''}".strip()
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import socket
 import threading
@@ -23,7 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tapio_enrich_kubernetes.owners import OwnerResolver, api_error, describe_error, read_json
+from tapio_enrich_kubernetes.api import PODS, api_error, api_get, describe_error, make_api_client, read_json
+from tapio_enrich_kubernetes.owners import OwnerResolver
 from tapio_enrich_kubernetes.pods import PodCache, pod_info
 from tapio_enrich_kubernetes.settings import KubernetesSettings
 
@@ -53,22 +53,6 @@ class Backoff:
 
 class WatchGone(Exception):
     """The server no longer has history from our resource version (410 Gone): list again."""
-
-
-def make_api_client(settings: KubernetesSettings) -> Any:
-    """An ApiClient from ``KUBECONFIG`` if set, else the pod's service account, else ``~/.kube/config``."""
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    if settings.kubeconfig is not None:
-        config.load_kube_config(config_file=str(settings.kubeconfig), client_configuration=configuration,
-                                persist_config=False)
-    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(client_configuration=configuration, persist_config=False)
-    configuration.retries = False  # our loop retries, with backoff; urllib3's own retries would hide outages
-    return client.ApiClient(configuration)
 
 
 class PodWatcher:
@@ -143,10 +127,8 @@ class PodWatcher:
     # -- list and watch -------------------------------------------------------------------
 
     def list_pods(self) -> None:
-        from kubernetes import client
-
-        pods = read_json(client.CoreV1Api(self._api).list_pod_for_all_namespaces(
-            field_selector=self.selector, _request_timeout=self.settings.request_timeout_s, _preload_content=False))
+        pods = read_json(api_get(self._api, PODS, [("fieldSelector", self.selector)],
+                                 self.settings.request_timeout_s))
         infos = [pod_info(pod) for pod in pods.get("items") or []]
         for info in infos:  # before the pods are published, so none is seen with its ReplicaSet only
             self.owners.resolve(info.namespace, info.owner)
@@ -160,15 +142,13 @@ class PodWatcher:
         self.on_new_containers({uid: ids for uid, ids in new_containers.items() if ids})
 
     def watch_pods(self) -> None:
-        from kubernetes import client, watch
+        from kubernetes import watch
 
         started = time.monotonic()
-        response = client.CoreV1Api(self._api).list_pod_for_all_namespaces(
-            field_selector=self.selector, resource_version=self.resource_version, watch=True,
-            allow_watch_bookmarks=True, timeout_seconds=int(self.settings.watch_timeout_s),
-            _request_timeout=(self.settings.request_timeout_s, self.settings.watch_timeout_s + 30.0),
-            _preload_content=False,
-        )
+        query = [("fieldSelector", self.selector), ("resourceVersion", self.resource_version), ("watch", True),
+                 ("allowWatchBookmarks", True), ("timeoutSeconds", int(self.settings.watch_timeout_s))]
+        response = api_get(self._api, PODS, query,
+                           (self.settings.request_timeout_s, self.settings.watch_timeout_s + 30.0))
         self._response = response
         events = 0
         try:
