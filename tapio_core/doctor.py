@@ -77,8 +77,8 @@ def run_checks(
     """Every check, node first, then each installed observer's tracepoints and kernel struct fields."""
     release = release or os.uname().release
     btf, btf_check = check_btf(paths, plugins)
-    checks = [check_privileges(), check_bcc(), check_headers(paths, release), btf_check, check_tracefs(paths),
-              check_ring_buffer(release), check_pmu(paths)]
+    checks = [check_privileges(), check_bcc(), check_libbpf(), check_headers(paths, release), btf_check,
+              check_tracefs(paths), check_ring_buffer(release), check_pmu(paths)]
     checks += check_plugins(plugins, plugin_error)
     if plugins is not None:
         checks += check_observers(plugins, btf)
@@ -110,6 +110,18 @@ def check_bcc() -> Check:
         return node("bcc", FAIL, f"bcc's Python module does not import: {exc}",
                     "apt-get install python3-bpfcc (`make setup` installs it and links it into the venv)")
     return node("bcc", OK, f"bcc {getattr(bcc, '__version__', '?')} imports")
+
+
+def check_libbpf() -> Check:
+    """The agent reads and writes its maps through libbpf (bcc runs only in the compile helpers)."""
+    from tapio_core.bpf_objects import libbpf
+
+    try:
+        libbpf()
+    except (OSError, AttributeError) as exc:
+        return node("libbpf", FAIL, f"libbpf.so.1 does not load: {exc}",
+                    "apt-get install libbpf1 (`make setup` installs it)")
+    return node("libbpf", OK, "libbpf.so.1 loads: the agent reads its maps through it")
 
 
 def check_headers(paths: NodePaths, release: str) -> Check:

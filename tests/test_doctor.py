@@ -94,6 +94,19 @@ def test_a_crafted_node_with_everything_passes_and_names_what_it_found(tmp_path)
     assert found[("node", "kernel headers")].detail.startswith(str(tmp_path / "modules" / RELEASE / "build"))
 
 
+def test_without_libbpf_the_agent_cannot_read_its_maps_and_doctor_says_what_to_install(tmp_path, monkeypatch):
+    import tapio_core.bpf_objects
+
+    def missing():
+        raise OSError("libbpf.so.1: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(tapio_core.bpf_objects, "libbpf", missing)
+    checks = by_name(run_checks(probe_plugins(), paths=node_tree(tmp_path), release=RELEASE))
+    libbpf = checks[("node", "libbpf")]
+    assert (libbpf.status, libbpf.fix) == (FAIL, "apt-get install libbpf1 (`make setup` installs it)")
+    assert "cannot open shared object file" in libbpf.detail
+
+
 def headers_tree(path: Path) -> Path:
     (path / "include" / "linux").mkdir(parents=True)
     (path / "include" / "linux" / "kconfig.h").write_text("")
