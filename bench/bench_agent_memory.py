@@ -9,7 +9,9 @@ pointing at the test suite's API server, which lists PODS pods of this node), th
 - ``agent_steady_rss_mb``: the agent's resident memory STEADY_AFTER_S seconds after start;
 - ``agent_peak_rss_mb``: the agent's high-water mark (VmHWM) by then;
 - ``compile_helper_peak_rss_mb``: the largest peak of the compile helpers (from the agent's log),
-  which run one at a time at start-up and are gone afterwards.
+  which run one at a time at start-up and are gone afterwards;
+- ``agent_all_on_idle_cpu_pct``: the CPU its threads used over the IDLE_S seconds before that sample
+  (nothing happening but its own housekeeping and the enricher's open watch), % of one core.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_agent_idle import stop
+from bench_agent_idle import cpu_ns, stop
 from common import BenchError, note, require_root
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 STEADY_AFTER_S = 60.0
+IDLE_S = 30.0
 START_TIMEOUT_S = 120.0
 PODS = 50
 NODE = "tapio-bench-node"
@@ -63,7 +66,10 @@ def run() -> dict[str, float]:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             ready_at, helper_peaks = watch_start(agent, started)
+            time.sleep(max(0.0, started + STEADY_AFTER_S - IDLE_S - time.monotonic()))
+            idle_from, idle_ns = time.monotonic(), cpu_ns(agent.pid)
             time.sleep(max(0.0, started + STEADY_AFTER_S - time.monotonic()))
+            idle_pct = 100.0 * (cpu_ns(agent.pid) - idle_ns) / 1e9 / (time.monotonic() - idle_from)
             if agent.poll() is not None:
                 raise BenchError(f"tapio-agent exited with status {agent.returncode}")
             steady_kb, peak_kb = status_kb(agent.pid, "VmRSS"), status_kb(agent.pid, "VmHWM")
@@ -77,6 +83,7 @@ def run() -> dict[str, float]:
         "agent_steady_rss_mb": steady_kb / 1024,
         "agent_peak_rss_mb": peak_kb / 1024,
         "compile_helper_peak_rss_mb": float(max(helper_peaks.values(), default=0)),
+        "agent_all_on_idle_cpu_pct": idle_pct,
     }
 
 
