@@ -12,22 +12,26 @@ AGENT_ARGS ?= --sink stdout --sink file
 # What boots the matrix's guest kernels: qemu (emulation: nested KVM does not boot stock kernels
 # here) and busybox for virtme-ng's initramfs; virtme-ng itself is in the venv (test extras).
 GUEST_PACKAGES := qemu-system-x86 busybox-static
+# What builds and runs the agent's image (runc: crun refuses this host's mixed cgroup v1/v2).
+IMAGE_PACKAGES := podman runc debootstrap
 MATRIX := PATH=$(abspath $(BIN)):$$PATH $(BIN)/python kernels/matrix.py
 # Where the kernel tests leave what they measured (kernels/support.py writes the README's table from it).
 MATRIX_OUT := .tapio-matrix
 
-.PHONY: setup system headers guests venv run test test-kernels bench lint clean
+# apt-get installs those of the Debian packages $(1) that are missing; quick when none is.
+install_missing = missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	| grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then echo "installing: $$missing"; apt-get update -qq \
+	&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+.PHONY: setup system headers guests image venv run test test-kernels bench lint clean
 
 setup: system venv headers
 
 # Debian packages and tracefs. The kernel headers are Tapio's own (see venv), never linked into
 # the host's /lib/modules: any recent headers serve, as struct offsets come from BTF.
 system:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@$(call install_missing,$(APT_PACKAGES))
 	@if [ ! -d /sys/kernel/tracing/events ]; then mount -t tracefs tracefs /sys/kernel/tracing; fi
 
 # A venv with every distribution of this repository installed editable, and bcc linked in.
@@ -46,19 +50,20 @@ headers: system venv
 
 # Debian's own 5.10, 6.1 and 6.12 kernels, unpacked into a cache (kernels/fetch.sh), and what boots them.
 guests: system venv
-	@missing=$$(for p in $(GUEST_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing: $$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	@$(call install_missing,$(GUEST_PACKAGES))
 	kernels/fetch.sh
+
+# The agent's image, built with podman on a debootstrap base (deploy/build-image.sh); tests/test_image.py runs it.
+image: system
+	@$(call install_missing,$(IMAGE_PACKAGES))
+	deploy/build-image.sh
 
 run: setup
 	$(BIN)/tapio-agent $(AGENT_ARGS)
 
-# The whole suite on this machine's kernel, then the portability scenario (every observer, every
-# anomaly type, doctor against the agent) in a guest of each kernel of the matrix.
-test: setup guests
+# The whole suite on this machine's kernel (the image's run included), then the portability scenario
+# (every observer, every anomaly type, doctor against the agent) in a guest of each kernel of the matrix.
+test: setup guests image
 	rm -rf $(MATRIX_OUT)
 	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest --junitxml=$(MATRIX_OUT)/host/junit.xml $(PYTEST_ARGS)
 	$(MATRIX) --out $(MATRIX_OUT) -- tests/test_portability_kernel.py $(PYTEST_ARGS)

@@ -152,6 +152,19 @@ def test_host_mounts_are_read_only_and_cover_what_bcc_and_the_enrichment_read_an
     assert data_dir == "/var/lib/tapio"
 
 
+def test_host_network_so_the_agent_never_depends_on_the_pod_network_it_reports_on(daemonset):
+    spec = daemonset.spec.template.spec
+    assert spec.host_network is True
+    assert spec.dns_policy == "ClusterFirstWithHostNet"  # cluster DNS still answers
+
+
+def test_probes_ask_tapio_status_whether_the_agent_writes_its_state(agent):
+    for probe in (agent.startup_probe, agent.readiness_probe, agent.liveness_probe):
+        assert probe.var_exec.command == ["tapio", "status"]
+    # compiling the observers at start may take a minute on a slow node: liveness waits for it
+    assert agent.startup_probe.period_seconds * agent.startup_probe.failure_threshold >= 60
+
+
 def test_resources_have_requests_and_limits(agent):
     resources = agent.resources
     assert set(resources.requests) == set(resources.limits) == {"cpu", "memory"}
@@ -168,7 +181,7 @@ def test_rbac_grants_exactly_what_the_enrichment_calls():
     role = load(by_kind("ClusterRole"))
     granted = {(group, resource, verb) for rule in role.rules for group in rule.api_groups
                for resource in rule.resources for verb in rule.verbs}
-    # list/watch pods of this node, get the owners of pods (see tapio_enrich_kubernetes/watch.py)
+    # list/watch pods of this node, get the owners of pods (see tapio_enrich_kubernetes/api.py)
     assert granted == {("", "pods", "list"), ("", "pods", "watch"), ("apps", "replicasets", "get"),
                        ("batch", "jobs", "get")}
     binding = load(by_kind("ClusterRoleBinding"))
