@@ -74,6 +74,7 @@ class Agent:
         for observer in self.pipeline.observers.values():
             observer.btf = btf
             try:
+                self.plugins.hook_for("tapio_observer_preflight", observer.plugin_name)(observer=observer)
                 observer.bpf, disabled = load_observer(observer.spec, ebpf_dir, btf)
                 self.plugins.hook_for("tapio_observer_started", observer.plugin_name)(observer=observer)
                 ring = observer.bpf[observer.spec.ring_buffer]

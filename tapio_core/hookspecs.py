@@ -7,8 +7,9 @@ point group. The agent calls them in this order:
 1. ``tapio_register_observers`` / ``tapio_register_enrichers`` /
    ``tapio_register_sinks`` once at start-up: plugins declare what they provide.
 2. ``tapio_sink_open`` once per sink the user chose, ``tapio_enricher_start``
-   once per enricher, and ``tapio_observer_started`` once per observer whose
-   BPF program loaded.
+   once per enricher, then per observer ``tapio_observer_preflight`` (may
+   it run here at all?) and, once its BPF program loaded,
+   ``tapio_observer_started``.
 3. Per batch of raw ring-buffer records drained from one observer:
    ``tapio_parse_records`` then ``tapio_detect_anomalies`` -- called **only on
    the plugin that registered that observer**, never on every plugin.
@@ -56,6 +57,21 @@ def tapio_register_observers(register: Callable[[ObserverSpec], None]) -> None:
     another plugin already registered is rejected with an error naming both;
     any other exception leaves this whole plugin out, named in ``tapio
     plugins``. Returns nothing: the ``register`` calls are the answer.
+    """
+
+
+@hookspec
+def tapio_observer_preflight(observer: RunningObserver) -> None:
+    """Say, before its BPF program is compiled, whether this machine can run the observer at all.
+
+    Called once per observer by the agent, before the compile (which costs
+    seconds and a helper process of 100+ MB), only on the plugin that
+    registered it; never in replay. ``observer.config`` holds the user's
+    settings; ``observer.bpf`` is still None. Raise
+    ``tapio_core.bpf.ObserverUnsupported`` when the machine lacks what the
+    observer needs (e.g. a hardware PMU): it is then reported unsupported and
+    never compiled. Returns nothing; without an implementation the observer
+    is compiled.
     """
 
 

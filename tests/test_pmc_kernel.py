@@ -156,7 +156,9 @@ def test_agent_reports_pmc_unsupported_once_and_still_detects_a_refused_connect(
 
 
 @pytest.mark.skipif(HAS_CORE_PMU, reason="this machine has a hardware PMU")
-def test_unsupported_observer_leaves_nothing_open():
+def test_unsupported_observer_leaves_nothing_open_and_is_never_compiled(caplog):
+    """tapio_observer_preflight finds no cycles counter before the compile: no helper runs for pmc."""
+    caplog.set_level(logging.INFO, logger="tapio.bpf")
     before = perf_event_fds()
     with pmc_agent({}) as (agent, _):
         observer = agent.pipeline.observers["pmc"]
@@ -165,6 +167,7 @@ def test_unsupported_observer_leaves_nothing_open():
         assert agent.readers == {}
         assert observer.state["missing_counters"]["cycles"].startswith("cpu-cycles: No such file or directory")
     assert perf_event_fds() == before
+    assert not [r for r in caplog.records if r.getMessage().startswith("pmc: compiled")]
 
 
 # -- the plumbing, with software events ----------------------------------------------------------------

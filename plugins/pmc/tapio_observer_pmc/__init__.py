@@ -7,7 +7,15 @@ from pathlib import Path
 
 from tapio_core import ObserverSpec, hookimpl
 from tapio_core.bpf import ObserverLoadError, ObserverUnsupported
-from tapio_observer_pmc.counters import NOT_ON_THIS_HARDWARE, online_cpus, open_counters, start_sampling
+from tapio_observer_pmc.counters import (
+    NOT_ON_THIS_HARDWARE,
+    PRESETS,
+    describe_failure,
+    online_cpus,
+    open_counters,
+    probe,
+    start_sampling,
+)
 from tapio_observer_pmc.detect import Detector
 from tapio_observer_pmc.records import PMC_RECORD
 from tapio_observer_pmc.settings import PmcSettings
@@ -32,6 +40,17 @@ OBSERVER = ObserverSpec(
 @hookimpl
 def tapio_register_observers(register):
     register(OBSERVER)
+
+
+@hookimpl
+def tapio_observer_preflight(observer):
+    """No cycles counter on this hardware (most VMs): unsupported, and nothing is compiled."""
+    settings = observer.config or PmcSettings()
+    cycles, cpu = PRESETS[settings.counters]["cycles"], online_cpus()[0]
+    code = probe(cycles, cpu)
+    if code in NOT_ON_THIS_HARDWARE:
+        observer.state["missing_counters"] = {"cycles": describe_failure(cycles, cpu, code)}
+        raise ObserverUnsupported(f"pmc: unsupported: no hardware PMU ({describe_failure(cycles, cpu, code)})")
 
 
 @hookimpl

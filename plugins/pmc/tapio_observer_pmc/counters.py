@@ -88,6 +88,11 @@ def probe(event: CounterEvent, cpu: int) -> int:
     return 0
 
 
+def describe_failure(event: CounterEvent, cpu: int, code: int) -> str:
+    """Why ``event`` could not be opened on ``cpu``, as status and logs say it."""
+    return f"{event.name}: {os.strerror(code)} ({errno.errorcode.get(code, code)}, cpu {cpu})"
+
+
 def online_cpus() -> list[int]:
     """The CPUs ``/sys/devices/system/cpu/online`` lists (e.g. ``0-3,6``)."""
     cpus: list[int] = []
@@ -126,8 +131,7 @@ def open_counters(program: LoadedProgram, preset: str, skip: tuple[str, ...], cp
                     fds.append(perf_event_open(event.type, event.config, cpu))
                 except OSError as exc:
                     code = exc.errno or errno.EINVAL
-                    result.missing[name] = f"{event.name}: {os.strerror(code)} ({errno.errorcode.get(code, code)}, " \
-                                           f"cpu {cpu})"
+                    result.missing[name] = describe_failure(event, cpu, code)
                     if name == "cycles":
                         result.cycles_errno = code
                     break
