@@ -41,7 +41,8 @@ def write_state(data_dir: Path, state: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(state, handle, indent=1, default=str)
+            # Compact: written every few seconds for the agent's life, and json's C encoder serves no indent.
+            handle.write(json.dumps(state, separators=(",", ":"), default=str))
         os.replace(tmp, state_path(directory))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
