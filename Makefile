@@ -14,6 +14,8 @@ AGENT_ARGS ?= --sink stdout --sink file
 GUEST_PACKAGES := qemu-system-x86 busybox-static
 # What builds and runs the agent's image (runc: crun refuses this host's mixed cgroup v1/v2).
 IMAGE_PACKAGES := podman runc debootstrap
+# bcc's own tools, measured beside the observers by `make bench`.
+BENCH_PACKAGES := bpfcc-tools
 MATRIX := PATH=$(abspath $(BIN)):$$PATH $(BIN)/python kernels/matrix.py
 # Where the kernel tests leave what they measured (kernels/support.py writes the README's table from it).
 MATRIX_OUT := .tapio-matrix
@@ -78,6 +80,7 @@ test-kernels: setup guests
 	$(BIN)/python kernels/support.py $(MATRIX_OUT) README.md
 
 bench: setup
+	@$(call install_missing,$(BENCH_PACKAGES))
 	$(BIN)/python bench/run.py
 
 lint: venv

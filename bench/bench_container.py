@@ -20,6 +20,10 @@ give the programs' run time per exit precisely, for successful exits (the hot
 path: judged and dropped in BPF) and abnormal ones (a record built, with its
 cgroup path, and sent). Goal (issue 4): the observer's slowdown within noise of
 none and at most 1.5 x the empty program's.
+
+Side by side with bcc's own ``exitsnoop`` (Debian's bpfcc-tools), running alone on the same loop:
+its programs' time per exit, and the observer's over it (``*_vs_exitsnoop_by_program_time``, goal
+< 1), for successful and abnormal exits.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import BenchError, bpf_run_time_stats, median, note, program_stats, require_root
+from common import BenchError, bpf_run_time_stats, median, note, program_stats, require_root, running_tool
 
 FORKS = 1_000
 ROUNDS = 30
@@ -161,11 +165,12 @@ def run() -> dict[str, float]:
                 bpf_ns = {name: median(bpf_ns_per_exit(str(helper), program, FORKS, 0) for _ in range(STATS_PASSES))
                           for name, program in modes.items()}
                 abnormal_ns = median(abnormal_exit_ns(str(helper), container, observer) for _ in range(STATS_PASSES))
+                tool_ns = exitsnoop_ns_per_exit(str(helper))
             finally:
                 observer.bpf.close()
         finally:
             empty.bpf.cleanup()
-    return figures(samples, bpf_ns, abnormal_ns)
+    return {**figures(samples, bpf_ns, abnormal_ns), **versus_exitsnoop(tool_ns, bpf_ns["container"], abnormal_ns)}
 
 
 def fork_exits(helper: str, forks: int = FORKS, code: int = 0) -> tuple[float, float]:
@@ -235,6 +240,35 @@ def abnormal_exit_ns(helper: str, container: ExitProgram, observer: Any) -> floa
         raise BenchError(f"{ours} of {ABNORMAL_FORKS} abnormal exits reached the ring buffer")
     return ns
 
+
+
+def exitsnoop_ns_per_exit(helper: str) -> dict[int, float]:
+    """bcc's exitsnoop (every exit, sent to userspace) on the same loop: its programs' run time per exit,
+    for exits with code 0 and code 1."""
+    ns = {}
+    with running_tool("exitsnoop") as tool:
+        for code, forks in ((0, FORKS), (1, ABNORMAL_FORKS)):
+            passes = []
+            for _ in range(STATS_PASSES):
+                with bpf_run_time_stats():
+                    before, runs_before = tool.run_time()
+                    fork_exits(helper, forks, code)
+                    after, runs_after = tool.run_time()
+                if runs_after - runs_before < forks:
+                    raise BenchError(f"exitsnoop's programs ran {runs_after - runs_before} times for {forks} exits")
+                passes.append((after - before) / forks)
+            ns[code] = median(passes)
+    return ns
+
+
+def versus_exitsnoop(tool_ns: dict[int, float], observer_ns: float, observer_abnormal_ns: float) -> dict[str, float]:
+    """The observer's program time per exit over exitsnoop's (goal < 1): what each adds to an exit."""
+    return {
+        "container_exitsnoop_bpf_ns_per_exit": tool_ns[0],
+        "container_exitsnoop_bpf_ns_per_abnormal_exit": tool_ns[1],
+        "container_observer_vs_exitsnoop_by_program_time": observer_ns / tool_ns[0],
+        "container_observer_vs_exitsnoop_abnormal_by_program_time": observer_abnormal_ns / tool_ns[1],
+    }
 
 
 def figures(samples: dict[str, list[tuple[float, float]]], bpf_ns: dict[str, float],

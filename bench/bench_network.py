@@ -24,6 +24,11 @@ extra program time as % of an untraced op -- what its work adds to the floor, wi
 and ``*_slowdown_vs_floor_by_program_time``, the goal's ratio with that extra cost in place of the
 observer's own (noisy) slowdown: (floor + extra) / floor -- a lower estimate, blind to cache effects.
 
+Side by side with bcc's own tools (Debian's bpfcc-tools: ``tcpstates``, ``tcplife``, ``tcpretrans``),
+each running alone on the same loops: ``*_<tool>_bpf_ns_per_op``, the time inside its programs per
+op, and ``*_observer_vs_<tool>_by_program_time``, the observer's program time over the tool's: its
+slowdown over the tool's, by the kernel's statistics (goal < 1).
+
 Storm: STORM_CONNECTS connects to a closed port (each answered by an RST) with the observer at its
 default settings; ``network_rst_storm_records_per_event_pct`` is records that crossed the ring
 buffer per RST received, in % (goal <= 1).
@@ -43,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_ingest import NullSink  # drops occurrences: only the kernel side is measured
-from common import BENCH_DIR, BenchError, bpf_run_time_stats, median, note, program_stats, require_root
+from common import BENCH_DIR, BenchError, bpf_run_time_stats, median, note, program_stats, require_root, running_tool
 
 LOOPS_SOURCE = BENCH_DIR / "net_loops.c"
 ROUNDS = 24
@@ -55,6 +60,9 @@ STORM_PORT = 9  # discard: nothing listens on it in the benchmark's namespace
 #: run's own noise, against which the observer's excess over the floor can be read.
 CONDITIONS = ("untraced", "floor", "observer", "floor_again")
 LOOP_CPU = (os.cpu_count() or 1) - 1
+#: bcc's tools (bpfcc-tools) nearest to the observer's job: every TCP state change, every connection's
+#: life, every retransmit.
+TOOLS = ("tcpstates", "tcplife", "tcpretrans")
 
 
 def tracepoint_function(tracepoint: str) -> bytes:
@@ -223,6 +231,7 @@ def run() -> dict[str, float]:
                 figures.update(overhead(loop, server, probes, lambda: agent.drain("network")))
                 figures.update(program_time(loop, server, probes, figures[f"network_{loop}_loop_ops_per_cpu_s"]))
                 figures.update(program_time_ratio(loop, figures))
+            figures.update(tool_program_times(server, figures))
             figures.update(storm(netns, binary, probes["observer"], agent))
         finally:
             if server is not None:
@@ -287,6 +296,25 @@ def program_time(loop: str, server: LoopServer, probes: dict[str, Probes], untra
         f"network_{loop}_loop_observer_bpf_ns_per_op": ns_per_op["observer"],
         f"network_{loop}_loop_observer_bpf_over_floor_pct": extra_pct,
     }
+
+
+def tool_program_times(server: LoopServer, figures: dict[str, float]) -> dict[str, float]:
+    """bcc's own tools that do the nearest job, on the same loops: time inside their programs per op, and
+    the observer's over theirs (goal < 1). The tools send userspace an event per state change or
+    connection; the observer judges in the kernel and sends only anomalies."""
+    out: dict[str, float] = {}
+    for tool in TOOLS:
+        with running_tool(tool) as running, bpf_run_time_stats():
+            for loop in ROUND_S:
+                before, _ = running.run_time()
+                report = server.run(loop, STATS_S)
+                after, _ = running.run_time()
+                ns = (after - before) / report["ops"]
+                out[f"network_{loop}_loop_{tool}_bpf_ns_per_op"] = ns
+                if ns > 0:  # tcpretrans runs only on retransmits, which loopback loops never make
+                    observer = figures[f"network_{loop}_loop_observer_bpf_ns_per_op"]
+                    out[f"network_{loop}_loop_observer_vs_{tool}_by_program_time"] = observer / ns
+    return out
 
 
 def program_time_ratio(loop: str, figures: dict[str, float]) -> dict[str, float]:

@@ -19,6 +19,9 @@ The per-write extra nanoseconds say the same in absolute terms, and
 ``*_bpf_ns_per_request`` is the kernel's own account of the programs' run time
 per request (BPF statistics, enabled through ``bpf_enable_stats`` only for a
 separate pass): the figure that does not depend on the node being quiet.
+
+No bcc tool runs beside it here: ``biosnoop``, ``biolatency`` and ``biotop`` (Debian's bpfcc-tools 0.26)
+attach kprobes, which this machine's kernel has off.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -82,8 +83,70 @@ def bpf_run_time_stats() -> Iterator[None]:
         os.close(fd)
 
 
-def program_stats(fd: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of a loaded BPF program, from /proc/self/fdinfo."""
-    lines = Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
+def program_stats(fd: int, pid: int | str = "self") -> tuple[int, int]:
+    """(run_time_ns, run_cnt) of a loaded BPF program, from the fdinfo of process ``pid`` (this one)."""
+    lines = Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
     fields = dict(line.split(":", 1) for line in lines if ":" in line)
     return int(fields["run_time_ns"]), int(fields["run_cnt"])
+
+
+#: Where Debian's bpfcc-tools package puts bcc's tools (``tcpstates`` is ``tcpstates-bpfcc``).
+TOOLS_DIR = Path("/usr/sbin")
+TOOL_START_S = 60.0
+
+
+class RunningTool:
+    """One of bcc's own tools, running with its output discarded, whose BPF programs can be timed."""
+
+    def __init__(self, name: str, process: Any) -> None:
+        self.name, self.process = name, process
+
+    def program_fds(self) -> list[int]:
+        fds = []
+        for entry in Path(f"/proc/{self.process.pid}/fdinfo").iterdir():
+            with contextlib.suppress(OSError):
+                if "prog_id:" in entry.read_text():
+                    fds.append(int(entry.name))
+        return fds
+
+    def run_time(self) -> tuple[int, int]:
+        """(ns, runs) inside the tool's programs so far, summed, while BPF run-time statistics are on."""
+        stats = [program_stats(fd, self.process.pid) for fd in self.program_fds()]
+        return sum(ns for ns, _ in stats), sum(runs for _, runs in stats)
+
+
+@contextlib.contextmanager
+def running_tool(name: str, *args: str) -> Iterator[RunningTool]:
+    """Start ``NAME-bpfcc ARGS`` and wait until its programs are loaded and attached (their number holds
+    still for a second); stop it with SIGINT, as a user does, afterwards."""
+    import signal
+    import subprocess
+
+    path = TOOLS_DIR / f"{name}-bpfcc"
+    if not path.exists():
+        raise BenchError(f"{path} is missing: apt-get install bpfcc-tools (`make bench` does)")
+    process = subprocess.Popen([str(path), *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    tool = RunningTool(name, process)
+    try:
+        deadline, seen, steady_since = time.monotonic() + TOOL_START_S, -1, time.monotonic()
+        while True:
+            if process.poll() is not None:
+                raise BenchError(f"{name}-bpfcc exited with {process.returncode}: {process.stderr.read()[-300:]}")
+            count = len(tool.program_fds())
+            if count != seen:
+                seen, steady_since = count, time.monotonic()
+            elif count and time.monotonic() - steady_since >= 1.0:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name}-bpfcc loaded no BPF program within {TOOL_START_S:.0f} s")
+            time.sleep(0.1)
+        yield tool
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
