@@ -242,6 +242,10 @@ def compile_in_helper(text: str, cflags: list[str], perf_event_programs: tuple[s
             raise CompileError(f"the compile helper gave no answer in {HELPER_TIMEOUT_S:.0f} s") from None
         except (ConnectionError, BrokenPipeError):  # it died before reading or answering
             message, fds = b"", []
+        except OSError as exc:  # e.g. EMSGSIZE: a program text beyond the socket's buffer
+            helper.kill()
+            helper.wait()
+            raise CompileError(f"cannot hand the program to the compile helper: {exc}") from None
         code = helper.wait()
     finally:
         ours.close()

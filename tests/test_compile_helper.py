@@ -117,3 +117,10 @@ def test_map_descriptions_become_the_ctypes_layout_bcc_gives():
     assert ctypes.sizeof(packed) == 5
     with pytest.raises(ValueError, match="unknown C type"):
         ctype_from_description("struct imaginary")
+
+
+def test_a_program_too_large_to_hand_over_is_an_error_naming_why():
+    before = open_fds()
+    with pytest.raises(CompileError):
+        compile_in_helper("/* " + "x" * (2 << 20) + " */\n" + PROGRAM, [])
+    assert open_fds() == before
