@@ -177,6 +177,11 @@ class Agent:
             if lost > observer.lost:
                 log.warning("observer %s: ring buffer full, %d record(s) lost", observer.name, lost - observer.lost)
                 observer.lost = lost
+        step = self.pipeline.clock.follow()
+        if step:
+            log.warning("the wall clock stepped by %+.3f s: occurrences from now on carry the new time", step / 1e9)
+            if self.recorder is not None:
+                self.recorder.write_clock(self.pipeline.clock.offset_ns)  # a replay steps where the agent did
         if self.recorder is not None:
             self.recorder.flush()
         if self.data_dir is not None and time.monotonic() >= self._next_state:

@@ -139,12 +139,26 @@ class KernelClock:
     """Turns the kernel's monotonic nanoseconds into wall-clock time.
 
     BPF stamps events with ``bpf_ktime_get_ns`` (CLOCK_MONOTONIC); the offset to
-    CLOCK_REALTIME is measured once and can be pinned (replay reuses the one
-    the agent recorded, so replayed occurrences carry the same timestamps).
+    CLOCK_REALTIME is measured at start, re-measured by the agent every second
+    (:meth:`follow`: the wall clock steps when NTP steps it, someone sets it, or
+    a VM resumes) and can be pinned (replay reuses the ones the agent recorded,
+    so replayed occurrences carry the same timestamps).
     """
+
+    #: A change of the offset beyond this is a step of the wall clock, not the measurement's jitter
+    #: (microseconds; NTP's slewing moves both clocks alike and leaves the offset be).
+    STEP_NS = 1_000_000
 
     def __init__(self, offset_ns: int | None = None) -> None:
         self.offset_ns = self.measure_offset() if offset_ns is None else offset_ns
+
+    def follow(self) -> int:
+        """Re-measure the offset and adopt it if the wall clock stepped; the step in ns, 0 if none."""
+        step = self.measure_offset() - self.offset_ns
+        if abs(step) < self.STEP_NS:
+            return 0
+        self.offset_ns += step
+        return step
 
     @staticmethod
     def measure_offset() -> int:

@@ -106,3 +106,11 @@ def test_kernel_clock_maps_monotonic_to_wall_time():
     mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     assert abs(clock.wall_ns(mono) - time.time_ns()) < 50_000_000
     assert KernelClock(offset_ns=10).wall_ns(5) == 15
+
+
+def test_the_kernel_clock_adopts_a_step_of_the_wall_clock_but_not_jitter(monkeypatch):
+    clock = KernelClock(offset_ns=1_000_000_000_000)
+    monkeypatch.setattr(KernelClock, "measure_offset", staticmethod(lambda: 1_000_000_000_000 - 20_000))
+    assert (clock.follow(), clock.wall_ns(5)) == (0, 1_000_000_000_005)
+    monkeypatch.setattr(KernelClock, "measure_offset", staticmethod(lambda: 1_000_000_000_000 - 2_000_000_000))
+    assert (clock.follow(), clock.wall_ns(5)) == (-2_000_000_000, 998_000_000_005)

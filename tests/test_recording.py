@@ -87,3 +87,37 @@ def test_replay_rejects_a_layout_change(tmp_path):
     result = CliRunner().invoke(cli, ["replay", str(path)])
     assert result.exit_code == 1
     assert f"{SIZE + 8} bytes in the recording but {SIZE}" in result.output
+
+
+def test_a_step_of_the_wall_clock_is_followed_by_the_agent_and_by_its_replay(tmp_path, monkeypatch, caplog):
+    """The agent re-measures the monotonic-to-wall offset each housekeeping second; a step moves the
+    occurrences after it, and the recording carries the step so a replay moves them the same way."""
+    from tapio_core.agent import Agent
+    from tapio_core.occurrence import KernelClock
+    from tapio_core.pipeline import Pipeline
+    from tapio_core.plugins import load_plugins
+    from tapio_core.sink import SinkOptions
+
+    start = 1_700_000_000_000_000_000
+    path = tmp_path / "rec"
+    plugins = load_plugins({"network", "stdout"})
+    clock = KernelClock(offset_ns=start)
+    pipeline = Pipeline.build(plugins, ["stdout"], SinkOptions(data_dir=tmp_path), {}, clock)
+    recorder = RecordWriter(path, clock.offset_ns)
+    agent = Agent(plugins, pipeline, recorder)
+    recorder.write_batch("network", SIZE, 1, pack_network_record(KIND_CONNECT_REFUSED, ts=10_000_000))
+    monkeypatch.setattr(KernelClock, "measure_offset", staticmethod(lambda: start + 500_000))  # jitter
+    agent.housekeeping()
+    assert clock.offset_ns == start
+    monkeypatch.setattr(KernelClock, "measure_offset", staticmethod(lambda: start + 3_600_000_000_000))
+    agent.housekeeping()  # the wall clock was set an hour ahead
+    assert clock.offset_ns == start + 3_600_000_000_000
+    assert [r.getMessage() for r in caplog.records if "stepped" in r.getMessage()] == [
+        "the wall clock stepped by +3600.000 s: occurrences from now on carry the new time"]
+    recorder.write_batch("network", SIZE, 2, pack_network_record(KIND_CONNECT_REFUSED, ts=20_000_000, pid=7))
+    recorder.close()
+    pipeline.close()
+    result = CliRunner().invoke(cli, ["replay", str(path), "--plugins", "network,stdout"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["timestamp"] for line in result.stdout.splitlines()] == [
+        "2023-11-14T22:13:20.010Z", "2023-11-14T23:13:20.020Z"]
