@@ -83,7 +83,10 @@ def read_recording(path: Path) -> Iterator[int | RecordedBatch]:
             elif kind == b"R":
                 _, name_len = _BATCH_HEAD.unpack_from(data, pos)
                 pos += _BATCH_HEAD.size
-                name = data[pos : pos + name_len].decode()
+                try:
+                    name = data[pos : pos + name_len].decode()
+                except UnicodeDecodeError:
+                    raise RecordingError(f"{path}: corrupt observer name at byte {pos}") from None
                 pos += name_len
                 size, count, drained = _BATCH_SIZES.unpack_from(data, pos)
                 pos += _BATCH_SIZES.size
