@@ -12,7 +12,7 @@ import re
 import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import attrs
@@ -20,6 +20,20 @@ import attrs
 from tapio_core.sink import SinkError
 
 log = logging.getLogger("tapio.delivery")
+
+
+#: What is read of an endpoint's answer: enough for any error message, never a remote's whole flood.
+MAX_REPLY_BYTES = 64 * 1024
+
+
+def read_bounded(response: Any, limit: int) -> bytes:
+    """At most ``limit`` bytes of a streamed response's body; the rest is never read."""
+    body = b""
+    for chunk in response.iter_content(chunk_size=16 * 1024):
+        body += chunk
+        if len(body) >= limit:
+            return body[:limit]
+    return body
 
 
 class HttpSettings(Protocol):
@@ -118,11 +132,15 @@ class HttpTransport:
             if self.token:
                 headers["Authorization"] = self.token.header()
             response = self.session.post(self.url, data=body, headers=headers, timeout=timeout,
-                                         allow_redirects=False)
+                                         allow_redirects=False, stream=True)
+            try:
+                reply = Reply(response.status_code, response.headers, read_bounded(response, MAX_REPLY_BYTES))
+            finally:
+                response.close()
         except (SinkError, ValueError, self._requests.RequestException) as exc:
             error = self._send_error(exc, headers.get("Authorization"))
         else:
-            return Reply(response.status_code, response.headers, response.content)
+            return reply
         raise error  # outside the handler: no __context__ holding the original, which may quote a header
 
     def _send_error(self, exc: Exception, authorization: str | None) -> SendError:

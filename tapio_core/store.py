@@ -8,7 +8,9 @@ node cannot fill its disk. ``occurrence_reader`` reads them back.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,13 +27,24 @@ def occurrences_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "occurrences"
 
 
+def private_directory(path: Path) -> None:
+    """Create ``path`` 0700, or check that the one there is a real directory of this user's: never a
+    symbolic link someone planted to make the agent, as root, write elsewhere."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.ENOTDIR, f"{path} is not a directory (a symbolic link?): refusing to write there")
+    if info.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"{path} belongs to uid {info.st_uid}, not to this agent's {os.geteuid()}")
+    os.chmod(path, 0o700)
+
+
 class OccurrenceWriter:
     """Writes occurrence batches atomically and enforces retention."""
 
     def __init__(self, data_dir: Path, max_files: int = DEFAULT_MAX_FILES, max_bytes: int = DEFAULT_MAX_BYTES):
         self.directory = occurrences_dir(data_dir)
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.directory, 0o700)
+        private_directory(self.directory)
         self.max_files = max_files
         self.max_bytes = max_bytes
         self._sequence = 0

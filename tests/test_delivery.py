@@ -452,3 +452,14 @@ def test_invalid_settings_stop_start_up_with_one_line_naming_the_key(table, mess
         build_settings(DeliverySettings, "http", {"http": table})
     assert str(caught.value).startswith(message)
     assert "\n" not in str(caught.value)
+
+
+def test_an_endpoints_answer_is_read_only_up_to_a_bound():
+    """A remote that answers with a flood costs the agent at most MAX_REPLY_BYTES of it."""
+    from tapio_core.http_transport import MAX_REPLY_BYTES
+
+    with Receiver() as receiver:
+        receiver.reply(503, {}, b"x" * (8 * MAX_REPLY_BYTES))
+        transport = HttpTransport(receiver.url, DeliverySettings(endpoint=receiver.url), user_agent="tapio-test")
+        reply = transport(b"{}", {"Content-Type": "application/json"}, timeout=10)
+    assert (reply.status, len(reply.body)) == (503, MAX_REPLY_BYTES)

@@ -5,6 +5,7 @@ import os
 import stat
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from click.testing import CliRunner
 
 from tapio_core.cli import cli
@@ -28,6 +29,30 @@ def test_tapio_sink_emit_file_writes_private_whole_files(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert [json.loads(line)["data"]["pid"] for line in path.read_text().splitlines()] == [1, 2]
     assert not [p for p in occurrences_dir(tmp_path).iterdir() if p.name.startswith(".tmp")]
+
+
+def test_the_file_sink_refuses_a_planted_link_or_a_directory_not_its_own(tmp_path):
+    """As root the agent would write wherever a planted link points: it names the problem and writes nothing."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked").mkdir()
+    occurrences_dir(tmp_path / "linked").symlink_to(elsewhere)
+    result = CliRunner().invoke(cli, ["replay", "/dev/null", "--sink", "file", "--data-dir", str(tmp_path / "linked")])
+    assert "is not a directory (a symbolic link?)" in result.output and result.exit_code != 0
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_the_file_sink_refuses_a_directory_of_another_user(tmp_path):
+    foreign = tmp_path / "foreign"
+    occurrences_dir(foreign).mkdir(parents=True)
+    os.chown(occurrences_dir(foreign), 4242, 4242)
+    try:
+        OccurrenceWriter(foreign)
+    except OSError as exc:
+        assert f"belongs to uid 4242, not to this agent's {os.geteuid()}" in str(exc)
+    else:
+        raise AssertionError("a directory of another user was written into")
 
 
 def test_retention_bounds_files_and_bytes(tmp_path):
