@@ -17,6 +17,7 @@ import click
 from tapio_core import __version__
 from tapio_core.bpf import can_load_bpf
 from tapio_core.config import ConfigError, config_options, load_settings
+from tapio_core.metrics import DrainHistogram
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import LoadedPlugins, PluginError, load_plugins, parse_plugin_list
@@ -60,6 +61,11 @@ class Agent:
         self._stop = False
         self._last_state: tuple[float, dict[str, tuple[int, int, int]]] | None = None
         self._next_state = 0.0
+        #: Batches dropped because parse or detect raised, per observer (state and metrics show them).
+        self.dropped_batches: dict[str, int] = {}
+        self.drain_seconds = DrainHistogram()
+        self.last_housekeeping = time.monotonic()
+        self.loaded = False
 
     def load(self, ebpf_dir: Path | None) -> None:
         from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, load_observer
@@ -107,6 +113,14 @@ class Agent:
             observer.btf = None
         del btf
         gc.collect()
+        self.loaded = True
+
+    def not_ready(self) -> str:
+        """Why the agent is not ready (observers still starting, or one failed); empty when it is."""
+        if not self.loaded:
+            return "observers are being compiled and attached"
+        failed = [f"{o.name}: {o.status_reason}" for o in self.pipeline.observers.values() if o.status == "failed"]
+        return "failed: " + "; ".join(failed) if failed else ""
 
     def stop(self, *_: object) -> None:
         self._stop = True
@@ -153,13 +167,17 @@ class Agent:
         if self.recorder is not None:
             size = self.pipeline.observers[name].spec.record_dtype.itemsize
             self.recorder.write_batch(name, size, time.clock_gettime_ns(time.CLOCK_MONOTONIC), records)
+        started = time.perf_counter()
         try:
             self.pipeline.ingest(name, records)
         except Exception:
+            self.dropped_batches[name] = self.dropped_batches.get(name, 0) + 1
             log.exception("observer %s: a batch of %d bytes failed in parse/detect", name, len(records))
+        self.drain_seconds.observe(time.perf_counter() - started)
         return len(records) // self.pipeline.observers[name].spec.record_dtype.itemsize
 
     def housekeeping(self) -> None:
+        self.last_housekeeping = time.monotonic()
         from tapio_core.bpf import read_counter, read_lost
 
         for observer in self.pipeline.observers.values():
@@ -204,6 +222,7 @@ class Agent:
                 "anomalies_per_s": round((obs.anomalies - before_anomalies) / elapsed, 3),
                 "lost_per_s": round((obs.lost - before_lost) / elapsed, 3),
                 "counters": dict(obs.counters),
+                "dropped_batches": self.dropped_batches.get(name, 0),
             }
         self._last_state = (now, {n: (o.records, o.anomalies, o.lost) for n, o in self.pipeline.observers.items()})
         return {
@@ -282,9 +301,13 @@ def fail(message: str, code: int = 2) -> None:
 @click.option("--record", "record_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write every raw ring-buffer batch to this file, for `tapio replay`.")
 @click.option("--list-plugins", is_flag=True, help="List installed plugins and what they provide, then exit.")
+@click.option("--metrics-addr", envvar="TAPIO_METRICS_ADDR", metavar="HOST:PORT",
+              help="Serve Prometheus metrics (/metrics) and probes (/healthz, /readyz) there, e.g. 127.0.0.1:9464. "
+                   "Default: off.")
 @config_options
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
-def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, config_path, assignments, verbose) -> None:
+def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, metrics_addr, config_path, assignments,
+         verbose) -> None:
     """Observe this node's kernel with eBPF and emit anomalies as occurrences.
 
     Needs root (or CAP_BPF and CAP_PERFMON). Stops cleanly on SIGINT/SIGTERM,
@@ -319,6 +342,15 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, conf
     except OSError as exc:
         fail(f"cannot write the recording {record_path}: {exc.strerror or exc}")
     agent = Agent(plugins, pipeline, recorder, data_dir=data_dir, settings=settings)
+    metrics = None
+    if metrics_addr:
+        from tapio_core.metrics import MetricsServer, parse_address
+
+        try:
+            metrics = MetricsServer(agent, parse_address(metrics_addr))
+        except ConfigError as exc:
+            pipeline.close()
+            fail(str(exc))
     signal.signal(signal.SIGTERM, agent.stop)
     signal.signal(signal.SIGINT, agent.stop)
     try:
@@ -334,4 +366,8 @@ def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, conf
         fail("no observer could be loaded; see the errors above", code=1)
     click.echo(f"tapio-agent: running observers {', '.join(agent.readers)}; "
                f"sinks {', '.join(s.name for s in pipeline.sinks)}; Ctrl-C stops", err=True)
-    agent.run()
+    try:
+        agent.run()
+    finally:
+        if metrics is not None:
+            metrics.close()

@@ -165,6 +165,8 @@ class RunningObserver:
     disabled: dict[str, str] = attrs.field(factory=dict)
     records: int = 0
     anomalies: int = 0
+    #: Anomalies by occurrence type (``/metrics`` shows them).
+    anomalies_by_type: dict[str, int] = attrs.field(factory=dict)
     lost: int = 0
     malformed: int = 0
     #: The plugin's own counts (suppressed, unmatched, ...); `tapio status` shows them.

@@ -135,6 +135,9 @@ class Pipeline:
         if not anomalies:
             return []
         observer.anomalies += len(anomalies)
+        by_type = observer.anomalies_by_type
+        for anomaly in anomalies:
+            by_type[anomaly.type] = by_type.get(anomaly.type, 0) + 1
         occurrences = [self.occurrence(a) for a in anomalies]
         active = [e for e in self.enrichers if e.status not in ("starting", "failed", "disabled")]
         for enricher in active:

@@ -248,3 +248,67 @@ def test_tracepoint_has_field_reads_this_kernels_format():
     assert tracepoint_has_field("sock:inet_sock_set_state", "saddr_v6")  # an array field
     assert not tracepoint_has_field("sched:sched_process_exit", "no_such_field")
     assert not tracepoint_has_field("nosuch:event", "comm")
+
+
+def scrape(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_metrics_are_the_agents_own_counts_and_the_probes_say_when_it_is_ready_and_alive(toy_source):
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tapio_core.metrics import MetricsServer
+
+    sink, toy = Collect(), ToyObserver("toy", toy_source)
+    loaded = load_plugins(allow=set(), extra=[("toy", toy), ("collect", sink)])
+    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), {"toy": {"value": 42}},
+                              KernelClock())
+    agent = Agent(loaded, pipeline, recorder=None)
+    server = MetricsServer(agent, ("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{server.address[1]}"
+    try:
+        assert scrape(url + "/readyz") == (503, "observers are being compiled and attached\n")
+        agent.load(ebpf_dir=None)
+        agent.housekeeping()
+        assert scrape(url + "/readyz") == (200, "ready\n") and scrape(url + "/healthz")[0] == 200
+        for _ in range(3):
+            os.getppid()
+        agent.drain("toy")
+        agent.housekeeping()
+        status, text = scrape(url + "/metrics")
+        assert status == 200
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        observer = agent.pipeline.observers["toy"]
+        assert observer.records == 3
+        assert samples[("tapio_observer_records_total", (("observer", "toy"),))] == observer.records
+        assert samples[("tapio_observer_anomalies_total", (("observer", "toy"), ("type", "kernel.toy.seen")))] == 3
+        assert samples[("tapio_observer_up", (("observer", "toy"), ("status", "running")))] == 1
+        assert samples[("tapio_observer_counts_total", (("count", "seen_in_kernel"), ("observer", "toy")))] == 3
+        assert samples[("tapio_sink_delivered_total", (("sink", "collect"),))] == len(sink.received) == 3
+        assert samples[("tapio_drain_seconds_count", ())] == 1
+        agent.last_housekeeping = time.monotonic() - 60  # as if the loop had hung for a minute
+        assert scrape(url + "/healthz") == (503, "the agent's loop is stuck\n")
+        assert scrape(url + "/nothing")[0] == 404
+    finally:
+        server.close()
+        agent.shutdown()
+
+
+@pytest.mark.parametrize("text", ["9464", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "example.com:9464", ":9464"])
+def test_a_metrics_address_that_is_not_host_port_is_one_clear_error(text):
+    from tapio_core.config import ConfigError
+    from tapio_core.metrics import parse_address
+
+    with pytest.raises(ConfigError, match="--metrics-addr"):
+        parse_address(text)
+    assert parse_address("[::1]:9464") == ("::1", 9464) and parse_address("0.0.0.0:1") == ("0.0.0.0", 1)
