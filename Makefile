@@ -26,7 +26,7 @@ install_missing = missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $
 	if [ -n "$$missing" ]; then echo "installing: $$missing"; apt-get update -qq \
 	&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-.PHONY: setup system headers guests image venv run test test-kernels bench lint clean
+.PHONY: setup system headers guests image prometheus venv run test test-kernels bench lint clean
 
 setup: system venv headers
 
@@ -60,12 +60,18 @@ image: system
 	@$(call install_missing,$(IMAGE_PACKAGES))
 	deploy/build-image.sh
 
+# Debian's Prometheus server for tests/test_metrics_kernel.py: unpacked into a cache, never installed as a service.
+PROMETHEUS_CACHE := $(HOME)/.cache/tapio/prometheus
+prometheus: system
+	@test -x $(PROMETHEUS_CACHE)/root/usr/bin/prometheus || { mkdir -p $(PROMETHEUS_CACHE) && cd $(PROMETHEUS_CACHE) \
+		&& apt-get download -qq prometheus 2>/dev/null && dpkg-deb -x prometheus_*.deb root && rm -f prometheus_*.deb; }
+
 run: setup
 	$(BIN)/tapio-agent $(AGENT_ARGS)
 
 # The whole suite on this machine's kernel (the image's run included), then the portability scenario
 # (every observer, every anomaly type, doctor against the agent) in a guest of each kernel of the matrix.
-test: setup guests image
+test: setup guests image prometheus
 	rm -rf $(MATRIX_OUT)
 	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest --junitxml=$(MATRIX_OUT)/host/junit.xml $(PYTEST_ARGS)
 	$(MATRIX) --out $(MATRIX_OUT) -- tests/test_portability_kernel.py $(PYTEST_ARGS)
@@ -73,7 +79,7 @@ test: setup guests image
 
 # Every real-kernel test on this machine's kernel and in a guest of each kernel of the matrix
 # (under emulation the whole suite takes 40-70 minutes per guest kernel).
-test-kernels: setup guests
+test-kernels: setup guests prometheus
 	rm -rf $(MATRIX_OUT)
 	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest -m kernel --junitxml=$(MATRIX_OUT)/host/junit.xml $(PYTEST_ARGS)
 	$(MATRIX) --timeout 7200 --out $(MATRIX_OUT) -- -m kernel $(PYTEST_ARGS)
