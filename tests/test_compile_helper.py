@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from kernel_helpers import scaled
 
 from tapio_core.bpf_objects import CompileError, compile_in_helper, ctype_from_description, possible_cpus
 from tapio_core.ringbuf import RingBufferReader
-from tests.kernel_helpers import scaled
 
 PROGRAM = r"""
 struct pair { u32 number; char name[8]; };

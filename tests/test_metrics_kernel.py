@@ -16,10 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from k8s_api_server import free_port
 from kernel_helpers import closed_tcp_port, run_connects, running_agent, scaled
 
 from tapio_core.state import read_state
-from tests.k8s_api_server import free_port
 
 PROMETHEUS = Path(os.environ.get("TAPIO_PROMETHEUS",
                                  Path.home() / ".cache/tapio/prometheus/root/usr/bin/prometheus"))
