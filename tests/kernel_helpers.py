@@ -50,6 +50,16 @@ STOP_TIMEOUT_S = 10.0
 Occurrence = dict[str, Any]
 
 
+def wait_until(predicate, timeout: float) -> bool:
+    """Poll ``predicate`` every half second for ``timeout`` seconds (scaled in a guest); its last answer."""
+    deadline = time.monotonic() + scaled(timeout)
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return predicate()
+
+
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without Tapio settings that would change what the tools load (nor the
     BCC_KERNEL_SOURCE conftest set for the tests' own programs: the tools choose their headers themselves)."""

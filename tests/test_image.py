@@ -16,13 +16,12 @@ import json
 import os
 import secrets
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kernel_helpers import closed_tcp_port, run_connects, scaled
+from kernel_helpers import closed_tcp_port, run_connects, scaled, wait_until
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 IMAGE = os.environ.get("TAPIO_IMAGE", "localhost/tapio-agent:dev")
@@ -115,15 +114,6 @@ def occurrences(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + scaled(timeout)
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
-
-
 def test_the_run_gives_what_the_manifest_gives_and_refuses_what_it_cannot(tmp_path):
     pod, container = daemonset_container()
     args = podman_run_args(pod, container, "node-a", tmp_path)
@@ -148,7 +138,7 @@ def test_the_image_run_as_the_daemonset_runs_it_reports_the_hosts_kernel_and_pas
     try:
         startup = container["startupProbe"]
         budget = startup["periodSeconds"] * startup["failureThreshold"]
-        assert wait_for(lambda: probe(name, startup) == 0, budget), podman("logs", name).stderr[-3000:]
+        assert wait_until(lambda: probe(name, startup) == 0, budget), podman("logs", name).stderr[-3000:]
         for kind in ("readinessProbe", "livenessProbe"):
             assert probe(name, container[kind]) == 0, kind
 
@@ -183,7 +173,7 @@ def test_the_image_run_as_the_daemonset_runs_it_reports_the_hosts_kernel_and_pas
         def exited(occ):
             return occ["type"] == "kernel.container.abnormal_exit" and occ["data"]["pid"] == child.pid
 
-        assert wait_for(lambda: any(refused(o) for o in occurrences(name)) and
+        assert wait_until(lambda: any(refused(o) for o in occurrences(name)) and
                         any(exited(o) for o in occurrences(name)), 20), occurrences(name)[-5:]
         seen = occurrences(name)
         assert [o["data"]["exit_code"] for o in seen if exited(o)] == [7]

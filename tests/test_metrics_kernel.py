@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 from k8s_api_server import free_port
-from kernel_helpers import closed_tcp_port, run_connects, running_agent, scaled
+from kernel_helpers import closed_tcp_port, run_connects, running_agent, scaled, wait_until
 
 from tapio_core.state import read_state
 
@@ -34,15 +33,6 @@ def query(url: str, expression: str) -> dict[tuple[tuple[str, str], ...], float]
     assert answer["status"] == "success", answer
     return {tuple(sorted((k, v) for k, v in r["metric"].items() if k not in ("__name__", "job", "instance"))):
             float(r["value"][1]) for r in answer["data"]["result"]}
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + scaled(timeout)
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
 
 
 @pytest.mark.kernel
@@ -70,8 +60,8 @@ def test_prometheus_stores_exactly_what_the_agent_counted(tmp_path):
             for _ in range(REFUSED):
                 run_connects("127.0.0.1", port)
             refused = 'tapio_observer_anomalies_total{observer="network",type="kernel.network.connection_refused"}'
-            assert wait_for(lambda: len([o for o in agent.occurrences if o["data"].get("dst_port") == port]) == REFUSED,
-                            20), agent.stderr_text()
+            mine = lambda: [o for o in agent.occurrences if o["data"].get("dst_port") == port]
+            assert wait_until(lambda: len(mine()) == REFUSED, 20), agent.stderr_text()
             # Prometheus holds the agent's count once a scrape after the last anomaly went through.
             expected = agent_count = None
 
@@ -82,7 +72,7 @@ def test_prometheus_stores_exactly_what_the_agent_counted(tmp_path):
                                                      ("type", "kernel.network.connection_refused")))
                 return agent_count is not None and agent_count >= REFUSED and expected == agent_count
 
-            assert wait_for(scraped_up_to_date, 30), (expected, agent_count)
+            assert wait_until(scraped_up_to_date, 30), (expected, agent_count)
             stored = {
                 "records": query(url, 'tapio_observer_records_total{observer="network"}'),
                 "anomalies": query(url, 'sum(tapio_observer_anomalies_total{observer="network"})'),
