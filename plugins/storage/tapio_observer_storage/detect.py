@@ -51,7 +51,7 @@ class DeviceScreens:
             state.warning_ns = thresholds.warning_ns
             try:
                 self.table[key] = state
-            except Exception as exc:  # bcc raises a bare Exception when the update fails
+            except Exception as exc:  # e.g. BpfMapError: the map is full; the device keeps the common screen
                 if not self._warned:
                     log.warning("storage: cannot give %s its own threshold (%s); it stays screened "
                                 "at the lowest warning threshold", name, exc)
