@@ -133,8 +133,6 @@ def floor_program(tracepoints: tuple[str, ...]) -> Any:
 def start_observer(data_dir: Path) -> Any:
     """The network observer as the agent runs it (settings written by its own hook), into a null sink; compiled
     in this process rather than by a helper, so its programs can be detached and re-attached with bcc."""
-    from unittest import mock
-
     import tapio_core.bpf
     from tapio_core.agent import Agent
     from tapio_core.bpf_objects import compile_in_process
@@ -151,8 +149,7 @@ def start_observer(data_dir: Path) -> Any:
         build = tapio_core.bpf.observer_build(spec, ebpf_dir, btf)
         return compile_in_process(build.text, build.cflags, spec.perf_event_programs), build.disabled
 
-    with mock.patch.object(tapio_core.bpf, "load_observer", load_in_process):
-        agent.load(ebpf_dir=None)
+    agent.load(ebpf_dir=None, loader=load_in_process)
     observer = pipeline.observers["network"]
     if observer.status != "running":
         agent.shutdown()

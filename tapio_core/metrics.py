@@ -3,7 +3,7 @@
 ``/metrics`` is read from the agent's own counts at each scrape (a custom collector: nothing is
 counted twice, and what Prometheus stores is what ``tapio status`` shows); ``/healthz`` answers 200
 while the agent's loop runs its housekeeping; ``/readyz`` 200 once every observer is attached (or
-said to be unsupported). prometheus-client is imported only when the endpoint is on.
+said to be unsupported). prometheus-client and http.server are imported only when the endpoint is on.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from tapio_core import __version__
@@ -135,6 +134,8 @@ class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread."""
 
     def __init__(self, agent: Agent, address: tuple[str, int]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
         registry = CollectorRegistry(auto_describe=False)

@@ -8,6 +8,7 @@ from the real ring buffer through parse -> detect -> sink.
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import attrs
@@ -25,14 +26,16 @@ from tapio_core import (
     hookimpl,
     record_dtype,
 )
-from tapio_core.agent import Agent
+from tapio_core.agent import Agent, compile_helpers_at_once
 from tapio_core.bpf import (
     ObserverLoadError,
     ObserverUnsupported,
     kernel_fit,
+    load_observer,
     tracepoint_cflags,
     tracepoint_has_field,
 )
+from tapio_core.config import ConfigError
 from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
@@ -215,6 +218,66 @@ def test_ebpf_dir_overrides_the_installed_source(toy_source, tmp_path):
         agent.shutdown()
     assert [o.data["setting"] for o in sink.received] == [1007]
 
+
+
+class CountingLoader:
+    """The real load_observer, counting how many run at once and keeping what each returned."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = self.most_at_once = 0
+        self.started = threading.Event()
+        self.programs = []
+
+    def __call__(self, spec, ebpf_dir, btf):
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        self.started.set()
+        try:
+            program, disabled = load_observer(spec, ebpf_dir, btf)
+            self.programs.append(program)
+            return program, disabled
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def toy_agent(tmp_path, names):
+    source = tmp_path / "toy.bpf.c"
+    source.write_text(TOY_SOURCE)
+    loaded = load_plugins(allow=set(), extra=[*((n, ToyObserver(n, source)) for n in names), ("collect", Collect())])
+    return Agent(loaded, Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=tmp_path), {}, KernelClock()),
+                 recorder=None)
+
+
+def test_observers_compile_side_by_side_while_the_enrichers_start(tmp_path):
+    agent = toy_agent(tmp_path, ["one", "two", "three"])
+    loader = CountingLoader()
+    compiling_meanwhile = []
+    agent.load(None, meanwhile=lambda: compiling_meanwhile.append(loader.started.wait(60) and loader.running),
+               loader=loader)
+    try:
+        assert {o.status for o in agent.pipeline.observers.values()} == {"running"}
+        assert compiling_meanwhile[0] >= 1  # the enrichers' start overlapped a compile
+        assert loader.most_at_once == compile_helpers_at_once()  # never more helpers than that at once
+    finally:
+        agent.shutdown()
+
+
+def test_an_enricher_that_cannot_start_leaves_no_program_attached(tmp_path):
+    agent = toy_agent(tmp_path, ["one", "two"])
+    loader = CountingLoader()
+
+    def refuse():
+        loader.started.wait(60)
+        raise ConfigError("kubernetes: no node name")
+
+    with pytest.raises(ConfigError, match="no node name"):
+        agent.load(None, meanwhile=refuse, loader=loader)
+    assert len(loader.programs) == 2  # both compiles were waited for ...
+    for program in loader.programs:  # ... and closed: nothing stays attached
+        assert program.attachments == [] and program.maps == {}
 
 
 def test_tracepoint_fields_define_their_macro_only_where_the_kernel_has_them(tmp_path, monkeypatch, caplog):
