@@ -1,7 +1,7 @@
 /* Put by the agent at the top of every observer's BPF program (see tapio.h). */
 #include <tapio.h>
 
-/* An observer may set TAPIO_RING_PAGES (a power of two) with a -D flag. */
+/* The agent sets TAPIO_RING_PAGES (a power of two) from the observer's ring_pages setting. */
 #ifndef TAPIO_RING_PAGES
 #define TAPIO_RING_PAGES 64
 #endif

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import attrs
 import click
 
 from tapio_core import __version__
@@ -93,8 +94,6 @@ class Agent:
         self._stop = False
         self._last_state: tuple[float, dict[str, tuple[int, int, int]]] | None = None
         self._next_state = 0.0
-        #: Batches dropped because parse or detect raised, per observer (state and metrics show them).
-        self.dropped_batches: dict[str, int] = {}
         self.drain_seconds = DrainHistogram()
         self.last_housekeeping = time.monotonic()
         self.loaded = False
@@ -121,7 +120,9 @@ class Agent:
                 except Exception as exc:
                     self._not_started(observer, exc)
                     continue
-                compiles[observer.name] = pool.submit(loader, observer.spec, ebpf_dir, btf)
+                spec = attrs.evolve(observer.spec, cflags=(*observer.spec.cflags,
+                                                          f"-DTAPIO_RING_PAGES={observer.ring_pages}"))
+                compiles[observer.name] = pool.submit(loader, spec, ebpf_dir, btf)
             try:
                 if meanwhile is not None:
                     meanwhile()
@@ -229,10 +230,10 @@ class Agent:
             self.recorder.write_batch(name, size, time.clock_gettime_ns(time.CLOCK_MONOTONIC), records)
         started = time.perf_counter()
         try:
-            self.pipeline.ingest(name, records)
-        except Exception:
-            self.dropped_batches[name] = self.dropped_batches.get(name, 0) + 1
-            log.exception("observer %s: a batch of %d bytes failed in parse/detect", name, len(records))
+            self.pipeline.ingest(name, records)  # a plugin raising is counted there
+        except Exception:  # the core's own bug: the batch is lost, the agent goes on
+            self.pipeline.observers[name].dropped_batches += 1
+            log.exception("observer %s: a batch of %d bytes failed", name, len(records))
         self.drain_seconds.observe(time.perf_counter() - started)
         return len(records) // self.pipeline.observers[name].spec.record_dtype.itemsize
 
@@ -282,7 +283,7 @@ class Agent:
                 "anomalies_per_s": round((obs.anomalies - before_anomalies) / elapsed, 3),
                 "lost_per_s": round((obs.lost - before_lost) / elapsed, 3),
                 "counters": dict(obs.counters),
-                "dropped_batches": self.dropped_batches.get(name, 0),
+                "dropped_batches": obs.dropped_batches,
             }
         self._last_state = (now, {n: (o.records, o.anomalies, o.lost) for n, o in self.pipeline.observers.items()})
         return {
@@ -290,6 +291,8 @@ class Agent:
                       "started_at": self.started_at, "node": os.environ.get("NODE_NAME") or os.uname().nodename},
             "updated_at": now,
             "config": self.settings,
+            "plugin_errors": [{"plugin": plugin, "hook": hook, "count": count}
+                              for (plugin, hook), count in sorted(self.pipeline.plugin_errors.counts.items())],
             "observers": observers,
             "sinks": {s.name: {"plugin": s.plugin_name,
                                "delivered": s.counters.get("delivered", 0) if s.spec.delivers_later else s.delivered,
@@ -362,8 +365,8 @@ def fail(message: str, code: int = 2) -> None:
               help="Also write every raw ring-buffer batch to this file, for `tapio replay`.")
 @click.option("--list-plugins", is_flag=True, help="List installed plugins and what they provide, then exit.")
 @click.option("--metrics-addr", envvar="TAPIO_METRICS_ADDR", metavar="HOST:PORT",
-              help="Serve Prometheus metrics (/metrics) and probes (/healthz, /readyz) there, e.g. 127.0.0.1:9464. "
-                   "Default: off.")
+              help="Serve Prometheus metrics (/metrics) and probes (/healthz, /readyz) on [HOST:]PORT; a port "
+                   "alone binds loopback (9464 = 127.0.0.1:9464). Default: off.")
 @config_options
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 def main(plugin_list, sinks, data_dir, ebpf_dir, record_path, list_plugins, metrics_addr, config_path, assignments,

@@ -70,6 +70,26 @@ def build_settings(config_type: type | None, section: str, raw: dict[str, Any]) 
         raise ConfigError(f"config [{section}]: {_first_problem(exc, config_type)}") from None
 
 
+#: The key every observer's table takes besides its own settings: its ring buffer's size in pages.
+RING_PAGES_KEY = "ring_pages"
+DEFAULT_RING_PAGES = 64
+#: 64 MiB of locked kernel memory per observer at most.
+MAX_RING_PAGES = 16384
+
+
+def split_ring_pages(section: str, raw: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(the observer's ring size in pages, the settings without it): the core's key, not the plugin's."""
+    table = raw.get(section)
+    if not isinstance(table, dict) or RING_PAGES_KEY not in table:
+        return DEFAULT_RING_PAGES, raw
+    pages = table[RING_PAGES_KEY]
+    if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= MAX_RING_PAGES \
+            or pages & (pages - 1):
+        raise ConfigError(f"config [{section}]: '{RING_PAGES_KEY}' must be a power of two from 1 to "
+                          f"{MAX_RING_PAGES} (pages of the ring buffer): {pages!r}")
+    return pages, {**raw, section: {k: v for k, v in table.items() if k != RING_PAGES_KEY}}
+
+
 def _first_problem(exc: cattrs.BaseValidationError, config_type: type) -> str:
     for leaf in _leaf_errors(exc):
         if isinstance(leaf, cattrs.ForbiddenExtraKeysError):

@@ -30,11 +30,14 @@ DRAIN_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0)
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:9464`` for IPv6) -> (host, port); ConfigError naming what is wrong."""
+    """``HOST:PORT`` (``[::1]:9464`` for IPv6), or ``PORT`` / ``:PORT`` for loopback -> (host, port);
+    ConfigError naming what is wrong. All interfaces only when asked for (``0.0.0.0:PORT``)."""
+    if text.isdigit() or text.startswith(":"):
+        text = "127.0.0.1:" + text.removeprefix(":")
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--metrics-addr {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+        raise ConfigError(f"--metrics-addr {text!r}: expected [HOST:]PORT, e.g. 9464 (loopback) or 10.0.0.5:9464")
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -96,7 +99,7 @@ class AgentCollector:
             records.add_metric([name], observer.records)
             lost.add_metric([name], observer.lost)
             malformed.add_metric([name], observer.malformed)
-            dropped.add_metric([name], agent.dropped_batches.get(name, 0))
+            dropped.add_metric([name], observer.dropped_batches)
             for type_, count in sorted(observer.anomalies_by_type.items()):
                 anomalies.add_metric([name, type_], count)
             for count_name, value in sorted(observer.counters.items()):
@@ -120,6 +123,11 @@ class AgentCollector:
             for count_name, value in sorted(enricher.counters.items()):
                 enricher_counts.add_metric([enricher.name, count_name], value)
         yield enricher_counts
+        plugin_errors = CounterMetricFamily("tapio_plugin_errors", "Errors a plugin raised, by hook",
+                                            labels=["plugin", "hook"])
+        for (plugin, hook), count in sorted(pipeline.plugin_errors.counts.items()):
+            plugin_errors.add_metric([plugin, hook], count)
+        yield plugin_errors
         histogram = agent.drain_seconds
         buckets, cumulative = [], 0
         for bound, count in zip([*map(str, DRAIN_BUCKETS_S), "+Inf"], histogram.counts, strict=True):

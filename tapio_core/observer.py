@@ -8,6 +8,8 @@ from typing import Any
 import attrs
 import numpy as np
 
+from tapio_core.config import DEFAULT_RING_PAGES
+
 #: Mirrors ``struct tapio_task`` in ``ebpf/tapio.h``: who did it, captured in
 #: the task's own context (never the softirq's current task).
 TASK_DTYPE = np.dtype(
@@ -159,6 +161,8 @@ class RunningObserver:
     #: (the agent lets go of it afterwards: it is large); None in replay.
     btf: Any = None
     plugin_name: str = ""
+    #: Pages of its ring buffer (the ``ring_pages`` key of its table; a power of two).
+    ring_pages: int = DEFAULT_RING_PAGES
     status: str = "starting"
     status_reason: str = ""
     #: Features this kernel lacks, each with why (from tapio_core.bpf.kernel_fit); the observer runs without them.
@@ -169,6 +173,8 @@ class RunningObserver:
     anomalies_by_type: dict[str, int] = attrs.field(factory=dict)
     lost: int = 0
     malformed: int = 0
+    #: Batches dropped because its parse or detect hook raised (``Pipeline.plugin_errors`` has which).
+    dropped_batches: int = 0
     #: The plugin's own counts (suppressed, unmatched, ...); `tapio status` shows them.
     counters: dict[str, int] = attrs.field(factory=dict)
 

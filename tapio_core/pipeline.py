@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tapio_core.config import ConfigError, build_settings
+from tapio_core.config import ConfigError, build_settings, split_ring_pages
 from tapio_core.enricher import RunningEnricher
 from tapio_core.observer import Anomaly, RunningObserver
 from tapio_core.occurrence import Error, KernelClock, Occurrence, occurrence_id
@@ -19,6 +20,29 @@ from tapio_core.plugins import LoadedPlugins
 from tapio_core.sink import RunningSink, SinkError, SinkOptions
 
 log = logging.getLogger("tapio.pipeline")
+
+#: A plugin raising again and again is logged (with its traceback) at most this often; every error is counted.
+PLUGIN_ERROR_LOG_INTERVAL_S = 60.0
+
+
+class PluginErrors:
+    """What plugins' per-batch hooks raised, counted by (plugin, hook): the rest of the batch, the other
+    plugins and the agent go on. ``tapio status`` and ``/metrics`` show the counts."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def record(self, plugin: str, hook: str, what: str, exc: BaseException) -> None:
+        """Count one error; call it where ``exc`` was caught. Expected failures (SinkError) log no traceback."""
+        self.counts[plugin, hook] = self.counts.get((plugin, hook), 0) + 1
+        now = time.monotonic()
+        last = self._logged_at.get(plugin)
+        if last is not None and now - last < PLUGIN_ERROR_LOG_INTERVAL_S:
+            return
+        self._logged_at[plugin] = now
+        log.error("%s: plugin %s raised in %s: %s (its errors are counted; logged at most once a minute)", what,
+                  plugin, hook, exc, exc_info=not isinstance(exc, SinkError))
 
 
 class Pipeline:
@@ -41,6 +65,7 @@ class Pipeline:
         self.clock = clock
         self.observers = {obs.name: obs for obs in observers}
         self.sinks = list(sinks)
+        self.plugin_errors = PluginErrors()
         self.enrichers = list(enrichers)
         self._parse = {}
         self._detect = {}
@@ -68,10 +93,11 @@ class Pipeline:
         unknown = sorted(set(settings) - set(plugins.observers) - set(plugins.sinks) - set(plugins.enrichers))
         if unknown:
             raise ConfigError(f"config [{unknown[0]}]: no loaded observer, enricher or sink has that name")
-        observers = [
-            RunningObserver(spec=spec, plugin_name=plugin, config=build_settings(spec.config_type, name, settings))
-            for name, (plugin, spec) in plugins.observers.items()
-        ]
+        observers = []
+        for name, (plugin, spec) in plugins.observers.items():
+            ring_pages, own = split_ring_pages(name, settings)
+            observers.append(RunningObserver(spec=spec, plugin_name=plugin, ring_pages=ring_pages,
+                                             config=build_settings(spec.config_type, name, own)))
         enrichers = [
             RunningEnricher(spec=spec, plugin_name=plugin, config=build_settings(spec.config_type, name, settings))
             for name, (plugin, spec) in plugins.enrichers.items()
@@ -125,10 +151,18 @@ class Pipeline:
     def ingest(self, observer_name: str, records: bytes) -> list[Occurrence]:
         """Run one batch of raw records; returns the occurrences emitted."""
         observer = self.observers[observer_name]
-        events = self.parse(observer, records)
-        observer.records += len(events)
-        anomalies = [a for found in self._detect[observer_name](observer=observer, events=events) if found
-                     for a in found]
+        hook = "tapio_parse_records"
+        try:
+            events = self.parse(observer, records)
+            observer.records += len(events)
+            hook = "tapio_detect_anomalies"
+            anomalies = [a for found in self._detect[observer_name](observer=observer, events=events) if found
+                         for a in found]
+        except Exception as exc:
+            observer.dropped_batches += 1
+            self.plugin_errors.record(observer.plugin_name, hook,
+                                      f"observer {observer_name}: a batch of {len(records)} bytes dropped", exc)
+            return []
         return self._emit_anomalies(observer, anomalies)
 
     def _emit_anomalies(self, observer: RunningObserver, anomalies: list[Anomaly]) -> list[Occurrence]:
@@ -192,9 +226,10 @@ class Pipeline:
     def enrich(self, enricher: RunningEnricher, occurrence: Occurrence) -> None:
         try:
             self._enrich[id(enricher)](enricher=enricher, occurrence=occurrence)
-        except Exception:
+        except Exception as exc:
             enricher.counters["errors"] = enricher.counters.get("errors", 0) + 1
-            log.exception("enricher %s failed on %s; emitting it without", enricher.name, occurrence.id)
+            self.plugin_errors.record(enricher.plugin_name, "tapio_enrich_occurrence",
+                                      f"enricher {enricher.name}: {occurrence.id} emitted without it", exc)
 
     def emit(self, occurrences: list[Occurrence]) -> None:
         for sink in self.sinks:
@@ -202,7 +237,8 @@ class Pipeline:
                 self._emit[id(sink)](sink=sink, occurrences=occurrences)
             except Exception as exc:
                 sink.failed += len(occurrences)
-                log.error("sink %s failed to deliver %d occurrence(s): %s", sink.name, len(occurrences), exc)
+                self.plugin_errors.record(sink.plugin_name, "tapio_sink_emit",
+                                          f"sink {sink.name}: {len(occurrences)} occurrence(s) not delivered", exc)
             else:
                 if not sink.spec.delivers_later:
                     sink.delivered += len(occurrences)

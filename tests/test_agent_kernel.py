@@ -367,7 +367,7 @@ def test_metrics_are_the_agents_own_counts_and_the_probes_say_when_it_is_ready_a
         agent.shutdown()
 
 
-@pytest.mark.parametrize("text", ["9464", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "example.com:9464", ":9464"])
+@pytest.mark.parametrize("text", ["", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "example.com:9464", ":0", "x:"])
 def test_a_metrics_address_that_is_not_host_port_is_one_clear_error(text):
     from tapio_core.config import ConfigError
     from tapio_core.metrics import parse_address
@@ -375,3 +375,5 @@ def test_a_metrics_address_that_is_not_host_port_is_one_clear_error(text):
     with pytest.raises(ConfigError, match="--metrics-addr"):
         parse_address(text)
     assert parse_address("[::1]:9464") == ("::1", 9464) and parse_address("0.0.0.0:1") == ("0.0.0.0", 1)
+    # A port alone binds loopback: all interfaces only when asked for.
+    assert parse_address("9464") == parse_address(":9464") == ("127.0.0.1", 9464)

@@ -219,7 +219,9 @@ def test_dockerfile_copies_what_exists_and_installs_every_plugin_the_makefile_wo
 
 def test_image_entrypoint_is_the_agent_with_the_daemonsets_arguments(agent):
     steps = dict(dockerfile())
-    assert json.loads(steps["ENTRYPOINT"]) == ["tapio-agent"]
+    # The venv's python, without docstrings (-OO, whose byte code the image compiles), runs the console script.
+    assert json.loads(steps["ENTRYPOINT"]) == ["/opt/tapio/venv/bin/python3", "-OO", "/opt/tapio/venv/bin/tapio-agent"]
+    assert "python3 -OO -m compileall" in " ".join(args for instruction, args in dockerfile() if instruction == "RUN")
     scripts = re.search(r"\[project\.scripts\](.*?)\n\[", (ROOT / "pyproject.toml").read_text(), re.S).group(1)
     assert re.search(r"^tapio-agent\s*=", scripts, re.M), "tapio-agent is no longer a console script"
     assert agent.args == json.loads(steps["CMD"])

@@ -177,7 +177,7 @@ def test_tapio_enricher_start_may_disable_and_a_failing_enricher_loses_nothing(c
     assert {e.name: e.status for e in pipeline.enrichers} == {"off": "disabled", "broken": "running"}
     [occurrence] = pipeline.ingest("toy", records((1, 100)))
     assert occurrence.context is None  # "off" never ran; "broken" raised
-    assert "enricher broken failed" in caplog.text
+    assert "enricher broken: " in caplog.text and "raised in tapio_enrich_occurrence: api down" in caplog.text
     assert pipeline.enrichers[1].counters == {"errors": 1}
 
 
@@ -188,7 +188,47 @@ def test_tapio_sink_emit_failure_is_isolated_to_that_sink(caplog):
     assert len(good.received) == 2
     counts = {s.name: (s.delivered, s.failed) for s in pipeline.sinks}
     assert counts == {"good": (2, 0), "bad": (0, 2)}
-    assert "sink bad failed to deliver 2 occurrence(s): disk on fire" in caplog.text
+    assert "sink bad: 2 occurrence(s) not delivered: plugin bad raised in tapio_sink_emit: disk on fire" in caplog.text
+
+
+class RaisingObserver(ToyObserver):
+    """Raises in parse for batches of one record and in detect for the others."""
+
+    @hookimpl
+    def tapio_parse_records(self, observer, records):
+        if len(records) == RECORD.itemsize:
+            raise ValueError("cannot parse")
+        return None
+
+    @hookimpl
+    def tapio_detect_anomalies(self, observer, events):
+        raise KeyError("no such kind")
+
+
+def test_a_plugin_raising_in_any_hook_is_counted_per_plugin_and_hook_and_logged_once_a_minute(caplog, monkeypatch):
+    import tapio_core.pipeline
+
+    now = [1000.0]
+    monkeypatch.setattr(tapio_core.pipeline.time, "monotonic", lambda: now[0])
+    toy, raising, broken = ToyObserver("toy"), RaisingObserver("raising"), NodeEnricher("broken", fail=True)
+    sink, bad = ListSink("good"), ListSink("bad", fail=True)
+    pipeline = build([("toy", toy), ("raising", raising), ("good", sink), ("bad", bad), ("broken", broken)],
+                     ["good", "bad"])
+    pipeline.start_enrichers()
+    for _ in range(5):
+        assert pipeline.ingest("raising", records((1, 100))) == []  # parse raised: dropped
+        assert pipeline.ingest("raising", records((1, 100), (2, 100))) == []  # detect raised: dropped
+        assert len(pipeline.ingest("toy", records((1, 100), (2, 5)))) == 1  # the others go on
+    assert pipeline.plugin_errors.counts == {
+        ("raising", "tapio_parse_records"): 5, ("raising", "tapio_detect_anomalies"): 5,
+        ("broken", "tapio_enrich_occurrence"): 5, ("bad", "tapio_sink_emit"): 5}
+    assert pipeline.observers["raising"].dropped_batches == 10 and pipeline.observers["toy"].dropped_batches == 0
+    assert len(sink.received) == 5  # enriched or not, every occurrence reached the working sink
+    logged = [r.getMessage() for r in caplog.records if "its errors are counted" in r.getMessage()]
+    assert len(logged) == 3  # one per plugin in the first minute
+    now[0] += 61
+    pipeline.ingest("raising", records((1, 100)))
+    assert len([r for r in caplog.records if "its errors are counted" in r.getMessage()]) == 4
 
 
 def test_tapio_sink_open_unknown_sink_is_a_clear_error():
