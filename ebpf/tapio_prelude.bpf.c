@@ -81,3 +81,32 @@ static __always_inline u64 tapio_take(u64 *counter)
     return taken;
 #endif
 }
+
+/* A token bucket limiting one key's records (a destination, a device): credit in nanoseconds,
+ * earned with time up to the burst, each record costing cost_ns. A zeroed limit starts full. */
+struct tapio_limit {
+    u64 credit_ns;
+    u64 last_ns;
+    u64 suppressed;  /* held back since this key's last record */
+};
+
+/* 1: send the record now, *suppressed set to what was held back before it (taken from the limit);
+ * 0: hold it back (counted in limit->suppressed). cost_ns 0 (not configured yet) limits nothing.
+ * CPUs racing on one key may lose a credit update, never a suppressed count. */
+static __always_inline int tapio_limit_allows(struct tapio_limit *limit, u64 now, u64 cost_ns, u64 burst_ns,
+                                              u32 *suppressed)
+{
+    u64 last = limit->last_ns;
+    u64 credit = !last ? burst_ns : limit->credit_ns + (now > last ? now - last : 0);  /* zeroed: full */
+    if (credit > burst_ns)
+        credit = burst_ns;
+    limit->last_ns = now;
+    if (credit < cost_ns) {
+        limit->credit_ns = credit;
+        __sync_fetch_and_add(&limit->suppressed, 1);
+        return 0;
+    }
+    limit->credit_ns = credit - cost_ns;
+    *suppressed = limit->suppressed ? tapio_take(&limit->suppressed) : 0;
+    return 1;
+}

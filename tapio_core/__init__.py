@@ -17,6 +17,7 @@ from tapio_core.observer import (
     TracepointField,
     c_string,
     record_dtype,
+    with_suppressed,
 )
 from tapio_core.occurrence import Context, Entity, Error, Occurrence
 from tapio_core.sink import RunningSink, SinkSpec
@@ -43,4 +44,5 @@ __all__ = [
     "c_string",
     "hookimpl",
     "record_dtype",
+    "with_suppressed",
 ]

@@ -28,6 +28,14 @@ def record_dtype(fields: list[tuple[str, Any]]) -> np.dtype:
     return np.dtype(fields, align=True)
 
 
+def with_suppressed(data: dict[str, Any], suppressed: int) -> dict[str, Any]:
+    """``data`` with ``suppressed`` set only when a kernel rate limit held back records of the same key
+    (a destination, a device) since the previous one: the field observers share for it."""
+    if suppressed:
+        data["suppressed"] = suppressed
+    return data
+
+
 def c_string(raw: bytes) -> str:
     """A fixed-size C char array from a record (a comm, a device name): up to its NUL, never failing on bad bytes."""
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import secrets
 import subprocess
@@ -124,6 +125,24 @@ def fill(directory: Path) -> None:
             while True:
                 handle.write(chunk)
                 handle.flush()
+
+
+def failing_writes(device: str, count: int, first_block: int = 4096) -> int:
+    """``count`` direct 4 KiB writes from this process to distinct blocks of ``device`` (a loop device on a
+    full tmpfs: each is one block request that fails); returns how many failed."""
+    failed = 0
+    buffer = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT needs
+    fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
+    try:
+        for block in range(first_block, first_block + count):
+            try:
+                os.pwritev(fd, [buffer], block * 4096)
+            except OSError:
+                failed += 1
+    finally:
+        os.close(fd)
+        buffer.close()
+    return failed
 
 
 def numbers(device: str) -> tuple[int, int]:

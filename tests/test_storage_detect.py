@@ -75,7 +75,7 @@ def events(*records: bytes) -> np.ndarray:
 
 
 def test_numpy_layout_matches_the_packed_c_struct():
-    assert STORAGE_RECORD.itemsize == STORAGE_RECORD_C.size == 144
+    assert STORAGE_RECORD.itemsize == STORAGE_RECORD_C.size == 152
 
 
 C_FIELD = re.compile(r"^\s*(?:struct\s+)?\w+\s+(\w+)(?:\[\w+\])?;", re.M)
@@ -171,6 +171,14 @@ def test_an_error_is_reported_however_fast_and_a_slow_error_is_still_one_io_erro
     anomalies = detector().detect(events(fast, slow))
     assert [(a.type, a.data["status"], a.error_code) for a in anomalies] == [
         (IO_ERROR, "BLK_STS_IOERR", "EIO"), (IO_ERROR, "BLK_STS_TIMEOUT", "ETIMEDOUT")]
+
+
+def test_what_the_kernels_rate_limit_held_back_rides_on_the_next_record_and_only_there():
+    first = pack_storage_record(status=10, ts=1)
+    after_a_flood = pack_storage_record(status=10, ts=2, suppressed=1234)
+    spike = pack_storage_record(latency=5_000 * MS, ts=3, suppressed=7)
+    anomalies = detector().detect(events(first, after_a_flood, spike))
+    assert [a.data.get("suppressed") for a in anomalies] == [None, 1234, 7]
 
 
 def test_an_unknown_status_code_is_named_by_number_with_the_kernels_fallback_errno():
@@ -383,7 +391,10 @@ def test_settings_from_set_flags_including_an_inline_device_rule():
      "config [storage]: devices[0] ('loop*'): critical_ms must be >= warning_ms, got 1.0 < 100.0"),
     ({"devices": [{"match": " "}]},
      "config [storage]: devices[0]: 'match' must be a device name or glob such as 'nvme*', not empty"),
-    ({"threshold": 5}, "config [storage]: unknown key threshold (known: critical_ms, devices, warning_ms)"),
+    ({"record_burst": 0}, "config [storage]: 'record_burst' must be >= 1: 0"),
+    ({"record_rate_per_s": 0}, "config [storage]: 'record_rate_per_s' must be >= 0.001: 0.0"),
+    ({"threshold": 5}, "config [storage]: unknown key threshold (known: critical_ms, devices, record_burst, "
+                       "record_rate_per_s, warning_ms)"),
 ])
 def test_bad_settings_stop_start_up_with_one_line_naming_the_key(table, message):
     with pytest.raises(ConfigError) as caught:
@@ -396,9 +407,11 @@ def test_bad_settings_stop_start_up_with_one_line_naming_the_key(table, message)
 
 def test_kernel_counts_are_declared_for_the_agent_to_read():
     counters = {(c.name, c.map, c.index) for c in tapio_observer_storage.OBSERVER.bpf_counters}
-    assert counters == {("unmatched_completions", "storage_counts", 0), ("inflight_overflows", "storage_counts", 1)}
+    assert counters == {("unmatched_completions", "storage_counts", 0), ("inflight_overflows", "storage_counts", 1),
+                        ("suppressed", "storage_counts", 2)}
     source = (PLUGIN_DIR / "storage.bpf.c").read_text()
     assert "#define COUNT_UNMATCHED 0" in source and "#define COUNT_OVERFLOW  1" in source
+    assert "#define COUNT_SUPPRESSED 2" in source
 
 
 def test_replay_path_builds_its_detector_and_fills_the_observers_counters():

@@ -27,6 +27,7 @@ from plugin_helpers import Collect
 from storage_scenarios import (
     cgroup2_child,
     direct_write,
+    failing_writes,
     fill,
     finished,
     frozen,
@@ -146,6 +147,33 @@ def test_write_error_on_a_full_tmpfs_loop_is_one_io_error_with_exact_device_stat
     )
     assert replay.returncode == 0, replay.stderr
     assert [json.loads(line) for line in replay.stdout.splitlines() if line.strip()] == agent.occurrences
+
+
+def test_a_device_failing_thousands_of_requests_sends_its_burst_and_counts_every_other_failure(tmp_path):
+    """The kernel's rate limit per device: a burst of records, the rest held back and counted, and the next
+    record sent carries how many; delivered + suppressed is exactly the failures the kernel completed."""
+    failures, burst = 2000, 50
+    with tmpfs(tmp_path / "small", "4M") as small, loop_device(sparse_file(small / "backing", 64 << 20)) as loop:
+        fill(small)
+        with storage_agent({"record_burst": burst, "record_rate_per_s": 0.001}) as (agent, sink):
+            assert failing_writes(loop, failures) == failures
+            while agent.drain("storage"):
+                pass
+            agent.housekeeping()
+            observer = agent.pipeline.observers["storage"]
+            held_back = observer.counters["suppressed"]
+            # The limit lifted (a record now costs 1 ns): the next failure is sent, carrying the count.
+            table = observer.bpf["storage_settings"]
+            table[table.Key(tapio_observer_storage.SETTING_RECORD_COST_NS)] = table.Leaf(1)
+            assert failing_writes(loop, 1, first_block=8192) == 1
+            while agent.drain("storage"):
+                pass
+            agent.housekeeping()
+    errors = [occ for occ in sink.received if occ.type == IO_ERROR and occ.data["device"] == Path(loop).name]
+    assert len(errors) == burst + 1
+    assert len(errors) - 1 + held_back == failures  # none lost, none counted twice
+    assert "suppressed" not in errors[0].data and errors[-1].data["suppressed"] == held_back == failures - burst
+    assert observer.counters["suppressed"] == held_back and observer.lost == 0
 
 
 def test_completions_never_seen_issued_are_counted_and_reach_the_observers_counters(tmp_path):

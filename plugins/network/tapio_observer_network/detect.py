@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tapio_core import Anomaly, c_string
+from tapio_core import Anomaly, c_string, with_suppressed
 from tapio_observer_network.records import (
     FAMILIES,
     KIND_CONNECT_FAILED,
@@ -85,13 +85,6 @@ def _with_netns(data: dict[str, Any], netns: int) -> dict[str, Any]:
     return data
 
 
-def _with_suppressed(data: dict[str, Any], suppressed: int) -> dict[str, Any]:
-    """``suppressed`` is present only when occurrences of the same key were held back before this one."""
-    if suppressed:
-        data["suppressed"] = suppressed
-    return data
-
-
 def connect_error(kind: int, sk_error: int, rst_received: int, syn_retransmits: int) -> tuple[str, str, dict]:
     """Error code, message and the ``data`` facts that tell how a failed connect ended."""
     if kind == KIND_CONNECT_REFUSED:
@@ -133,7 +126,7 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
             anomalies.append(Anomaly(
                 type=type_, timestamp_ns=ts, severity="warning", outcome=outcome,
                 error_code=code, error_message=message, fingerprint=fingerprint,
-                data=_with_suppressed(_with_netns({
+                data=with_suppressed(_with_netns({
                     **_owner((pid, tid, cgroup, comm), known),
                     "src_ip": format_ip(family, src), "dst_ip": format_ip(family, dst),
                     "src_port": sport, "dst_port": dport,
@@ -168,7 +161,7 @@ def connection_resets(rows: np.ndarray) -> list[Anomaly]:
         anomalies.append(Anomaly(
             type=CONNECTION_RESET, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
             error_code="ECONNRESET", error_message=f"connection reset by peer in {data['old_state']}",
-            data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
+            data=with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
         ))
     return anomalies
 
@@ -187,7 +180,7 @@ def retransmit_spikes(rows: np.ndarray) -> list[Anomaly]:
             data["failed_retransmits"] = int(row["failed"])
         anomalies.append(Anomaly(
             type=RETRANSMIT_SPIKE, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
-            data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
+            data=with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
         ))
     return anomalies
 
@@ -202,7 +195,7 @@ def rtt_degradations(rows: np.ndarray) -> list[Anomaly]:
         )
         anomalies.append(Anomaly(
             type=RTT_DEGRADATION, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="success",
-            data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
+            data=with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
         ))
     return anomalies
 
@@ -221,7 +214,7 @@ def rst_storms(rows: np.ndarray) -> list[Anomaly]:
             _with_netns(data, int(row["netns"]))
         anomalies.append(Anomaly(
             type=RST_STORM, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
-            data=_with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
+            data=with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
         ))
     return anomalies
 

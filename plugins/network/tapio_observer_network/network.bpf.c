@@ -131,12 +131,6 @@ struct flow_key {
     u32 netns;
 };
 
-struct record_limit {
-    u64 credit_ns;
-    u64 last_ns;
-    u64 suppressed;
-};
-
 struct window_state {
     u64 newest_slot;
     u64 last_record_ns;
@@ -177,7 +171,7 @@ struct owner_bucket {
     struct socket_owner owner[OWNER_WAYS];
 };
 BPF_ARRAY(owners, struct owner_bucket, 1 << OWNER_BUCKET_BITS);
-BPF_TABLE("lru_hash", struct flow_key, struct record_limit, record_limits, 16384);
+BPF_TABLE("lru_hash", struct flow_key, struct tapio_limit, record_limits, 16384);
 BPF_TABLE("lru_hash", struct flow_key, struct window_state, windows, 16384);
 BPF_TABLE("lru_hash", struct flow_key, struct rtt_state, rtts, 16384);
 
@@ -403,33 +397,25 @@ static __always_inline void set_owner(struct network_record *rec, u64 sk)
     rec->in_task_context = (bpf_get_current_pid_tgid() >> 32) == owner->task.pid;
 }
 
-/* Token bucket per key: 1 to send a record now (taking the key's suppressed count), 0 to hold it back. */
+/* Token bucket per key (tapio_limit_allows): 1 to send a record now (taking the key's suppressed count),
+ * 0 to hold it back. */
 static __always_inline int limit_allows(struct network_settings *cfg, struct flow_key *key, u64 now,
                                         u32 *suppressed)
 {
     if (!cfg)
         return 1;  /* not configured yet (the first instants after attach): nothing to limit by */
-    struct record_limit fresh = {};
+    struct tapio_limit fresh = {};
     fresh.credit_ns = cfg->connection_burst_ns;
     fresh.last_ns = now;
-    struct record_limit *limit = record_limits.lookup_or_try_init(key, &fresh);
+    struct tapio_limit *limit = record_limits.lookup_or_try_init(key, &fresh);
     if (!limit) {
         count(COUNT_UNTRACKED);
         return 1;
     }
-    u64 last = limit->last_ns;
-    u64 credit = limit->credit_ns + (now > last ? now - last : 0);
-    if (credit > cfg->connection_burst_ns)
-        credit = cfg->connection_burst_ns;
-    limit->last_ns = now;
-    if (credit < cfg->connection_cost_ns) {
-        limit->credit_ns = credit;
-        hold_back(&limit->suppressed);
-        return 0;
-    }
-    limit->credit_ns = credit - cfg->connection_cost_ns;
-    *suppressed = limit->suppressed ? tapio_take(&limit->suppressed) : 0;
-    return 1;
+    if (tapio_limit_allows(limit, now, cfg->connection_cost_ns, cfg->connection_burst_ns, suppressed))
+        return 1;
+    count(COUNT_SUPPRESSED);
+    return 0;
 }
 
 /* Counts one event into key's sliding window. Returns 1 when this event crosses the threshold and

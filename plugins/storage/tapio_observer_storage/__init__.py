@@ -51,11 +51,12 @@ OBSERVER = ObserverSpec(
     bpf_counters=(
         BpfCounter("unmatched_completions", "storage_counts", 0),  # COUNT_UNMATCHED in storage.bpf.c
         BpfCounter("inflight_overflows", "storage_counts", 1),  # COUNT_OVERFLOW
+        BpfCounter("suppressed", "storage_counts", 2),  # COUNT_SUPPRESSED: held back by the rate limit
     ),
 )
 
 # storage_settings slots in storage.bpf.c
-SETTING_SCREEN_NS, SETTING_OP_MASK = 0, 1
+SETTING_SCREEN_NS, SETTING_OP_MASK, SETTING_RECORD_COST_NS, SETTING_RECORD_BURST_NS = 0, 1, 2, 3
 
 
 @hookimpl
@@ -65,7 +66,7 @@ def tapio_register_observers(register):
 
 @hookimpl
 def tapio_observer_started(observer):
-    """Give the kernel its screen for unknown devices and this kernel's REQ_OP_MASK."""
+    """Give the kernel its screen for unknown devices, this kernel's REQ_OP_MASK and the records' rate limit."""
     try:
         operations = operations_from_btf(observer.btf or Btf.load())
     except BtfError as exc:
@@ -74,6 +75,8 @@ def tapio_observer_started(observer):
     table = observer.bpf["storage_settings"]
     table[table.Key(SETTING_OP_MASK)] = table.Leaf(operations.mask)
     table[table.Key(SETTING_SCREEN_NS)] = table.Leaf(settings.screen_ns())
+    table[table.Key(SETTING_RECORD_COST_NS)] = table.Leaf(settings.record_cost_ns())
+    table[table.Key(SETTING_RECORD_BURST_NS)] = table.Leaf(settings.record_burst_ns())
     screens = DeviceScreens(observer.bpf["devices"])
     observer.state["detector"] = StorageDetector(settings, operations, block_statuses(), screens)
 

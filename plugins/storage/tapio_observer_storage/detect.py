@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from tapio_core import Anomaly, c_string
+from tapio_core import Anomaly, c_string, with_suppressed
 from tapio_observer_storage.records import BlockStatus, Operations, block_status, block_status_of_errno
 from tapio_observer_storage.settings import StorageSettings, Thresholds
 
@@ -97,12 +97,12 @@ class StorageDetector:
             events["dev_minor"].tolist(), events["bytes"].tolist(), events["completed_bytes"].tolist(),
             events["cmd_flags"].tolist(), events["status"].tolist(), events["partial"].tolist(),
             events["device_matched"].tolist(), events["status_is_errno"].tolist(), events["disk_name"].tolist(),
-            strict=True,
+            events["suppressed"].tolist(), strict=True,
         )
         anomalies = []
         for row, (ts, latency, sector, baseline, deviation, samples, queue, pid, tid, cgroup, comm, major, minor, size,
-                  completed, cmd_flags, status, partial, matched, status_is_errno, disk) in zip(events, columns,
-                                                                                                strict=True):
+                  completed, cmd_flags, status, partial, matched, status_is_errno, disk,
+                  suppressed) in zip(events, columns, strict=True):
             device = c_string(disk) or f"{major}:{minor}"
             thresholds = self.thresholds(device)
             self.screens.learn(queue, device, thresholds, bool(matched))
@@ -119,6 +119,7 @@ class StorageDetector:
                 "baseline_deviation_ns": deviation if samples else None,
                 "baseline_samples": samples,
             }
+            with_suppressed(data, suppressed)  # the kernel's rate limit, per device and kind
             if status != 0:
                 anomalies.append(self.io_error(ts, status, bool(status_is_errno), data, row))
             else:

@@ -34,6 +34,7 @@ STORAGE_RECORD = record_dtype([
     ("bytes", "<u4"),
     ("completed_bytes", "<u4"),
     ("cmd_flags", "<u4"),
+    ("suppressed", "<u4"),  # records of this device and kind the kernel held back since its previous one
     ("status", "u1"),
     ("partial", "u1"),
     ("device_matched", "u1"),

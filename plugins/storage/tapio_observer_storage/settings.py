@@ -55,6 +55,11 @@ class StorageSettings:
     warning_ms: float = attrs.field(default=100.0, validator=_positive_ms)
     critical_ms: float = attrs.field(default=1000.0, validator=_positive_ms)
     devices: tuple[DeviceRule, ...] = ()
+    #: io_error and latency_spike records per device, each kind, and second, on average (the kernel
+    #: holds back the rest and counts them: ``suppressed`` in the next occurrence and in tapio status)...
+    record_rate_per_s: float = attrs.field(default=10.0, converter=float, validator=[v.ge(0.001), v.le(1_000_000.0)])
+    #: ... and at once, after a quiet spell.
+    record_burst: int = attrs.field(default=100, validator=[v.instance_of(int), v.ge(1), v.le(1_000_000)])
 
     def __attrs_post_init__(self) -> None:
         if self.critical_ms < self.warning_ms:
@@ -80,3 +85,10 @@ class StorageSettings:
         """The lowest warning threshold any device could have: the kernel's screen for unknown devices."""
         warnings = [self.warning_ms] + [r.warning_ms for r in self.devices if r.warning_ms is not None]
         return _ns(min(warnings))
+
+    def record_cost_ns(self) -> int:
+        """The kernel's token-bucket price of one record."""
+        return round(1e9 / self.record_rate_per_s)
+
+    def record_burst_ns(self) -> int:
+        return self.record_cost_ns() * self.record_burst

@@ -8,7 +8,9 @@
  * kblockd worker: block_rq_insert fires in the submitter's context, so an
  * inserted request carries who inserted it; one issued directly, who issued it.
  * Normal requests are judged here and dropped here: only failures and requests
- * slower than the device's warning threshold reach the ring buffer. Normal
+ * slower than the device's warning threshold reach the ring buffer, at most a
+ * burst and then a steady rate of each per device (a token bucket); the rest are
+ * counted, and the next record sent carries how many were held back. Normal
  * requests also teach the per-device, per-operation baseline what normal looks
  * like.
  *
@@ -47,9 +49,17 @@
 /* storage_settings slots, written by tapio_observer_started. */
 #define SETTING_SCREEN_NS 0  /* warning threshold for devices userspace has not matched yet */
 #define SETTING_OP_MASK   1  /* REQ_OP_MASK of this kernel, from BTF */
+#define SETTING_RECORD_COST_NS  2  /* per device and kind: the token bucket's price of one record ... */
+#define SETTING_RECORD_BURST_NS 3  /* ... and its size */
+#define SETTINGS 4
 /* storage_counts slots (BpfCounters in __init__.py: the agent shows them in `tapio status`). */
 #define COUNT_UNMATCHED 0
 #define COUNT_OVERFLOW  1
+#define COUNT_SUPPRESSED 2
+#define COUNTS 3
+/* device_state.limits: one token bucket per device for each kind of record. */
+#define LIMIT_IO_ERROR 0
+#define LIMIT_LATENCY  1
 
 /* Mirrors STORAGE_RECORD in tapio_observer_storage/records.py. */
 struct storage_record {
@@ -66,6 +76,7 @@ struct storage_record {
     u32 bytes;                  /* the request's data length when it completed */
     u32 completed_bytes;
     u32 cmd_flags;
+    u32 suppressed;             /* records of this device and kind held back since its previous one */
     u8 status;                  /* blk_status_t, or an errno where status_is_errno */
     u8 partial;                 /* the request goes on after this completion */
     u8 device_matched;          /* the warning threshold was the device's own, not the screen */
@@ -93,14 +104,15 @@ struct device_state {
     u32 dev;         /* major << 20 | minor, read when the queue was first seen */
     u32 pad;
     struct baseline ops[BASELINE_OPS];
+    struct tapio_limit limits[2];  /* LIMIT_IO_ERROR, LIMIT_LATENCY: a failing disk sends a few, counts the rest */
 };
 
 BPF_ARRAY(inflight, struct inflight_slot, STORAGE_MAX_INFLIGHT);
 /* request -> who inserted it; an LRU, so an entry the kernel never issues cannot pile up. */
 BPF_TABLE("lru_hash", u64, struct tapio_task, submitters, STORAGE_MAX_QUEUED);
 BPF_TABLE("lru_hash", u64, struct device_state, devices, STORAGE_MAX_DEVICES);
-BPF_ARRAY(storage_settings, u64, 2);
-BPF_PERCPU_ARRAY(storage_counts, u64, 2);
+BPF_ARRAY(storage_settings, u64, SETTINGS);
+BPF_PERCPU_ARRAY(storage_counts, u64, COUNTS);
 
 static __always_inline void count(int slot)
 {
@@ -289,8 +301,17 @@ RAW_TRACEPOINT_PROBE(block_rq_complete)
         return 0;
     }
 
+    u32 suppressed = 0;
+    if (state && !tapio_limit_allows(&state->limits[status ? LIMIT_IO_ERROR : LIMIT_LATENCY], now,
+                                     setting(SETTING_RECORD_COST_NS), setting(SETTING_RECORD_BURST_NS),
+                                     &suppressed)) {
+        count(COUNT_SUPPRESSED);
+        return 0;
+    }
+
     struct storage_record rec = {};
     rec.timestamp_ns = now;
+    rec.suppressed = suppressed;
     rec.latency_ns = latency_ns;
     rec.task = task;
     if (seen) {
