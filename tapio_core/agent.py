@@ -31,7 +31,7 @@ from tapio_core.plugins import LoadedPlugins, PluginError, load_plugins, parse_p
 from tapio_core.recording import RecordWriter
 from tapio_core.ringbuf import RingBufferReader
 from tapio_core.sink import SinkError, SinkOptions
-from tapio_core.state import STATE_INTERVAL_S, write_state
+from tapio_core.state import STATE_INTERVAL_S, process_identity, write_state
 
 log = logging.getLogger("tapio.agent")
 
@@ -97,6 +97,8 @@ class Agent:
         self.drain_seconds = DrainHistogram()
         self.last_housekeeping = time.monotonic()
         self.loaded = False
+        #: Lets `tapio status` tell this process from a later one with the same pid.
+        self.identity = process_identity()
 
     def load(self, ebpf_dir: Path | None, meanwhile: Callable[[], None] | None = None,
              loader: Callable[..., tuple[LoadedProgram, dict[str, str]]] = load_observer) -> None:
@@ -287,7 +289,7 @@ class Agent:
             }
         self._last_state = (now, {n: (o.records, o.anomalies, o.lost) for n, o in self.pipeline.observers.items()})
         return {
-            "agent": {"version": __version__, "pid": os.getpid(), "running": running,
+            "agent": {"version": __version__, "pid": os.getpid(), **self.identity, "running": running,
                       "started_at": self.started_at, "node": os.environ.get("NODE_NAME") or os.uname().nodename},
             "updated_at": now,
             "config": self.settings,
@@ -319,8 +321,13 @@ class Agent:
             log.warning("cannot write agent state under %s: %s", self.data_dir, exc)
 
     def shutdown(self) -> None:
+        # Detached first, then drained to empty: every record the kernel produced is then read or was
+        # counted lost, even in a storm (draining while still attached would never end, or end short).
         for name in self.readers:
-            self.drain(name)  # what arrived before the signal still counts
+            self.pipeline.observers[name].bpf.detach()
+        for name in self.readers:
+            while self.drain(name):  # what arrived before the signal still counts
+                pass
             self.pipeline.finish(name)
         self.housekeeping()  # the last state written carries the kernel's final counts
         self.pipeline.stop_enrichers()

@@ -209,6 +209,14 @@ class LoadedProgram:
     def __contains__(self, name: str) -> bool:
         return name in self.maps
 
+    def detach(self) -> None:
+        """Stop the programs running (attachments and perf events closed); the maps stay readable, so what
+        the ring buffer holds can still be drained and the kernel's counts read."""
+        fds, self.attachments, self.owned = [*self.attachments, *self.owned], [], []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def close(self) -> None:
         """Detach everything: attachments first, so no program runs on a map already closed."""
         fds = [*self.attachments, *self.owned, *self.programs.values(), *(m.fd for m in self.maps.values())]
@@ -284,6 +292,9 @@ class InProcessProgram(LoadedProgram):
     which owns the descriptors (``close()`` is its ``cleanup()``)."""
 
     bcc: Any = None
+
+    def detach(self) -> None:
+        pass  # bcc owns the attachments: they go with close()
 
     def close(self) -> None:
         if self.bcc is not None:

@@ -122,6 +122,34 @@ class AgentStatus:
         return agent if isinstance(agent, dict) else {}
 
 
+def process_identity() -> dict[str, int]:
+    """What tells this process apart from any other that later gets its pid: its pid namespace and the
+    clock tick it started at (``/proc/self/stat`` field 22)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        return {"pid_ns": os.stat("/proc/self/ns/pid").st_ino, "start_ticks": start_ticks}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+def process_gone(agent: dict[str, Any]) -> bool:
+    """Whether the agent a state names is certainly not running: seen from its own pid namespace, its pid is
+    free or another process's. From elsewhere (another namespace) nothing is certain: False."""
+    pid, pid_ns, start_ticks = agent.get("pid"), agent.get("pid_ns"), agent.get("start_ticks")
+    if not isinstance(pid, int) or not isinstance(pid_ns, int) or not isinstance(start_ticks, int):
+        return False
+    try:
+        if os.stat("/proc/self/ns/pid").st_ino != pid_ns:
+            return False
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True  # no such process in the agent's own namespace
+    except OSError:
+        return False
+    fields = stat_line.rpartition(")")[2].split()
+    return len(fields) < 20 or fields[19] != str(start_ticks) or fields[0] == "Z"
+
+
 def agent_status(data_dir: Path, now: float | None = None) -> AgentStatus:
     """Read the state and decide whether an agent is running; raises StateError for an unusable file."""
     state = read_state(data_dir)
@@ -134,6 +162,9 @@ def agent_status(data_dir: Path, now: float | None = None) -> AgentStatus:
     pid = status.agent.get("pid", "?")
     if status.agent.get("running") is False:
         summary = f"no agent is running: the agent (pid {pid}) stopped {format_duration(age)} ago"
+    elif process_gone(status.agent):
+        summary = (f"no agent is running: the agent (pid {pid}) is gone without stopping (killed or crashed) "
+                   f"{format_duration(age)} after its last state")
     elif age > STALE_AFTER_S:
         summary = (f"no agent is running: the agent (pid {pid}) last wrote its state {format_duration(age)} ago "
                    f"(it rewrites it every {STATE_INTERVAL_S:g} s): it stopped or hangs")

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from tapio_core.cli import EXIT_NOT_RUNNING, cli
-from tapio_core.state import STALE_AFTER_S, agent_status, format_duration, write_state
+from tapio_core.state import STALE_AFTER_S, agent_status, format_duration, process_identity, write_state
 
 SGR = re.compile(r"\x1b\[([0-9;]*)m")
 
@@ -111,6 +111,35 @@ def test_an_agent_that_stopped_cleanly_is_not_running(tmp_path):
     result = status(tmp_path)
     assert result.exit_code == EXIT_NOT_RUNNING
     assert result.output.startswith("no agent is running: the agent (pid 4242) stopped 0s ago")
+
+
+def agent_entry(pid: int, **identity) -> dict:
+    return {"version": "0.1.0", "pid": pid, "running": True, "started_at": time.time() - 5, "node": "n", **identity}
+
+
+def test_an_agent_killed_without_stopping_is_not_running_though_its_state_is_fresh(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid is free now
+    write_state(tmp_path, state(agent=agent_entry(child.pid, **process_identity())))
+    result = status(tmp_path)
+    assert result.exit_code == EXIT_NOT_RUNNING
+    assert result.output.startswith(f"no agent is running: the agent (pid {child.pid}) is gone without stopping")
+
+
+def test_a_pid_taken_by_another_process_is_not_the_agent(tmp_path):
+    identity = process_identity()
+    write_state(tmp_path, state(agent=agent_entry(os.getpid(), pid_ns=identity["pid_ns"],
+                                                  start_ticks=identity["start_ticks"] + 1)))
+    assert status(tmp_path).exit_code == EXIT_NOT_RUNNING
+
+
+def test_a_live_agent_or_one_in_another_pid_namespace_is_judged_by_its_states_age(tmp_path):
+    write_state(tmp_path, state(agent=agent_entry(os.getpid(), **process_identity())))  # this very process
+    assert status(tmp_path).exit_code == 0
+    write_state(tmp_path, state(agent=agent_entry(999_999_999, pid_ns=1, start_ticks=1)))  # not our namespace
+    assert status(tmp_path).exit_code == 0
+    write_state(tmp_path, state(agent=agent_entry(999_999_999)))  # an older agent wrote no identity
+    assert status(tmp_path).exit_code == 0
 
 
 @pytest.mark.parametrize("where", ["missing", "empty"])
