@@ -26,7 +26,7 @@ install_missing = missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $
 	if [ -n "$$missing" ]; then echo "installing: $$missing"; apt-get update -qq \
 	&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-.PHONY: setup system headers guests image prometheus venv run test test-kernels bench lint clean
+.PHONY: setup system headers guests image prometheus venv run test test-kernels bench soak lint clean
 
 setup: system venv headers
 
@@ -88,6 +88,11 @@ test-kernels: setup guests prometheus
 bench: setup
 	@$(call install_missing,$(BENCH_PACKAGES))
 	$(BIN)/python bench/run.py
+
+# The agent for ten minutes under mixed real load (bench/soak.py; not in CI): nothing may grow after warm-up.
+SOAK_S ?= 600
+soak: setup
+	$(BIN)/python bench/soak.py $(SOAK_S)
 
 lint: venv
 	$(BIN)/ruff check tapio_core plugins tests bench kernels

@@ -315,7 +315,7 @@ def test_newest_stops_at_the_first_file_that_cannot_hold_anything_newer(tmp_path
     writer = OccurrenceWriter(tmp_path)
     paths = []
     for index in range(100):  # 100 files of 10 occurrences a second apart, oldest first
-        when = time.time() - 1000 + index * 10
+        when = NOW.timestamp() - 1000 + index * 10  # the occurrences' own clock: NOW, not the time the test ran
         paths.append(writer.write([occ(age=timedelta(seconds=1000 - index * 10 - k), pid=index * 10 + k)
                                    for k in range(10)]))
         os.utime(paths[-1], (when, when))
