@@ -10,6 +10,9 @@ short by a crash replays up to its last whole frame.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +40,36 @@ class RecordedBatch:
     records: bytes
 
 
+def open_private(path: Path) -> BinaryIO:
+    """``path`` for writing, 0600, refusing what a root agent must not write through: a symbolic link
+    (someone may have planted it, e.g. in /tmp, to make the agent truncate another file) or anything but a
+    regular file (a FIFO, a device). Raises OSError naming why."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "it is a symbolic link: refusing to write through it") from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise OSError(errno.EINVAL, "not a regular file") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, f"it belongs to uid {info.st_uid}, not to this agent's {os.geteuid()}")
+        os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class RecordWriter:
     def __init__(self, path: Path, clock_offset_ns: int) -> None:
-        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 -- closed in close()
+        self._file: BinaryIO = open_private(path)
         self._file.write(_HEADER.pack(MAGIC, VERSION))
         self.write_clock(clock_offset_ns)
 

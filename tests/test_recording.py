@@ -1,6 +1,7 @@
 """Record files and `tapio replay`: the same records give the same occurrences, without BPF or root."""
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -121,3 +122,37 @@ def test_a_step_of_the_wall_clock_is_followed_by_the_agent_and_by_its_replay(tmp
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["timestamp"] for line in result.stdout.splitlines()] == [
         "2023-11-14T22:13:20.010Z", "2023-11-14T23:13:20.020Z"]
+
+
+# -- where a recording may be written -------------------------------------------------------------
+
+
+def test_a_recording_is_written_private_and_replaces_a_file_of_ours(tmp_path):
+    path = tmp_path / "old.rec"
+    path.write_bytes(b"x" * 10_000)
+    path.chmod(0o644)
+    RecordWriter(path, 0).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert list(read_recording(path)) == [0]  # truncated: a fresh recording, its clock and nothing else
+
+
+def test_a_planted_symbolic_link_is_not_written_through(tmp_path):
+    victim = tmp_path / "shadow"
+    victim.write_text("precious")
+    (tmp_path / "agent.rec").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link: refusing to write through it"):
+        RecordWriter(tmp_path / "agent.rec", 0)
+    assert victim.read_text() == "precious"
+
+
+def test_a_fifo_or_another_users_file_is_refused(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        RecordWriter(fifo, 0)
+    theirs = tmp_path / "theirs.rec"
+    theirs.write_text("someone else's")
+    os.chown(theirs, 12345, 12345)
+    with pytest.raises(OSError, match="belongs to uid 12345"):
+        RecordWriter(theirs, 0)
+    assert theirs.read_text() == "someone else's"

@@ -181,3 +181,27 @@ def test_an_unusable_sink_stops_start_up_before_anything_is_sent(tmp_path, monke
     monkeypatch.delenv("TAPIO_TEST_UNSET_TOKEN", raising=False)
     with pytest.raises(SinkError, match=r"^config \[http\]: token_env: the environment variable"):
         open_pipeline(tmp_path, {"http": {"endpoint": "https://127.0.0.1:9", "token_env": "TAPIO_TEST_UNSET_TOKEN"}})
+
+
+def test_a_token_never_reaches_the_state_the_status_or_the_metrics(tmp_path, monkeypatch):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tapio_core.agent import Agent
+    from tapio_core.metrics import AgentCollector
+
+    secret = "s3cr3t-bearer-value"
+    monkeypatch.setenv("TAPIO_TEST_TOKEN", secret)
+    settings = {"http": {"endpoint": "http://127.0.0.1:9/ingest", "token_env": "TAPIO_TEST_TOKEN"}}
+    pipeline = open_pipeline(tmp_path, settings)
+    agent = Agent(pipeline.plugins, pipeline, recorder=None, data_dir=tmp_path, settings=settings)
+    try:
+        agent.write_state()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(AgentCollector(agent))
+        metrics = generate_latest(registry).decode()
+    finally:
+        pipeline.close()
+    status = CliRunner().invoke(cli, ["status", "--data-dir", str(tmp_path), "--json"])
+    assert "TAPIO_TEST_TOKEN" in (tmp_path / "state.json").read_text()  # the variable's name, for the operator
+    for text in ((tmp_path / "state.json").read_text(), status.output, metrics):
+        assert secret not in text
