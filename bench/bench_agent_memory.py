@@ -3,7 +3,8 @@
 Starts the real ``tapio-agent`` as the image's entrypoint does (``python3 -OO``), with all four
 observers, the stdout (to /dev/null), file and otlp sinks (into a local receiver) and the kubernetes
 enricher (``NODE_NAME`` and a kubeconfig pointing at the test suite's API server, which lists PODS
-pods of this node), then reports:
+pods of this node) and the metrics endpoint on (as the DaemonSet has it, its probes asked every few
+seconds), then reports:
 
 - ``agent_startup_s``: from process start to the agent's ready line (every observer compiled,
   attached and started, or said to be unsupported);
@@ -17,12 +18,14 @@ pods of this node), then reports:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from bench_agent_idle import cpu_ns, stop
@@ -38,6 +41,7 @@ START_TIMEOUT_S = 120.0
 PODS = 50
 NODE = "tapio-bench-node"
 READY_LINE = "tapio-agent: running"
+PROBE_EVERY_S = 5.0
 HELPER_LINE = re.compile(r"(\w+): compiled and attached in [\d.]+ s by a helper process that peaked at (\d+) MB")
 
 
@@ -50,7 +54,7 @@ def status_kb(pid: int, field: str) -> int:
 
 def run() -> dict[str, float]:
     require_root("bench_agent_memory")
-    from tests.http_servers import Receiver
+    from tests.http_servers import Receiver, free_port
     from tests.k8s_api_server import make_pod, serve, write_kubeconfig
 
     agent_bin = Path(sys.executable).with_name("tapio-agent")
@@ -58,16 +62,19 @@ def run() -> dict[str, float]:
         for index in range(PODS):
             api.add_pod(make_pod(f"pod-{index}", node=NODE, containers=[("app", f"{index:064x}")]))
         work = Path(scratch)
+        # The metrics endpoint on, as the DaemonSet has it, and asked as its probes ask it.
+        metrics = f"127.0.0.1:{free_port()}"
         env = {"NODE_NAME": NODE, "KUBECONFIG": str(write_kubeconfig(work / "kubeconfig", api.url)),
-               "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+               "TAPIO_METRICS_ADDR": metrics, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         # As the image's entrypoint runs it: -OO (no docstrings, about 4 MB less resident).
         command = [sys.executable, "-OO", str(agent_bin), "-v", "--sink", "stdout", "--sink", "file", "--sink", "otlp",
                    "--set", f"otlp.endpoint={otlp.url}", "--data-dir", str(work / "data")]
-        started = time.monotonic()
+        started, probing = time.monotonic(), threading.Event()
         agent = subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             ready_at, helper_peaks = watch_start(agent, started)
+            threading.Thread(target=probe, args=(metrics, probing), daemon=True).start()
             time.sleep(max(0.0, started + STEADY_AFTER_S - IDLE_S - time.monotonic()))
             idle_from, idle_ns = time.monotonic(), cpu_ns(agent.pid)
             time.sleep(max(0.0, started + STEADY_AFTER_S - time.monotonic()))
@@ -78,6 +85,7 @@ def run() -> dict[str, float]:
             if not api.requests_of("watch"):
                 raise BenchError("the kubernetes enricher never watched the API server: it was not on")
         finally:
+            probing.set()
             stop(agent)
     note("  compile helpers' peaks: " + ", ".join(f"{name} {mb} MB" for name, mb in helper_peaks.items()))
     return {
@@ -87,6 +95,14 @@ def run() -> dict[str, float]:
         "compile_helper_peak_rss_mb": float(max(helper_peaks.values(), default=0)),
         "agent_all_on_idle_cpu_pct": idle_pct,
     }
+
+
+def probe(address: str, done: threading.Event) -> None:
+    """What kubelet does with the DaemonSet's probes: /readyz and /healthz every few seconds."""
+    while not done.wait(PROBE_EVERY_S):
+        for path in ("/readyz", "/healthz"):
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"http://{address}{path}", timeout=5):
+                pass
 
 
 def watch_start(agent: subprocess.Popen[str], started: float) -> tuple[float, dict[str, int]]:

@@ -3,7 +3,8 @@
 ``/metrics`` is read from the agent's own counts at each scrape (a custom collector: nothing is
 counted twice, and what Prometheus stores is what ``tapio status`` shows); ``/healthz`` answers 200
 while the agent's loop runs its housekeeping; ``/readyz`` 200 once every observer is attached (or
-said to be unsupported). prometheus-client and http.server are imported only when the endpoint is on.
+said to be unsupported). http.server is imported only when the endpoint is on, prometheus-client only
+once something scrapes /metrics.
 """
 
 from __future__ import annotations
@@ -138,21 +139,37 @@ class AgentCollector:
         yield drain
 
 
+class Exposition:
+    """The Prometheus text of the agent's counts. prometheus-client is imported at the first scrape: a node
+    whose only callers are its probes (/healthz, /readyz) does not pay for it (about 2 MB)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._lock = threading.Lock()
+        self._registry: Any = None
+
+    def __call__(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        with self._lock:
+            if self._registry is None:
+                self._registry = CollectorRegistry(auto_describe=False)
+                self._registry.register(AgentCollector(self.agent))
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST
+
+
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread."""
 
     def __init__(self, agent: Agent, address: tuple[str, int]) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(AgentCollector(agent))
+        exposition = Exposition(agent)
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/metrics":
-                    self.answer(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                    self.answer(200, *exposition())
                 elif self.path == "/healthz":
                     alive = time.monotonic() - agent.last_housekeeping < HEALTHY_WITHIN_S
                     self.answer(200 if alive else 503, b"ok\n" if alive else b"the agent's loop is stuck\n")

@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,18 @@ def podman(*args: str, timeout: float = 60.0, check: bool = True) -> subprocess.
 
 
 def probe(name: str, spec: dict[str, Any]) -> int:
-    """Run a probe's exec command in the container, as kubelet would; its exit status."""
-    return podman("exec", name, *spec["exec"]["command"], timeout=spec.get("timeoutSeconds", 1) * 3,
-                  check=False).returncode
+    """Run a probe as kubelet would: 0 when it passes. An exec probe runs in the container; an httpGet
+    probe is a GET from this machine, whose network the container shares (host network, as on a node)."""
+    timeout = spec.get("timeoutSeconds", 1) * 3
+    if "exec" in spec:
+        return podman("exec", name, *spec["exec"]["command"], timeout=timeout, check=False).returncode
+    get = spec["httpGet"]
+    url = f"http://{get.get('host', '127.0.0.1')}:{get['port']}{get.get('path', '/')}"
+    try:
+        with urllib.request.urlopen(url, timeout=scaled(timeout)) as answer:
+            return 0 if 200 <= answer.status < 400 else 1
+    except OSError:  # refused, or an HTTPError (4xx, 5xx): the probe fails
+        return 1
 
 
 def occurrences(name: str) -> list[dict[str, Any]]:

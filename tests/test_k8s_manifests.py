@@ -158,9 +158,15 @@ def test_host_network_so_the_agent_never_depends_on_the_pod_network_it_reports_o
     assert spec.dns_policy == "ClusterFirstWithHostNet"  # cluster DNS still answers
 
 
-def test_probes_ask_tapio_status_whether_the_agent_writes_its_state(agent):
-    for probe in (agent.startup_probe, agent.readiness_probe, agent.liveness_probe):
-        assert probe.var_exec.command == ["tapio", "status"]
+def test_probes_ask_the_agents_own_endpoints_on_the_loopback_it_binds(agent):
+    env = {e.name: e.value for e in agent.env}
+    host, _, port = env["TAPIO_METRICS_ADDR"].rpartition(":")
+    paths = {}
+    for kind in ("startup_probe", "readiness_probe", "liveness_probe"):
+        get = getattr(agent, kind).http_get
+        assert (get.host, get.port) == (host, int(port)) == ("127.0.0.1", 9464)
+        paths[kind] = get.path
+    assert paths == {"startup_probe": "/readyz", "readiness_probe": "/readyz", "liveness_probe": "/healthz"}
     # compiling the observers at start may take a minute on a slow node: liveness waits for it
     assert agent.startup_probe.period_seconds * agent.startup_probe.failure_threshold >= 60
 
