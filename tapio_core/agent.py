@@ -299,7 +299,9 @@ class Agent:
             "sinks": {s.name: {"plugin": s.plugin_name,
                                "delivered": s.counters.get("delivered", 0) if s.spec.delivers_later else s.delivered,
                                "failed": s.failed + s.counters.get("failed", 0),
-                               "counters": dict(s.counters)} for s in self.pipeline.sinks},
+                               "counters": dict(s.counters),
+                               **({"queued": s.queue_depth()} if s.queue_depth is not None else {})}
+                      for s in self.pipeline.sinks},
             "enrichers": {e.name: self._enricher_state(e) for e in self.pipeline.enrichers},
         }
 

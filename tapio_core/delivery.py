@@ -141,6 +141,10 @@ class Delivery:
     def __repr__(self) -> str:
         return f"Delivery({self.name!r}, {self.counts})"
 
+    def depth(self) -> int:
+        """Occurrences queued or in the batch being sent."""
+        return len(self._queue) + self._in_flight
+
     # --- the agent's thread ----------------------------------------------------
 
     def put(self, occurrences: Sequence[Occurrence]) -> None:
@@ -334,9 +338,10 @@ def start_delivery(sink: RunningSink, url: str, encoder: Encoder, *,
         transport = HttpTransport(url, sink.config, user_agent=f"tapio/{__version__}")
     except SinkError as exc:
         raise SinkError(f"config [{sink.name}]: {exc}") from None
-    sink.state["delivery"] = Delivery(sink.name, sink.config, encoder, transport, sink.counters,
-                                      retry_statuses=retry_statuses)
-    return sink.state["delivery"]
+    delivery = sink.state["delivery"] = Delivery(sink.name, sink.config, encoder, transport, sink.counters,
+                                                 retry_statuses=retry_statuses)
+    sink.queue_depth = delivery.depth
+    return delivery
 
 
 class QueuedSinkHooks:

@@ -117,7 +117,11 @@ class AgentCollector:
             for count_name, value in sorted(sink.counters.items()):
                 if count_name not in ("delivered", "failed"):
                     sink_counts.add_metric([sink.name, count_name], value)
-        yield from (delivered, failed, sink_counts)
+        queued = GaugeMetricFamily("tapio_sink_queue_depth", "Occurrences waiting to be delivered", labels=["sink"])
+        for sink in pipeline.sinks:
+            if sink.queue_depth is not None:
+                queued.add_metric([sink.name], sink.queue_depth())
+        yield from (delivered, failed, sink_counts, queued)
         enricher_counts = CounterMetricFamily("tapio_enricher_counts", "The enricher's own counts (hits, misses)",
                                               labels=["enricher", "count"])
         for enricher in pipeline.enrichers:

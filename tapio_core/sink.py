@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class RunningSink:
     failed: int = 0
     #: The plugin's own counts (dropped, retried, ...); `tapio status` shows them.
     counters: dict[str, int] = attrs.field(factory=dict)
+    #: Occurrences waiting to be delivered, for a sink that queues (``delivers_later``); `tapio status` and
+    #: the metrics show it.
+    queue_depth: Callable[[], int] | None = None
 
     @property
     def name(self) -> str:

@@ -238,6 +238,7 @@ def test_drop_newest_keeps_the_queue_and_refuses_what_comes_in():
         for first in range(5, 40, 5):
             delivery.put(occurrences(5, start=first))  # returns at once although the endpoint hangs
         assert delivery.counts["dropped"] == 25
+        assert delivery.depth() == 15  # 5 in the held request, 10 queued (what /metrics and status show)
         receiver.release()
         delivery.close()
     assert ids(receiver) == [o.id for o in occurrences(15)]

@@ -205,3 +205,5 @@ def test_a_token_never_reaches_the_state_the_status_or_the_metrics(tmp_path, mon
     assert "TAPIO_TEST_TOKEN" in (tmp_path / "state.json").read_text()  # the variable's name, for the operator
     for text in ((tmp_path / "state.json").read_text(), status.output, metrics):
         assert secret not in text
+    assert 'tapio_sink_queue_depth{sink="http"} 0.0' in metrics
+    assert json.loads(status.output)["state"]["sinks"]["http"]["queued"] == 0
