@@ -7,7 +7,9 @@ The strategies live here so CI runs them; the profile is derandomized, so a CI r
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 
 from tapio_core.cli import cli
 from tapio_core.config import ConfigError, load_settings
-from tapio_core.occurrence import KernelClock
+from tapio_core.http_transport import Reply
+from tapio_core.occurrence import OUTCOMES, SEVERITIES, Context, Entity, Error, KernelClock, Occurrence
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
 from tapio_core.recording import MAGIC, VERSION, RecordedBatch, RecordingError, RecordWriter, read_recording
@@ -135,3 +138,61 @@ def test_any_bytes_in_an_occurrence_file_are_read_or_skipped_by_the_cli(tmp_path
         result = CliRunner().invoke(cli, [*command, "--data-dir", str(data_dir)])
         assert result.exception is None or isinstance(result.exception, SystemExit), (command, result.output)
         assert "Traceback" not in result.output
+
+
+# -- the remote sinks' encoders -------------------------------------------------------------------
+
+TEXT = st.text(max_size=40)  # any code points, lone surrogates aside (occurrences are JSON text)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | TEXT
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4), max_leaves=12)
+ENTITIES = st.builds(Entity, kind=st.sampled_from(["pod", "container", "deployment", "job", "node"]) | TEXT,
+                     id=TEXT, name=TEXT)
+OCCURRENCES = st.builds(
+    Occurrence,
+    id=st.text(alphabet="0123456789ABCDEFGHJKMNPQRSTVWXYZ", min_size=26, max_size=26),
+    timestamp=st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1), timezones=st.just(UTC))
+    .map(lambda when: when.replace(microsecond=when.microsecond // 1000 * 1000)),  # the protocol's milliseconds
+    type=TEXT, severity=st.sampled_from(SEVERITIES), outcome=st.sampled_from(OUTCOMES),
+    error=st.none() | st.builds(Error, code=TEXT, message=TEXT),
+    context=st.none() | st.builds(Context, node=st.none() | TEXT, namespace=st.none() | TEXT,
+                                  entities=st.lists(ENTITIES, max_size=4)),
+    data=st.dictionaries(TEXT, JSON_VALUES, max_size=6),
+)
+
+
+@given(batch=st.lists(OCCURRENCES, min_size=1, max_size=5), host=TEXT)
+def test_any_occurrences_encode_to_an_otlp_request_that_decodes_to_them(batch, host):
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    from tapio_sink_otlp.encode import OtlpLogs
+
+    encoder = OtlpLogs(host)
+    items = [encoder.encode(occurrence) for occurrence in batch]
+    assert all(size > 0 for _, size in items)
+    request = ExportLogsServiceRequest.FromString(encoder.body([item for item, _ in items]))
+    bodies = [record.body.string_value for resource in request.resource_logs for scope in resource.scope_logs
+              for record in scope.log_records]
+    assert sorted(bodies) == sorted(occurrence.to_json() for occurrence in batch)
+
+
+@given(body=st.binary(max_size=300), content_type=st.sampled_from(["application/json", "application/x-protobuf",
+                                                                    "text/html", ""]),
+       sent=st.integers(min_value=0, max_value=1000))
+def test_any_answer_to_an_otlp_export_is_read_as_a_count_of_refusals_within_what_was_sent(body, content_type, sent):
+    from tapio_sink_otlp.encode import OtlpLogs
+
+    refused, message = OtlpLogs("node").rejected(Reply(200, {"Content-Type": content_type}, body), sent)
+    assert 0 <= refused <= sent and isinstance(message, str)
+
+
+@given(batch=st.lists(OCCURRENCES, min_size=1, max_size=5))  # the sink never sends an empty batch
+def test_any_occurrences_encode_to_a_json_array_the_protocol_reads_back(batch):
+    from tapio_sink_http import JsonArray
+
+    encoder = JsonArray()
+    items = [encoder.encode(occurrence) for occurrence in batch]
+    body = encoder.body([item for item, _ in items])
+    assert sum(size for _, size in items) >= len(body) - 1  # the batch bound counts every byte but one bracket
+    assert [Occurrence.from_json(json.dumps(item)) for item in json.loads(body)] == batch
