@@ -13,6 +13,7 @@ import os
 import stat
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,9 +49,9 @@ class OccurrenceWriter:
         self.max_files = max_files
         self.max_bytes = max_bytes
         self._sequence = 0
-        self._files: list[tuple[Path, int]] = sorted(
-            ((p, p.stat().st_size) for p in self.directory.glob("*" + SUFFIX)), key=lambda item: item[0].name
-        )
+        # (name, size) oldest first; names, not Paths: up to max_files of them live as long as the agent.
+        self._files: deque[tuple[str, int]] = deque(sorted(
+            (p.name, p.stat().st_size) for p in self.directory.glob("*" + SUFFIX)))
         self._total_bytes = sum(size for _, size in self._files)
 
     def write(self, occurrences: Sequence[Occurrence]) -> Path:
@@ -67,13 +68,13 @@ class OccurrenceWriter:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        self._files.append((final, len(body)))
+        self._files.append((name, len(body)))
         self._total_bytes += len(body)
         self._enforce_retention()
         return final
 
     def _enforce_retention(self) -> None:
         while self._files and (len(self._files) > self.max_files or self._total_bytes > self.max_bytes):
-            path, size = self._files.pop(0)
-            path.unlink(missing_ok=True)
+            name, size = self._files.popleft()
+            (self.directory / name).unlink(missing_ok=True)
             self._total_bytes -= size
