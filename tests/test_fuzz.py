@@ -69,6 +69,22 @@ def test_any_whole_records_are_parsed_and_judged_without_a_crash(pipeline, obser
     count = data.draw(st.integers(min_value=0, max_value=8))
     records = data.draw(st.binary(min_size=size * count, max_size=size * count))
     pipeline.ingest(observer, records)
+    assert pipeline.plugin_errors.counts == {}  # the pipeline counts a raising hook and goes on: none may
+
+
+@pytest.mark.parametrize("observer", OBSERVERS)
+@given(data=st.data())
+def test_a_truncated_or_oversized_batch_keeps_its_whole_records_and_counts_the_rest(pipeline, observer, data):
+    running = pipeline.observers[observer]
+    size = running.spec.record_dtype.itemsize
+    count = data.draw(st.sampled_from([0, 1, 3, 2048]))  # 2048: far more than one drain usually holds
+    tail = data.draw(st.integers(min_value=0, max_value=size - 1))
+    seed = data.draw(st.binary(min_size=size, max_size=size))
+    records, before, malformed = seed * count + seed[:tail], running.records, running.malformed
+    pipeline.ingest(observer, records)
+    assert pipeline.plugin_errors.counts == {}
+    assert running.records - before == count
+    assert running.malformed - malformed == (1 if tail else 0)
 
 
 @given(tail=st.binary(max_size=256), cut=st.integers(min_value=0, max_value=200))
