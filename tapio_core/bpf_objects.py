@@ -219,8 +219,9 @@ class LoadedProgram:
 
     def close(self) -> None:
         """Detach everything: attachments first, so no program runs on a map already closed."""
-        fds = [*self.attachments, *self.owned, *self.programs.values(), *(m.fd for m in self.maps.values())]
-        self.attachments, self.owned, self.programs, self.maps = [], [], {}, {}
+        self.detach()
+        fds = [*self.programs.values(), *(m.fd for m in self.maps.values())]
+        self.programs, self.maps = {}, {}
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

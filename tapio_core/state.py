@@ -122,12 +122,17 @@ class AgentStatus:
         return agent if isinstance(agent, dict) else {}
 
 
+def _stat_after_name(pid: int | str) -> list[str]:
+    """``/proc/PID/stat`` from its third field on (state, ppid, ...): the name before may hold spaces.
+    Index 19 is the start time in clock ticks (field 22)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def process_identity() -> dict[str, int]:
     """What tells this process apart from any other that later gets its pid: its pid namespace and the
-    clock tick it started at (``/proc/self/stat`` field 22)."""
+    clock tick it started at."""
     try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
-        return {"pid_ns": os.stat("/proc/self/ns/pid").st_ino, "start_ticks": start_ticks}
+        return {"pid_ns": os.stat("/proc/self/ns/pid").st_ino, "start_ticks": int(_stat_after_name("self")[19])}
     except (OSError, ValueError, IndexError):
         return {}
 
@@ -141,12 +146,11 @@ def process_gone(agent: dict[str, Any]) -> bool:
     try:
         if os.stat("/proc/self/ns/pid").st_ino != pid_ns:
             return False
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat_after_name(pid)
     except FileNotFoundError:
         return True  # no such process in the agent's own namespace
     except OSError:
         return False
-    fields = stat_line.rpartition(")")[2].split()
     return len(fields) < 20 or fields[19] != str(start_ticks) or fields[0] == "Z"
 
 
