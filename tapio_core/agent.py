@@ -20,7 +20,14 @@ import attrs
 import click
 
 from tapio_core import __version__
-from tapio_core.bpf import ObserverLoadError, ObserverUnsupported, can_load_bpf, load_observer
+from tapio_core.bpf import (
+    ObserverLoadError,
+    ObserverUnsupported,
+    can_load_bpf,
+    load_observer,
+    read_counter,
+    read_lost,
+)
 from tapio_core.bpf_objects import LoadedProgram
 from tapio_core.config import ConfigError, config_options, load_settings
 from tapio_core.metrics import DrainHistogram
@@ -241,8 +248,6 @@ class Agent:
 
     def housekeeping(self) -> None:
         self.last_housekeeping = time.monotonic()
-        from tapio_core.bpf import read_counter, read_lost
-
         for observer in self.pipeline.observers.values():
             if observer.bpf is None:
                 continue

@@ -10,15 +10,14 @@ short by a crash replays up to its last whole frame.
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import attrs
+
+from tapio_core.store import open_private
 
 MAGIC = b"TAPIOREC"
 VERSION = 1
@@ -38,33 +37,6 @@ class RecordedBatch:
     record_size: int
     drained_ns: int
     records: bytes
-
-
-def open_private(path: Path) -> BinaryIO:
-    """``path`` for writing, 0600, refusing what a root agent must not write through: a symbolic link
-    (someone may have planted it, e.g. in /tmp, to make the agent truncate another file) or anything but a
-    regular file (a FIFO, a device). Raises OSError naming why."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, "it is a symbolic link: refusing to write through it") from None
-        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
-            raise OSError(errno.EINVAL, "not a regular file") from None
-        raise
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        if info.st_uid != os.geteuid():
-            raise OSError(errno.EPERM, f"it belongs to uid {info.st_uid}, not to this agent's {os.geteuid()}")
-        os.ftruncate(fd, 0)
-        os.set_blocking(fd, True)
-        os.fchmod(fd, 0o600)
-        return os.fdopen(fd, "wb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class RecordWriter:

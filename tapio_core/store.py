@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from tapio_core.occurrence import Occurrence
 
@@ -35,9 +36,40 @@ def private_directory(path: Path) -> None:
     info = os.lstat(path)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise OSError(errno.ENOTDIR, f"{path} is not a directory (a symbolic link?): refusing to write there")
-    if info.st_uid != os.geteuid():
-        raise OSError(errno.EPERM, f"{path} belongs to uid {info.st_uid}, not to this agent's {os.geteuid()}")
+    refuse_foreign(info, str(path))
     os.chmod(path, 0o700)
+
+
+def refuse_foreign(info: os.stat_result, what: str) -> None:
+    """Another user's file or directory is not the agent's to write: OSError naming ``what`` and its owner."""
+    if info.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"{what} belongs to uid {info.st_uid}, not to this agent's {os.geteuid()}")
+
+
+def open_private(path: Path) -> BinaryIO:
+    """``path`` for writing, 0600, refusing what a root agent must not write through: a symbolic link
+    (someone may have planted it, e.g. in /tmp, to make the agent truncate another file) or anything but a
+    regular file (a FIFO, a device). Raises OSError naming why."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "it is a symbolic link: refusing to write through it") from None
+        if exc.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise OSError(errno.EINVAL, "not a regular file") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        refuse_foreign(info, "it")
+        os.ftruncate(fd, 0)
+        os.set_blocking(fd, True)
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class OccurrenceWriter:
