@@ -7,7 +7,6 @@ tools can parse the output with one split. Commentary for humans goes to stderr.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import statistics
@@ -74,7 +73,9 @@ def bpf_run_time_stats() -> Iterator[None]:
     """The kernel counts time inside every BPF program while the fd ``bpf_enable_stats`` returns is
     open. Every program on the machine pays a clock read or two meanwhile, so measure in a pass of
     its own, apart from timed rounds."""
-    fd = ctypes.CDLL("libbpf.so.1", use_errno=True).bpf_enable_stats(BPF_STATS_RUN_TIME)
+    from tapio_core.bpf_objects import libbpf
+
+    fd = libbpf().bpf_enable_stats(BPF_STATS_RUN_TIME)
     if fd < 0:
         raise BenchError(f"bpf_enable_stats failed: {os.strerror(-fd)}")
     try:

@@ -31,20 +31,19 @@ for path in (REPO / "tests", REPO / "bench", REPO):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from bench_agent_idle import stop  # noqa: E402
+from bench_agent_memory import status_kb, watch_start  # noqa: E402
 from common import BenchError, note, report, require_root  # noqa: E402
 
 DEFAULT_S = 600.0
 WARM_UP_S = 60.0
 WINDOW_S = 60.0
 RSS_TOLERANCE_MB = 2.0
-READY_LINE = "tapio-agent: running"
 
 
 def sample(pid: int) -> tuple[float, int, int]:
     """(resident MB, open descriptors, threads) of ``pid`` now."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+    return status_kb(pid, "VmRSS") / 1024, len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
 
 class Load:
@@ -111,12 +110,7 @@ def main(argv: list[str]) -> int:
         samples: list[tuple[float, float, int, int]] = []
         load = Load(work)
         try:
-            for line in agent.stderr:
-                if READY_LINE in line:
-                    break
-            else:
-                raise BenchError(f"tapio-agent exited with status {agent.wait()} before running")
-            threading.Thread(target=lambda: [None for _ in agent.stderr], daemon=True).start()
+            watch_start(agent, time.monotonic())  # and its stderr read on, so it never blocks
             started = time.monotonic()
             load.thread.start()
             note(f"soak: {duration:.0f} s under load (warm-up {WARM_UP_S:.0f} s) ...")
@@ -129,9 +123,7 @@ def main(argv: list[str]) -> int:
             load.stop.set()
             if load.thread.is_alive():
                 load.thread.join(120)
-            if agent.poll() is None:
-                agent.terminate()
-                agent.wait(60)
+            stop(agent)
         state = json.loads((work / "data" / "state.json").read_text())
     return judge(samples, load, state, agent.returncode)
 
