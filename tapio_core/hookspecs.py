@@ -130,11 +130,13 @@ def tapio_detect_anomalies(observer: RunningObserver, events: np.ndarray) -> lis
 def tapio_observer_stopping(observer: RunningObserver) -> list[Anomaly] | None:
     """Hand over anomalies the detector still holds, because no more events will come.
 
-    Called once per observer when the agent shuts down (after the last batch
-    was drained, before its BPF program is detached) and at the end of a
-    ``tapio replay``, only on the plugin that registered it. Return the
-    anomalies still pending in ``observer.state`` -- e.g. an episode that has
-    not ended yet, reported with outcome ``in_progress`` -- or None.
+    Called once per observer when the agent shuts down (its BPF program
+    detached and drained to empty, its maps still readable through
+    ``observer.bpf``) and at the end of a ``tapio replay`` (``observer.bpf``
+    None), only on the plugin that registered it. Return the anomalies still
+    pending -- in ``observer.state``, or in the kernel's maps, whose counts
+    are final now -- e.g. an episode that has not ended yet, reported with
+    outcome ``in_progress``; or None.
     """
 
 

@@ -30,6 +30,7 @@ from tapio_observer_network.records import (
     KIND_CONNECTION_RESET,
     KIND_RETRANSMIT_SPIKE,
     KIND_RST_STORM,
+    KIND_RST_STORM_END,
     KIND_RTT_DEGRADATION,
     NETWORK_RECORD,
     SCOPE_DESTINATION,
@@ -56,7 +57,7 @@ def detect(raw: bytes, settings: NetworkSettings | None = None, counters: dict |
 
 
 def test_record_dtype_follows_the_c_struct_member_for_member():
-    assert NETWORK_RECORD.itemsize == NETWORK_RECORD_C.size == 152
+    assert NETWORK_RECORD.itemsize == NETWORK_RECORD_C.size == 176
     assert list(NETWORK_RECORD.names) == c_struct_members("network_record")
 
 
@@ -91,14 +92,14 @@ def test_kernel_settings_fill_struct_network_settings_exactly():
 def test_default_settings_in_the_kernels_units():
     assert kernel_settings(NetworkSettings()) == {
         "configured": 1,
-        "connection_cost_ns": 50_000_000, "connection_burst_ns": 500 * 50_000_000,
+        "connection_cost_ns": 1_000_000_000, "connection_burst_ns": 10 * 1_000_000_000,
         "retransmit_slot_ns": 125_000_000, "retransmit_cooldown_ns": 30_000_000_000,
         "rst_slot_ns": 125_000_000, "rst_cooldown_ns": 10_000_000_000,
         "rtt_learn_interval_ns": 1_000_000_000, "rtt_cooldown_ns": 60_000_000_000,
         "abandoned_min_ns": 1_000_000_000,
         "retransmit_threshold": 10, "retransmit_window_ms": 1000,
         "rst_threshold": 20, "rst_node_threshold": 200, "rst_window_ms": 1000,
-        "rtt_factor_x16": 64, "rtt_floor_us": 20_000, "rtt_min_samples": 8,
+        "rtt_factor_x16": 64, "rtt_floor_us": 20_000, "rtt_min_samples": 8, "storm_clock": 0, "reserved": 0,
     }
 
 
@@ -184,11 +185,29 @@ def test_rst_storm_records_per_destination_and_node_wide():
     destination, node = detect(raw)
     assert destination.data == {
         "scope": "destination", "rsts": 20, "window_ms": 1000, "destination": "[::1]:9", "dst_ip": "::1",
-        "dst_port": 9, "family": "ipv6", "suppressed": 30,
+        "dst_port": 9, "family": "ipv6", "suppressed": 30, "refused": 0, "reset": 0,
     }
     assert node.data == {"scope": "node", "rsts": 200, "window_ms": 1000}
     assert (node.type, node.severity, node.outcome, node.error_code) == (
         "kernel.network.rst_storm", "warning", "failure", None)
+
+
+def test_a_storm_ended_by_the_clock_is_a_start_in_progress_and_an_end_with_what_it_folded():
+    def storm(kind, **fields):
+        return pack_network_record(kind, window_ms=1000, scope=SCOPE_DESTINATION, src=None, dst="10.0.0.9",
+                                   sport=0, dport=80, netns=4026531840, **fields)
+
+    raw = (storm(KIND_RST_STORM, ts=2_000_000_000, count=20, refused=5, episode_open=1)
+           + storm(KIND_RST_STORM_END, ts=3_500_000_000, started_ns=2_000_000_000, count=2980, refused=2970,
+                   reset=10))
+    start, end = detect(raw)
+    assert (start.outcome, start.data["episode"], start.data["rsts"], start.data["refused"]) == (
+        "in_progress", "started", 20, 5)
+    assert start.data["suppressed"] == 5
+    assert (end.type, end.outcome, end.data["episode"], end.data["duration_ms"]) == (
+        "kernel.network.rst_storm", "failure", "ended", 1500)
+    assert (end.data["rsts"], end.data["refused"], end.data["reset"], end.data["suppressed"]) == (2980, 2970, 10, 2980)
+    assert end.data["destination"] == "10.0.0.9:80"
 
 
 def test_connection_reset_of_a_socket_with_no_known_owner():

@@ -168,7 +168,7 @@ def test_failed_connects_whose_owners_were_forgotten_are_still_each_reported(mon
     count = 30
     port = 20000 + secrets.randbelow(20000)
     compile_differently(monkeypatch, cflags=("-DOWNER_BUCKET_BITS=1",))
-    agent, sink = start_agent({})
+    agent, sink = start_agent({"connection_burst": 1000})
     try:
         with network_namespace() as netns:
             netns_exec(netns, "sysctl", "-q", "-w", "net.ipv4.tcp_syn_retries=1")

@@ -92,7 +92,8 @@ def test_refused_connect_is_one_occurrence_attributed_to_the_connector(tmp_path,
 def test_many_refused_connects_reusing_socket_addresses_are_each_reported_once(tmp_path):
     count = 200
     port = closed_tcp_port("127.0.0.1")
-    with running_agent(tmp_path) as agent:
+    unlimited = ["--set", "network.connection_burst=1000", "--set", "network.rst_storm_threshold=1000"]
+    with running_agent(tmp_path, extra=unlimited) as agent:
         connector = run_connects("127.0.0.1", port, count=count)
         assert {a["errno"] for a in connector["attempts"]} == {"ECONNREFUSED"}
         agent.wait_for(for_port(REFUSED, port), timeout=10, count=count)

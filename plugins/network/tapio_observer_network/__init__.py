@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from tapio_core import (
@@ -13,9 +14,14 @@ from tapio_core import (
     TracepointField,
     hookimpl,
 )
-from tapio_observer_network.detect import network_anomalies
+from tapio_core.perf import online_cpus, start_clock
+from tapio_observer_network.detect import network_anomalies, storms_open_at_stop
 from tapio_observer_network.records import NETWORK_RECORD
 from tapio_observer_network.settings import NetworkSettings, write_kernel_settings
+
+log = logging.getLogger("tapio.network")
+#: How often network_tick ends the destination storms that calmed down.
+STORM_CLOCK_NS = 1_000_000_000
 
 #: Features named by several declarations below (any one missing turns the feature off).
 RTT = "RTT degradation"
@@ -87,6 +93,7 @@ OBSERVER = ObserverSpec(
     bpf_counters=(BpfCounter("suppressed", "network_counts", 0), BpfCounter("untracked", "network_counts", 1),
                   BpfCounter("abandoned_connects", "network_counts", 2)),
     config_type=NetworkSettings,
+    perf_event_programs=("network_tick",),  # on the storm clock, started in tapio_observer_started
 )
 
 
@@ -98,8 +105,22 @@ def tapio_register_observers(register):
 @hookimpl
 def tapio_observer_started(observer):
     write_kernel_settings(observer.bpf, observer.config)
+    try:
+        start_clock(observer.bpf, "network_tick", online_cpus()[:1], STORM_CLOCK_NS)
+    except (OSError, KeyError) as exc:  # e.g. perf_event_open refused by a seccomp profile
+        observer.status_reason = f"RST storms fold nothing and end on their next RST (no storm clock: {exc})"
+        log.warning("network: %s", observer.status_reason)
+        return
+    write_kernel_settings(observer.bpf, observer.config, storm_clock=True)
 
 
 @hookimpl
 def tapio_detect_anomalies(observer, events):
     return network_anomalies(events, observer.config, observer.counters)
+
+
+@hookimpl
+def tapio_observer_stopping(observer):
+    if observer.bpf is None:  # a replay: the kernel's maps are not there
+        return None
+    return storms_open_at_stop(observer.bpf)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -26,8 +27,11 @@ from tapio_observer_network.records import (
     KIND_CONNECTION_RESET,
     KIND_RETRANSMIT_SPIKE,
     KIND_RST_STORM,
+    KIND_RST_STORM_END,
     KIND_RTT_DEGRADATION,
+    NETWORK_RECORD,
     PROTOCOLS,
+    SCOPE_DESTINATION,
     SCOPE_NODE,
     SCOPES,
     TCP_STATES,
@@ -201,20 +205,33 @@ def rtt_degradations(rows: np.ndarray) -> list[Anomaly]:
 
 
 def rst_storms(rows: np.ndarray) -> list[Anomaly]:
+    """A storm's start, and (where the kernel's clock ends it) its end with what it folded.
+
+    ``refused`` and ``reset`` are the destination's connection failures counted into the storm instead
+    of being sent; ``suppressed`` is everything the occurrence stands for that was not sent on its own
+    (those, and RSTs held back before it within the cool-down).
+    """
     anomalies = []
     for row, fingerprint in zip(rows, _fingerprints(rows), strict=True):
-        scope = int(row["scope"])
+        scope, ended = int(row["scope"]), int(row["kind"]) == KIND_RST_STORM_END
+        refused, reset = int(row["refused"]), int(row["reset"])
         data: dict[str, Any] = {"scope": SCOPES.get(scope, str(scope)), "rsts": int(row["count"]),
                                 "window_ms": int(row["window_ms"])}
         if scope != SCOPE_NODE:
             family = int(row["family"])
             ip, port = format_ip(family, row["dst_addr"].tobytes()), int(row["dst_port"])
             data.update(destination=destination(ip, port, family), dst_ip=ip, dst_port=port,
-                        family=FAMILIES.get(family, str(family)))
+                        family=FAMILIES.get(family, str(family)), refused=refused, reset=reset)
             _with_netns(data, int(row["netns"]))
+        outcome = "failure"
+        if ended:
+            data.update(episode="ended", duration_ms=(int(row["timestamp_ns"]) - int(row["started_ns"])) // 1_000_000)
+        elif row["episode_open"]:
+            data["episode"] = "started"
+            outcome = "in_progress"
         anomalies.append(Anomaly(
-            type=RST_STORM, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
-            data=with_suppressed(data, int(row["suppressed"])), fingerprint=fingerprint,
+            type=RST_STORM, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome=outcome,
+            data=with_suppressed(data, int(row["suppressed"]) + refused + reset), fingerprint=fingerprint,
         ))
     return anomalies
 
@@ -223,6 +240,8 @@ def over_threshold(kind: int, rows: np.ndarray, settings: NetworkSettings) -> np
     """Mask of the rows that meet the thresholds in force (the kernel's own, or a replay's stricter ones)."""
     if kind == KIND_RETRANSMIT_SPIKE:
         return rows["count"] >= settings.retransmit_threshold
+    if kind == KIND_RST_STORM_END:
+        return np.ones(rows.shape, dtype=bool)  # its start met the thresholds
     if kind == KIND_RST_STORM:
         node = rows["scope"] == SCOPE_NODE
         return rows["count"] >= np.where(node, settings.rst_storm_node_threshold, settings.rst_storm_threshold)
@@ -242,6 +261,7 @@ AGGREGATES = {
     KIND_RETRANSMIT_SPIKE: retransmit_spikes,
     KIND_RTT_DEGRADATION: rtt_degradations,
     KIND_RST_STORM: rst_storms,
+    KIND_RST_STORM_END: rst_storms,
 }
 
 
@@ -261,8 +281,42 @@ def network_anomalies(events: np.ndarray, settings: NetworkSettings, counters: C
             counters["below_threshold"] = counters.get("below_threshold", 0) + int((~keep).sum())
             rows = rows[keep]
         anomalies.extend(build(rows))
-    suppressed = int(events["suppressed"].sum(dtype=np.uint64))
+    suppressed = sum(int(events[field].sum(dtype=np.uint64)) for field in ("suppressed", "refused", "reset"))
     if suppressed:
         counters["suppressed_reported"] = counters.get("suppressed_reported", 0) + suppressed
     anomalies.sort(key=lambda anomaly: anomaly.timestamp_ns)
+    return anomalies
+
+
+#: open_storms' slot state of a storm the clock is to end (STORM_READY in network.bpf.c).
+STORM_READY = 2
+
+
+def storms_open_at_stop(bpf: Any) -> list[Anomaly]:
+    """The destination storms the kernel's clock had not ended when the agent stopped, with what they folded.
+
+    Called once the programs are detached, so the counts read from the maps are final. Their outcome is
+    ``in_progress``: the storm had not calmed down. (Read from the maps, they are not in a recording.)
+    """
+    slots, windows = bpf["open_storms"], bpf["windows"]
+    rows = []
+    for index in range(slots.max_entries):
+        slot = slots.get(index)
+        if slot is None or slot.state != STORM_READY:
+            continue
+        key = slot.key
+        state = windows.get(windows.Key.from_buffer_copy(bytes(key)))
+        if state is None or not state.active or not state.ticked:
+            continue
+        row = np.zeros(1, dtype=NETWORK_RECORD)[0]
+        row["timestamp_ns"] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # bpf_ktime_get_ns's clock
+        row["kind"], row["scope"], row["protocol"] = KIND_RST_STORM_END, SCOPE_DESTINATION, socket.IPPROTO_TCP
+        row["family"], row["dst_port"], row["netns"] = key.family, key.port, key.netns
+        row["dst_addr"] = bytes(key.addr)
+        row["started_ns"], row["count"] = state.last_record_ns, state.suppressed
+        row["refused"], row["reset"] = state.folded_refused, state.folded_reset
+        rows.append(row)
+    anomalies = rst_storms(np.array(rows, dtype=NETWORK_RECORD)) if rows else []
+    for anomaly in anomalies:
+        anomaly.data["episode"], anomaly.outcome = "open_at_stop", "in_progress"
     return anomalies

@@ -11,6 +11,12 @@
  * record (`suppressed`). Thresholds, windows and limits come from the
  * `network_settings` map, which the agent writes at start-up.
  *
+ * Storms fold what they explain: while a destination's RST storm is open, its
+ * refused connects and resets are counted into the storm, not sent. The storm
+ * is one record when it starts and one when it ends, with its counts; the end
+ * comes from `network_tick`, which the agent runs on a once-a-second clock (a
+ * cpu-clock perf event): no later event may ever come to end it.
+ *
  * Attribution: retransmits, resets and RTT samples are often reported from
  * softirq or timer context, where the current task is not the socket's owner.
  * `owners` remembers the owner of each socket from its own process context
@@ -27,6 +33,7 @@
  * prelude), which emulate them exactly where the verifier has no BPF atomics (before Linux 5.12).
  */
 #include <tapio.h>  /* the agent puts events, tapio_lost and tapio_submit() before this */
+#include <uapi/linux/bpf_perf_event.h>
 
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT    2
@@ -42,6 +49,7 @@
 #define KIND_RTT_DEGRADATION  5
 #define KIND_RST_STORM        6
 #define KIND_CONNECT_FAILED   7  /* ended by another error: an ICMP host or network unreachable, ... */
+#define KIND_RST_STORM_END    8  /* a destination's storm calmed down: what it folded */
 
 /* errno values (asm-generic, the same on every architecture Tapio runs on) */
 #define TAPIO_ETIMEDOUT    110
@@ -85,6 +93,11 @@ struct network_record {
     u8 failed_known;       /* retransmit_spike: this kernel tells failed attempts apart (failed counts) */
     u32 netns;             /* the socket's network namespace (inode number), 0 if unknown or node-wide */
     int sk_error;          /* failed connect: the socket's error (errno) as it closed, 0 none, -1 unknown */
+    u32 refused;           /* rst_storm: refused connects to the destination folded into this record */
+    u32 reset;             /* rst_storm: connection resets from the destination folded into this record */
+    u64 started_ns;        /* rst_storm end: when the episode started */
+    u32 episode_open;      /* rst_storm start: an end record will follow (the clock runs) */
+    u32 reserved;
 };
 
 /* Mirrors kernel_settings() in tapio_observer_network/settings.py. */
@@ -107,6 +120,8 @@ struct network_settings {
     u32 rtt_factor_x16;
     u32 rtt_floor_us;
     u32 rtt_min_samples;
+    u32 storm_clock;            /* network_tick runs: destination storms stay open until it ends them */
+    u32 reserved;
 };
 
 BPF_ARRAY(network_settings, struct network_settings, 1);
@@ -136,6 +151,9 @@ struct window_state {
     u64 last_record_ns;
     u64 suppressed;
     u64 active;            /* an episode crossed the threshold and has not calmed down */
+    u64 ticked;            /* ...and network_tick ends it (else the first event after it calmed) */
+    u64 folded_refused;    /* refused connects and resets to the destination during the episode */
+    u64 folded_reset;
     u32 counts[WINDOW_SLOTS];
     u32 failed[WINDOW_SLOTS];
 };
@@ -175,6 +193,17 @@ BPF_TABLE("lru_hash", struct flow_key, struct tapio_limit, record_limits, 16384)
 BPF_TABLE("lru_hash", struct flow_key, struct window_state, windows, 16384);
 BPF_TABLE("lru_hash", struct flow_key, struct rtt_state, rtts, 16384);
 
+/* Destination storms network_tick is to end: a slot is free, being filled, or holds one storm's key. */
+#define OPEN_STORMS    64
+#define STORM_FREE     0
+#define STORM_CLAIMED  1
+#define STORM_READY    2
+struct open_storm {
+    u64 state;
+    struct flow_key key;
+};
+BPF_ARRAY(open_storms, struct open_storm, OPEN_STORMS);
+
 /* The socket whose RTT sample this CPU judged last, and in which jiffy. */
 struct probe_gate {
     u64 sk;
@@ -192,6 +221,11 @@ static __always_inline struct network_settings *settings(void)
 static __always_inline void count(int slot)
 {
     tapio_count(network_counts.lookup(&slot));
+}
+
+static __always_inline void count_untracked(void)
+{
+    count(COUNT_UNTRACKED);
 }
 
 /* One more event of a key held back: carried in the key's next record, and counted node-wide. */
@@ -418,12 +452,48 @@ static __always_inline int limit_allows(struct network_settings *cfg, struct flo
     return 0;
 }
 
+/* The events a key's window holds as seen from `slot` (a new event there would find them), read
+ * without moving the window on. */
+static __always_inline u32 window_count_at(struct window_state *w, u64 slot)
+{
+    u64 newest = w->newest_slot;
+    u32 count = 0;
+#pragma unroll
+    for (int i = 0; i < WINDOW_SLOTS; i++) {
+        if (newest >= (u64)i && newest - i + WINDOW_SLOTS > slot)
+            count += w->counts[(newest - i) & (WINDOW_SLOTS - 1)];
+    }
+    return count;
+}
+
+/* Whether an episode is calm at `slot`: a new event there would not count as still going. */
+static __always_inline int window_calm_at(struct window_state *w, u64 slot, u32 threshold)
+{
+    return 2 * (u64)window_count_at(w, slot) < (u64)threshold;
+}
+
+/* A slot of open_storms for key, so that network_tick ends its episode: 0 when all are taken. */
+static __always_inline int open_storm(struct flow_key *key)
+{
+    for (u32 i = 0; i < OPEN_STORMS; i++) {
+        u32 index = i;
+        struct open_storm *slot = open_storms.lookup(&index);
+        if (!slot || slot->state != STORM_FREE || !tapio_cas(&slot->state, STORM_FREE, STORM_CLAIMED))
+            continue;
+        slot->key = *key;
+        slot->state = STORM_READY;  /* after the key: network_tick reads only ready slots */
+        return 1;
+    }
+    return 0;
+}
+
 /* Counts one event into key's sliding window. Returns 1 when this event crosses the threshold and
  * starts an episode to report (out filled), 0 otherwise. An episode lasts until the count before a
- * new event is below half the threshold; events during it, and a crossing within the cool-down of
- * the key's previous record, are counted as suppressed. */
+ * new event is below half the threshold -- judged by network_tick when `ticked` (and an open_storms
+ * slot was free), else by that event; events during it, and a crossing within the cool-down of the
+ * key's previous record, are counted as suppressed. */
 static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_ns, u32 threshold,
-                                        u64 cooldown_ns, int failed, struct window_result *out)
+                                        u64 cooldown_ns, int failed, int ticked, struct window_result *out)
 {
     if (slot_ns == 0 || threshold == 0)
         return 0;
@@ -456,7 +526,7 @@ static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_
         failures += w->failed[i];
     }
     if (w->active) {
-        if (2 * (u64)count >= (u64)threshold + 2) {  /* (count - 1) * 2 >= threshold: still going */
+        if (w->ticked || 2 * (u64)count >= (u64)threshold + 2) {  /* (count - 1) * 2 >= threshold: still going */
             hold_back(&w->suppressed);
             return 0;
         }
@@ -464,19 +534,40 @@ static __always_inline int window_event(struct flow_key *key, u64 now, u64 slot_
     }
     if (count < threshold)
         return 0;
+    u64 last = w->last_record_ns;
+    if (ticked && last && now - last < cooldown_ns) {  /* no episode to end: held back until the cool-down ends */
+        hold_back(&w->suppressed);
+        return 0;
+    }
     if (!tapio_cas(&w->active, 0, 1)) {  /* another CPU crossed first */
         hold_back(&w->suppressed);
         return 0;
     }
-    u64 last = w->last_record_ns;
     if (last && now - last < cooldown_ns) {
         hold_back(&w->suppressed);
         return 0;
     }
+    w->ticked = ticked && open_storm(key);
+    if (ticked && !w->ticked)
+        count_untracked();  /* every slot taken: this episode ends on an event, folding nothing */
     w->last_record_ns = now;
     out->count = count;
     out->failed = failures;
     out->suppressed = w->suppressed ? tapio_take(&w->suppressed) : 0;
+    return 1;
+}
+
+/* 1 when the destination of `key` (a connection failure's) is in an RST storm that the clock ends:
+ * the failure is counted into the storm, not sent. */
+static __always_inline int folded_into_storm(struct flow_key *key, int refused)
+{
+    struct flow_key storm = *key;
+    storm.kind = KIND_RST_STORM;
+    struct window_state *w = windows.lookup(&storm);
+    if (!w || !w->active || !w->ticked)
+        return 0;
+    __sync_fetch_and_add(refused ? &w->folded_refused : &w->folded_reset, 1);
+    count(COUNT_SUPPRESSED);
     return 1;
 }
 
@@ -566,7 +657,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         key.family = args->family;
         key.kind = rec.kind;
         key.netns = rec.netns;
-        if (limit_allows(cfg, &key, rec.timestamp_ns, &rec.suppressed)) {
+        if (rec.kind == KIND_CONNECT_REFUSED && folded_into_storm(&key, 1)) {
+            /* counted into the destination's storm */
+        } else if (limit_allows(cfg, &key, rec.timestamp_ns, &rec.suppressed)) {
             rec.sock_cookie = owner && owner->sock_cookie ? owner->sock_cookie : socket_cookie(args->skaddr);
             if (owner) {
                 rec.task = owner->task;
@@ -630,11 +723,32 @@ RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust)
 }
 #endif
 
+/* What a destination's connection failures of `kind` held back in their rate limit: from now the
+ * storm's, taken into its first record. */
+static __always_inline u32 take_limited(struct flow_key *storm, u32 kind)
+{
+    struct flow_key key = *storm;
+    key.kind = kind;
+    struct tapio_limit *limit = record_limits.lookup(&key);
+    return limit && limit->suppressed ? tapio_take(&limit->suppressed) : 0;
+}
+
+static __always_inline void storm_destination(struct network_record *rec, struct flow_key *key)
+{
+    rec->scope = SCOPE_DESTINATION;
+    rec->netns = key->netns;
+    rec->family = key->family;
+    rec->protocol = PROTO_TCP;
+    rec->dst_port = key->port;
+    __builtin_memcpy(rec->dst_addr, key->addr, 16);
+}
+
 static __always_inline void rst_storm(struct network_settings *cfg, struct flow_key *key, u32 threshold,
                                       u8 scope, u64 now)
 {
     struct window_result res = {};
-    if (!window_event(key, now, cfg->rst_slot_ns, threshold, cfg->rst_cooldown_ns, 0, &res))
+    int ticked = scope == SCOPE_DESTINATION && cfg->storm_clock;
+    if (!window_event(key, now, cfg->rst_slot_ns, threshold, cfg->rst_cooldown_ns, 0, ticked, &res))
         return;
     struct network_record rec = {};
     rec.timestamp_ns = now;
@@ -644,13 +758,54 @@ static __always_inline void rst_storm(struct network_settings *cfg, struct flow_
     rec.suppressed = res.suppressed;
     rec.window_ms = cfg->rst_window_ms;
     if (scope == SCOPE_DESTINATION) {
-        rec.netns = key->netns;
-        rec.family = key->family;
-        rec.protocol = PROTO_TCP;
-        rec.dst_port = key->port;
-        __builtin_memcpy(rec.dst_addr, key->addr, 16);
+        storm_destination(&rec, key);
+        if (ticked) {
+            struct window_state *w = windows.lookup(key);
+            rec.episode_open = w && w->ticked;
+            rec.refused = take_limited(key, KIND_CONNECT_REFUSED);
+            rec.reset = take_limited(key, KIND_CONNECTION_RESET);
+        }
     }
     tapio_submit(&rec, sizeof(rec));
+}
+
+/* Once a second, from the agent's cpu-clock perf event on one CPU: ends the destination storms that
+ * calmed down (a new RST now would not count as still going), each with one record of what it folded. */
+int network_tick(struct bpf_perf_event_data *ctx)
+{
+    struct network_settings *cfg = settings();
+    if (!cfg || !cfg->rst_slot_ns)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u64 slot_now = now / cfg->rst_slot_ns;
+    for (u32 i = 0; i < OPEN_STORMS; i++) {
+        u32 index = i;
+        struct open_storm *slot = open_storms.lookup(&index);
+        if (!slot || slot->state != STORM_READY)
+            continue;
+        struct flow_key key = slot->key;
+        struct window_state *w = windows.lookup(&key);
+        if (!w || !w->active) {  /* evicted (its counts with it), or ended otherwise */
+            if (!w)
+                count(COUNT_UNTRACKED);
+            slot->state = STORM_FREE;
+            continue;
+        }
+        if (!window_calm_at(w, slot_now, cfg->rst_threshold) || !tapio_cas(&w->active, 1, 0))
+            continue;
+        struct network_record rec = {};
+        rec.timestamp_ns = now;
+        rec.kind = KIND_RST_STORM_END;
+        storm_destination(&rec, &key);
+        rec.window_ms = cfg->rst_window_ms;
+        rec.started_ns = w->last_record_ns;
+        rec.count = w->suppressed ? tapio_take(&w->suppressed) : 0;
+        rec.refused = w->folded_refused ? tapio_take(&w->folded_refused) : 0;
+        rec.reset = w->folded_reset ? tapio_take(&w->folded_reset) : 0;
+        tapio_submit(&rec, sizeof(rec));
+        slot->state = STORM_FREE;
+    }
+    return 0;
 }
 
 TRACEPOINT_PROBE(tcp, tcp_receive_reset)
@@ -692,7 +847,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     struct network_record rec = {};
     rec.kind = KIND_CONNECTION_RESET;
     key.kind = KIND_CONNECTION_RESET;
-    if (!limit_allows(cfg, &key, now, &rec.suppressed))
+    if (folded_into_storm(&key, 0) || !limit_allows(cfg, &key, now, &rec.suppressed))
         return 0;
     rec.timestamp_ns = now;
     rec.sock_cookie = args->sock_cookie;
@@ -740,7 +895,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     key.netns = socket_netns(args->skaddr);
     struct window_result res = {};
     if (!window_event(&key, now, cfg->retransmit_slot_ns, cfg->retransmit_threshold,
-                      cfg->retransmit_cooldown_ns, retransmit_failed(args), &res))
+                      cfg->retransmit_cooldown_ns, retransmit_failed(args), 0, &res))
         return 0;
     struct network_record rec = {};
     rec.timestamp_ns = now;

@@ -10,6 +10,7 @@ KIND_RETRANSMIT_SPIKE = 4
 KIND_RTT_DEGRADATION = 5
 KIND_RST_STORM = 6
 KIND_CONNECT_FAILED = 7
+KIND_RST_STORM_END = 8  # a destination's storm calmed down: what it folded
 
 #: ``scope`` of an rst_storm record.
 SCOPE_DESTINATION = 1
@@ -47,6 +48,11 @@ NETWORK_RECORD = record_dtype([
     ("failed_known", "u1"),  # retransmit_spike: the kernel told failed attempts apart
     ("netns", "<u4"),
     ("sk_error", "<i4"),
+    ("refused", "<u4"),  # rst_storm: refused connects to the destination folded into the record
+    ("reset", "<u4"),  # rst_storm: resets from the destination folded into the record
+    ("started_ns", "<u8"),  # rst_storm end: when the episode started
+    ("episode_open", "<u4"),  # rst_storm start: an end record follows
+    ("reserved", "<u4"),
 ])
 
 #: include/net/tcp_states.h

@@ -61,10 +61,10 @@ class NetworkSettings:
     abandoned_connect_min_s: float = _seconds(1.0, high=3600.0)
     #: connection_refused / _timeout / _reset occurrences per destination and second, on average...
     connection_rate_per_s: float = attrs.field(
-        default=20.0, converter=float, validator=[v.ge(0.001), v.le(1_000_000.0)]
+        default=1.0, converter=float, validator=[v.ge(0.001), v.le(1_000_000.0)]
     )
-    #: ... and at once, after a quiet spell.
-    connection_burst: WholeNumber = attrs.field(default=500, validator=COUNT)
+    #: ... and at once, after a quiet spell: ten are read at a glance; what follows is in their counts.
+    connection_burst: WholeNumber = attrs.field(default=10, validator=COUNT)
 
 
 def rtt_factor_x16(factor: float) -> int:
@@ -72,8 +72,9 @@ def rtt_factor_x16(factor: float) -> int:
     return round(factor * 16)
 
 
-def kernel_settings(settings: NetworkSettings) -> dict[str, int]:
-    """``struct network_settings`` field by field, in the kernel's units."""
+def kernel_settings(settings: NetworkSettings, storm_clock: bool = False) -> dict[str, int]:
+    """``struct network_settings`` field by field, in the kernel's units. ``storm_clock``: network_tick runs
+    (the agent started its clock), so destination storms stay open until it ends them."""
 
     def ns(seconds: float) -> int:
         return round(seconds * NS_PER_S)
@@ -98,16 +99,18 @@ def kernel_settings(settings: NetworkSettings) -> dict[str, int]:
         "rtt_factor_x16": rtt_factor_x16(settings.rtt_factor),
         "rtt_floor_us": round(settings.rtt_floor_ms * 1000),
         "rtt_min_samples": settings.rtt_min_samples,
+        "storm_clock": int(storm_clock),
+        "reserved": 0,
     }
 
 
-def write_kernel_settings(bpf: Any, settings: NetworkSettings) -> None:
+def write_kernel_settings(bpf: Any, settings: NetworkSettings, storm_clock: bool = False) -> None:
     """Fill the ``network_settings`` map; the BPF side judges nothing until this is done."""
     try:
         table = bpf["network_settings"]
     except KeyError:  # e.g. an --ebpf-dir source from before settings lived in the kernel
         raise ObserverLoadError("network: the BPF program has no network_settings map") from None
-    values = kernel_settings(settings)
+    values = kernel_settings(settings, storm_clock)
     leaf = table.Leaf()
     fields = {name for name, *_ in leaf._fields_}
     if fields != set(values):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from tapio_core import ObserverSpec, hookimpl
 from tapio_core.bpf import ObserverLoadError, ObserverUnsupported
+from tapio_core.perf import online_cpus
 from tapio_observer_pmc.counters import (
     NOT_ON_THIS_HARDWARE,
     PRESETS,
     describe_failure,
-    online_cpus,
     open_counters,
     probe,
     start_sampling,

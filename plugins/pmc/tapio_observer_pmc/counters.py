@@ -9,20 +9,14 @@ marks it missing in every record.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import platform
-import struct
-from pathlib import Path
 
 import attrs
 
 from tapio_core.bpf_objects import LoadedProgram
+from tapio_core.perf import PERF_TYPE_HARDWARE, PERF_TYPE_SOFTWARE, perf_event_open, start_clock
 from tapio_observer_pmc.records import COUNTERS
-
-PERF_TYPE_HARDWARE, PERF_TYPE_SOFTWARE = 0, 1
-PERF_COUNT_SW_CPU_CLOCK = 0
 
 
 @attrs.frozen
@@ -56,29 +50,6 @@ TABLES = {name: f"pmc_{name}" for name in COUNTERS}
 #: What perf_event_open answers when the hardware has no such counter.
 NOT_ON_THIS_HARDWARE = {errno.ENOENT, errno.ENODEV, errno.EOPNOTSUPP}
 
-_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "riscv64": 241, "ppc64le": 319, "ppc64": 319, "s390x": 331}
-_PERF_ATTR_SIZE_VER0 = 64
-_PERF_FLAG_FD_CLOEXEC = 8
-#: _IO('$', 0) and _IOW('$', 8, __u32) from uapi/linux/perf_event.h.
-_PERF_EVENT_IOC_ENABLE, _PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def perf_event_open(event_type: int, config: int, cpu: int, sample_period: int = 0) -> int:
-    """A system-wide perf event on ``cpu``, counting from now; its fd. Raises OSError with the kernel's errno."""
-    number = _NR_PERF_EVENT_OPEN.get(platform.machine())
-    if number is None:
-        raise OSError(errno.ENOSYS, f"perf_event_open: no syscall number known for {platform.machine()}")
-    attr = ctypes.create_string_buffer(_PERF_ATTR_SIZE_VER0)
-    struct.pack_into("=IIQQ", attr, 0, event_type, _PERF_ATTR_SIZE_VER0, config, sample_period)
-    fd = _libc.syscall(ctypes.c_long(number), attr, ctypes.c_int(-1), ctypes.c_int(cpu), ctypes.c_int(-1),
-                       ctypes.c_ulong(_PERF_FLAG_FD_CLOEXEC))
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return fd
-
-
 def probe(event: CounterEvent, cpu: int) -> int:
     """0 when ``event`` can be opened on ``cpu`` (system-wide), else the errno; opens nothing lasting."""
     try:
@@ -91,15 +62,6 @@ def probe(event: CounterEvent, cpu: int) -> int:
 def describe_failure(event: CounterEvent, cpu: int, code: int) -> str:
     """Why ``event`` could not be opened on ``cpu``, as status and logs say it."""
     return f"{event.name}: {os.strerror(code)} ({errno.errorcode.get(code, code)}, cpu {cpu})"
-
-
-def online_cpus() -> list[int]:
-    """The CPUs ``/sys/devices/system/cpu/online`` lists (e.g. ``0-3,6``)."""
-    cpus: list[int] = []
-    for part in Path("/sys/devices/system/cpu/online").read_text().strip().split(","):
-        first, _, last = part.partition("-")
-        cpus.extend(range(int(first), int(last or first) + 1))
-    return cpus
 
 
 @attrs.define
@@ -152,11 +114,4 @@ def open_counters(program: LoadedProgram, preset: str, skip: tuple[str, ...], cp
 
 def start_sampling(program: LoadedProgram, cpus: list[int], interval_ms: int) -> None:
     """Run ``pmc_sample`` on each of ``cpus`` once per ``interval_ms``, from a cpu-clock timer."""
-    sampler = program.programs["pmc_sample"]
-    for cpu in cpus:
-        fd = perf_event_open(PERF_TYPE_SOFTWARE, PERF_COUNT_SW_CPU_CLOCK, cpu, sample_period=interval_ms * 1_000_000)
-        program.owned.append(fd)
-        for request, argument in ((_PERF_EVENT_IOC_SET_BPF, sampler), (_PERF_EVENT_IOC_ENABLE, 0)):
-            if _libc.ioctl(fd, ctypes.c_ulong(request), ctypes.c_int(argument)) < 0:
-                code = ctypes.get_errno()
-                raise OSError(code, f"cpu {cpu}: {os.strerror(code)}")
+    start_clock(program, "pmc_sample", cpus, interval_ms * 1_000_000)
