@@ -17,6 +17,25 @@ import attrs
 import cattrs
 
 
+def whole_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """An attrs validator: cattrs would int() a 2.5 down to 2 without a word, so counts are typed ``Any``
+    and insist here."""
+    if type(value) is not int:
+        raise ValueError(f"'{attribute.name}' must be a whole number: {value!r}")
+
+
+def rate_per_s(default: float) -> Any:
+    """A rate limit's average: records per key and second (0.001 .. 1,000,000)."""
+    return attrs.field(default=default, converter=float,
+                       validator=[attrs.validators.ge(0.001), attrs.validators.le(1_000_000.0)])
+
+
+def whole_count(default: int) -> Any:
+    """A whole count of 1 .. 1,000,000: a threshold, a rate limit's burst."""
+    return attrs.field(default=default,
+                       validator=[whole_number, attrs.validators.ge(1), attrs.validators.le(1_000_000)])
+
+
 class ConfigError(Exception):
     """An invalid setting; the message is one line naming the key."""
 

@@ -2,6 +2,7 @@
 
 import logging
 import re
+import signal
 from pathlib import Path
 
 import attrs
@@ -16,12 +17,13 @@ from tapio_core.occurrence import KernelClock
 from tapio_core.pipeline import Pipeline
 from tapio_core.plugins import load_plugins
 from tapio_core.sink import SinkOptions
-from tapio_observer_container import bitmap
+from tapio_observer_container import bitmap, exit_policy
 from tapio_observer_container import records as records_module
 from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import (
     CGROUP_V1,
     CGROUP_V2,
+    MAIN_PROCESS,
     OOM_KILLER_SIGKILL,
     UNKNOWN,
     KernelLayout,
@@ -34,10 +36,11 @@ from tapio_observer_container.layout import (
 from tapio_observer_container.records import (
     CONTAINER_RECORD,
     FLAG_CGROUP,
+    FLAG_MAIN_PROCESS,
     FLAG_MEMORY,
     FLAG_PATH_TRUNCATED,
 )
-from tapio_observer_container.settings import ContainerSettings
+from tapio_observer_container.settings import FATAL_SIGNALS, ContainerSettings
 
 MIB = 1 << 20
 
@@ -47,7 +50,7 @@ def anomalies_of(*records):
 
 
 def test_numpy_layout_matches_the_c_struct():
-    assert CONTAINER_RECORD.itemsize == CONTAINER_RECORD_C.size == 368
+    assert CONTAINER_RECORD.itemsize == CONTAINER_RECORD_C.size == 392
 
 
 # -- abnormal exits -------------------------------------------------------------------------------
@@ -63,7 +66,18 @@ def test_exit_code_record_becomes_one_warning_with_exact_facts():
         "pid": 10, "tid": 12, "comm": "sh", "cgroup_id": 4160, "cgroup_path": "/process_api/abc",
         "cgroup_path_truncated": False, "cgroup_version": 1,
         "exit_status": 0x300, "exit_code": 3, "signal": None, "core_dumped": False,
+        "main_process": False, "runtime_ms": None, "crash_loop_exits": 0, "quiet_exits": 0,
     }
+
+
+def test_a_crash_loops_main_process_exit_carries_its_folded_exits_and_the_cgroups_quiet_ones():
+    [anomaly] = anomalies_of(pack_exit(1 << 8, flags=FLAG_CGROUP | FLAG_MAIN_PROCESS, runtime_ns=2_500_000_000,
+                                       crash_loop_exits=7, quiet_exits=300, suppressed=0))
+    assert {key: anomaly.data[key] for key in ("main_process", "runtime_ms", "crash_loop_exits", "quiet_exits")} == {
+        "main_process": True, "runtime_ms": 2500, "crash_loop_exits": 7, "quiet_exits": 300}
+    assert "suppressed" not in anomaly.data
+    [limited] = anomalies_of(pack_exit(0x0B, suppressed=4))
+    assert limited.data["suppressed"] == 4
 
 
 @pytest.mark.parametrize(("status", "name", "core", "message"), [
@@ -169,14 +183,29 @@ def settings(**table):
     return build_settings(ContainerSettings, "container", {"container": table})
 
 
-def test_default_settings_ignore_nothing():
-    assert settings() == ContainerSettings((), (), (), "auto")
+def test_default_settings_report_crashes_and_ignore_nothing():
+    defaults = settings()
+    assert defaults == ContainerSettings()
+    assert (defaults.ignore_exit_codes, defaults.ignore_signals, defaults.ignore_process_names) == ((), (), ())
+    assert defaults.report_signals == tuple(int(getattr(signal, name)) for name in FATAL_SIGNALS)
+    assert (defaults.min_runtime_s, defaults.crash_loop_window_s) == (10.0, 600.0)
+
+
+def test_exit_policy_in_the_kernels_units():
+    policy = exit_policy(settings(report_signals=["SEGV", "TERM", "KILL"], ignore_signals=["KILL"], min_runtime_s=2,
+                                  record_rate_per_s=0.5, record_burst=3, crash_loop_window_s=60))
+    assert policy == {
+        "ignored_exit_codes": [0, 0, 0, 0], "reported_signals": [1 << 11 | 1 << 15, 0],
+        "min_runtime_ns": 2_000_000_000, "record_cost_ns": 2_000_000_000, "record_burst_ns": 6_000_000_000,
+        "crash_loop_ns": 60_000_000_000,
+    }
 
 
 def test_settings_normalise_signals_and_drop_duplicates():
     parsed = settings(ignore_exit_codes=[143, 3, 143], ignore_signals=["SIGTERM", "pipe", 15, "9"],
                       ignore_process_names=["sleep"], cgroup_mode="v2")
-    assert parsed == ContainerSettings((143, 3), (15, 13, 9), ("sleep",), "v2")
+    assert parsed == ContainerSettings(ignore_exit_codes=(143, 3), ignore_signals=(15, 13, 9),
+                                       ignore_process_names=("sleep",), cgroup_mode="v2")
 
 
 @pytest.mark.parametrize(("table", "message"), [
@@ -245,11 +274,11 @@ def test_a_kernel_without_btf_loses_only_the_map_fed_features(caplog):
     caplog.set_level(logging.WARNING)
     layout, lost = kernel_layout(None, CGROUP_V1, page_size=4096)
     assert lost == ["memory limit and usage and the v1 memory cgroup", "cgroup paths", "RSS of OOM victims",
-                    OOM_KILLER_SIGKILL]  # nor where out_of_memory() is
+                    MAIN_PROCESS, OOM_KILLER_SIGKILL]  # nor where out_of_memory() is
     assert layout == KernelLayout(page_size=4096, unlimited_pages=((1 << 63) - 1) // 4096, memory_cgrp_id=UNKNOWN,
                                   kn_parent_offset=UNKNOWN, rss_file_offset=UNKNOWN, rss_anon_offset=UNKNOWN,
                                   rss_shmem_offset=UNKNOWN, oom_killer_start=0, oom_killer_end=0,
-                                  cgroup_mode=CGROUP_V1)
+                                  upid_size=UNKNOWN, cgroup_mode=CGROUP_V1)
     assert "cgroup paths disabled" in caplog.text
 
 

@@ -67,12 +67,20 @@ IGNORED_CODE = 77
 IGNORED_SIGNAL = signal.SIGUSR1
 IGNORED_NAME = f"tapioign{secrets.token_hex(3)}"
 MARKER_CODE = 78
+#: The facts of each exit are what this module checks, so the agent reports every short-lived non-zero exit and
+#: the signals the scenarios use, unlimited; which exits the default policy reports, test_exit_policy_kernel.py.
 SHARED_SETTINGS = [
     "--set", f"container.ignore_exit_codes=[{IGNORED_CODE}]",
     "--set", f'container.ignore_signals=["{IGNORED_SIGNAL.name}"]',
     "--set", f'container.ignore_process_names=["{IGNORED_NAME}"]',
+    "--set", 'container.report_signals=["SIGSEGV", "SIGKILL", "SIGABRT", "SIGUSR1", "SIGUSR2"]',
+    "--set", "container.min_runtime_s=0",
+    "--set", "container.record_rate_per_s=1000000", "--set", "container.record_burst=1000000",
 ]
 AGENT_PLUGINS = "container,stdout"
+#: SHARED_SETTINGS' policy as a settings table, for the agents run in this process.
+EVERY_EXIT = {"min_runtime_s": 0, "record_rate_per_s": 1_000_000, "record_burst": 1_000_000,
+              "report_signals": ["SIGSEGV", "SIGKILL", "SIGABRT", "SIGUSR1", "SIGUSR2"]}
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -284,7 +292,7 @@ def test_replay_of_a_recording_gives_the_same_occurrences_and_ids(tmp_path):
     import json
 
     recording = tmp_path / "container.rec"
-    with running_agent(tmp_path, plugins=AGENT_PLUGINS, record=recording) as recorder:
+    with running_agent(tmp_path, plugins=AGENT_PLUGINS, record=recording, extra=SHARED_SETTINGS) as recorder:
         pids = [run_to_end(["sh", "-c", "exit 3"])[0], run_to_end(python(KILL_SELF, "SIGSEGV", "0"))[0]]
         for pid in pids:
             recorder.wait_for(of_pid(EXIT, pid))
@@ -442,6 +450,8 @@ class ContainerVariant:
 
 @contextmanager
 def agent_in_process(settings: dict, plugin=None) -> Iterator[Agent]:
+    """The container observer in this process, reporting every exit as the shared agent does (SHARED_SETTINGS)."""
+    settings = {**settings, "container": {**EVERY_EXIT, **settings.get("container", {})}}
     allow = set() if plugin is not None else {"container"}
     extra = [("collect", Collect())] + ([("container", plugin)] if plugin is not None else [])
     loaded = load_plugins(allow, extra=extra)

@@ -252,10 +252,12 @@ def test_refused_connect_in_a_pod_names_pod_namespace_container_and_deployment(c
 
 def test_abnormal_exit_in_a_pod_names_it(cluster):
     pod, cgroup, deployment = cluster.web
-    proc = subprocess.Popen(cgroup.enter(["sh", "-c", "exit 3"]), env=child_env())
+    # The container's main process: the init of its own PID namespace (short-lived helpers are only counted).
+    proc = subprocess.Popen(cgroup.enter(["unshare", "--pid", "--fork", "sh", "-c", "exit 3"]), env=child_env())
     assert proc.wait(scaled(20)) == 3
-    [occ] = cluster.agent.wait_for(of_pid(EXIT, proc.pid), timeout=10)
-    assert occ["data"]["exit_code"] == 3
+    main = lambda occ: occ["type"] == EXIT and occ["data"]["main_process"] and occ["data"]["exit_code"] == 3
+    [occ] = cluster.agent.wait_for(main, timeout=10)
+    assert occ["data"]["comm"] == "sh"
     assert occ["context"] == expected_context(pod, cgroup, deployment)
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from container_scenarios import memory_cgroup, oom_kill_holder
+from container_scenarios import in_cgroups, memory_cgroup, oom_kill_holder
 from kernel_helpers import (
     TAPIO,
     closed_tcp_port,
@@ -271,12 +271,17 @@ def test_rst_storm(agent, tmp_path):
 
 
 def test_abnormal_exit(agent):
-    process = subprocess.Popen(["sh", "-c", "exit 3"])
-    assert process.wait(scaled(20)) == 3
-    mine = lambda occ: occ["type"] == "kernel.container.abnormal_exit" and occ["data"]["pid"] == process.pid
-    agent.wait_for(mine)
-    occ = exactly_one("abnormal_exit", settled(agent, mine))
-    assert (occ["data"]["exit_code"], occ["data"]["comm"]) == (3, "sh")
+    """A container's main process (its PID namespace's init, in its own cgroup) exiting 3 is reported; the
+    short-lived unshare that waited for it and exited 3 too is only counted."""
+    with memory_cgroup(256 << 20) as cgroup:
+        process = subprocess.Popen(in_cgroups([cgroup], ["unshare", "--pid", "--fork", "sh", "-c", "exit 3"]))
+        assert process.wait(scaled(20)) == 3
+        cgroup_id = cgroup.cgroup_id
+        mine = lambda occ: occ["type"] == "kernel.container.abnormal_exit" and occ["data"]["cgroup_id"] == cgroup_id
+        agent.wait_for(mine)
+        occ = exactly_one("abnormal_exit", settled(agent, mine))
+    assert (occ["data"]["exit_code"], occ["data"]["comm"], occ["data"]["main_process"]) == (3, "sh", True)
+    assert occ["data"]["pid"] != process.pid  # not the unshare, whose exit is only counted
     detected("abnormal_exit")
 
 

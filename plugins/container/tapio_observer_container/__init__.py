@@ -7,11 +7,12 @@ from pathlib import Path
 
 import attrs
 
-from tapio_core import BtfField, ObserverSpec, RawTracepointArg, TracepointField, hookimpl
+from tapio_core import BpfCounter, BtfField, ObserverSpec, RawTracepointArg, TracepointField, hookimpl
 from tapio_core.bpf import ObserverLoadError
 from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import (
     CGROUP_V1,
+    MAIN_PROCESS,
     KernelLayout,
     detect_cgroup_mode,
     kernel_layout,
@@ -65,6 +66,9 @@ OBSERVER = ObserverSpec(
         BtfField("TAPIO_MEMCG_CSS_OFFSET", "mem_cgroup", "css", feature=_MEMORY),
         BtfField("TAPIO_MEMCG_MAX_OFFSET", "mem_cgroup", "memory.max", feature=_MEMORY),
         BtfField("TAPIO_MEMCG_USAGE_OFFSET", "mem_cgroup", "memory.usage", feature=_MEMORY),
+        BtfField("TAPIO_TASK_THREAD_PID_OFFSET", "task_struct", "thread_pid", feature=MAIN_PROCESS),
+        BtfField("TAPIO_PID_LEVEL_OFFSET", "pid", "level", feature=MAIN_PROCESS),
+        BtfField("TAPIO_PID_NUMBERS_OFFSET", "pid", "numbers", feature=MAIN_PROCESS),
     ),
     # Newer kernels mark a process's last thread in the tracepoint; older ones are asked signal_struct.live.
     tracepoint_fields=(TracepointField("TAPIO_EXIT_HAS_GROUP_DEAD", "sched:sched_process_exit", "group_dead",
@@ -78,6 +82,7 @@ OBSERVER = ObserverSpec(
     required_features=((_VICTIM_FROM_MARK, _VICTIM_FROM_SIGKILL),),
     description="OOM kills with their memory cgroup and limit; abnormal process exits",
     config_type=ContainerSettings,
+    bpf_counters=(BpfCounter("quiet_exits", "container_counts", 0), BpfCounter("suppressed", "container_counts", 1)),
 )
 
 
@@ -94,14 +99,30 @@ def bitmap(values: tuple[int, ...], words: int) -> list[int]:
     return out
 
 
+def exit_policy(settings: ContainerSettings) -> dict[str, object]:
+    """``struct exit_filter`` field by field, in the kernel's units."""
+    reported = tuple(sorted(set(settings.report_signals) - set(settings.ignore_signals)))
+    cost_ns = round(1e9 / settings.record_rate_per_s)
+    return {
+        "ignored_exit_codes": bitmap(settings.ignore_exit_codes, 4),
+        "reported_signals": bitmap(reported, 2),
+        "min_runtime_ns": round(settings.min_runtime_s * 1e9),
+        "record_cost_ns": cost_ns,
+        "record_burst_ns": cost_ns * settings.record_burst,
+        "crash_loop_ns": round(settings.crash_loop_window_s * 1e9),
+    }
+
+
 def write_settings(bpf, layout: KernelLayout, settings: ContainerSettings) -> None:
     """Filters first, the layout (with ``configured``) last: the BPF side reports nothing before."""
     filters = bpf["exit_filter"]
     leaf = filters.Leaf()
-    for index, word in enumerate(bitmap(settings.ignore_exit_codes, 4)):
-        leaf.ignored_exit_codes[index] = word
-    for index, word in enumerate(bitmap(settings.ignore_signals, 2)):
-        leaf.ignored_signals[index] = word
+    for field, value in exit_policy(settings).items():
+        if isinstance(value, list):
+            for index, word in enumerate(value):
+                getattr(leaf, field)[index] = word
+        else:
+            setattr(leaf, field, value)
     filters[filters.Key(0)] = leaf
     names = bpf["ignored_process_names"]
     names.clear()

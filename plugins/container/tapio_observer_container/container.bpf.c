@@ -2,9 +2,14 @@
  *
  * sched_process_exit fires once per thread; group_dead marks the last thread
  * of a process (older kernels lack it: see last_thread_first_claim), so that
- * is where a process exit is judged, with the status its parent's wait() sees. Exits the user declared normal (exit codes,
- * signals, process names) and successful ones are dropped here: they never
- * cross the ring buffer.
+ * is where a process exit is judged, with the status its parent's wait() sees. Only exits that mean
+ * trouble cross the ring buffer: a death by a signal of reported_signals (SIGSEGV, SIGABRT, ...), and a
+ * non-zero exit of a container's main process (its PID namespace's init) or of a process that ran at
+ * least min_runtime_ns. Other non-zero exits (probes, scripts, `grep -q` finding nothing) are counted
+ * per cgroup in quiet_exits and carried on the cgroup's next record. A main process exiting again and
+ * again (a crash loop, restarted in a new cgroup each time) is one record per crash-loop window per pod
+ * cgroup and process name, carrying how many exits it stands for; other exits are rate-limited per
+ * cgroup and kind. Exits the user declared normal (codes, signals, names) are dropped here too.
  *
  * oom/mark_victim runs in the context of whoever triggered the OOM, not the
  * victim: the raw tracepoint hands us the victim's task_struct (kernels before
@@ -30,6 +35,8 @@
 #define FLAG_OOM_SCORE_ADJ  (1 << 4)
 #define FLAG_PATH_TRUNCATED (1 << 5)
 #define FLAG_TRIGGER        (1 << 6)
+/* the process was its PID namespace's init: a container's main process */
+#define FLAG_MAIN_PROCESS   (1 << 7)
 
 #define CGROUP_V1 1
 #define CGROUP_V2 2
@@ -62,6 +69,11 @@ struct container_record {
     u8 cgroup_mode;              /* which hierarchy task.cgroup_id numbers */
     char trigger_comm[16];
     char cgroup_path[CGROUP_PATH_LEN];
+    u64 runtime_ns;              /* abnormal exit: how long the process ran (0 when unknown) */
+    u32 suppressed;              /* this cgroup's exits of this kind held back by the rate limit since its last */
+    u32 crash_loop_exits;        /* main process: its earlier exits folded into this record (a crash loop) */
+    u32 quiet_exits;             /* short-lived non-zero exits in this cgroup since its last record */
+    u32 reserved;
 };
 
 /* Kernel facts that cannot come as -D macros (an enum value, a renamed member,
@@ -77,15 +89,36 @@ struct kernel_layout {
     s64 rss_shmem_offset;
     u64 oom_killer_start;        /* out_of_memory() in kernel text (kallsyms); 0 when unknown */
     u64 oom_killer_end;
+    s64 upid_size;               /* stride of struct pid's numbers[] */
     u32 cgroup_mode;
     u32 configured;
 };
 
-/* The user's "normal exits"; bit n of a bitmap set = ignore n. */
+/* Which exits are reported, and how often; mirrors exit_policy() in __init__.py. */
 struct exit_filter {
-    u64 ignored_exit_codes[4];   /* 0..255 */
-    u64 ignored_signals[2];      /* 1..127 */
+    u64 ignored_exit_codes[4];   /* bit n: exit code n is normal here (0..255) */
+    u64 reported_signals[2];     /* bit n: a death by signal n is reported (1..127) */
+    u64 min_runtime_ns;          /* a non-main process's non-zero exit is reported once it ran this long */
+    u64 record_cost_ns;          /* per cgroup and kind: a record costs this much credit... */
+    u64 record_burst_ns;         /* ...of a bucket this big */
+    u64 crash_loop_ns;           /* per pod cgroup and name: one main-process exit per this long */
 };
+
+/* The rate-limit keys: a cgroup and a kind of exit, or (crash loops) a pod cgroup and a process name. */
+#define LIMIT_SIGNALED   1
+#define LIMIT_EXIT_CODE  2
+#define LIMIT_CRASH_LOOP 3
+struct limit_key {
+    u64 cgroup_id;
+    u32 kind;
+    u32 pad;
+    char comm[16];
+};
+
+/* Counts the agent reads every second (BpfCounter in __init__.py). */
+#define COUNT_QUIET_EXITS 0  /* short-lived non-zero exits, not reported one by one */
+#define COUNT_SUPPRESSED  1  /* exits held back by a rate limit or folded into a crash loop's record */
+BPF_PERCPU_ARRAY(container_counts, u64, 2);
 
 struct comm_key {
     char comm[16];
@@ -106,6 +139,8 @@ struct path_scratch {
 BPF_ARRAY(container_layout, struct kernel_layout, 1);
 BPF_ARRAY(exit_filter, struct exit_filter, 1);
 BPF_HASH(ignored_process_names, struct comm_key, u8, 1024);
+BPF_TABLE("lru_hash", struct limit_key, struct tapio_limit, exit_limits, 4096);
+BPF_TABLE("lru_hash", u64, u64, quiet_exits, 4096);  /* cgroup id -> short-lived non-zero exits not yet carried */
 /* OOM victims claimed for their one oom_kill, by their mark or by their exit, whichever came first: the
  * claim is an insert (BPF_NOEXIST), which the kernel makes atomic, so a mark and an exit racing on two
  * CPUs cannot both report. */
@@ -264,8 +299,8 @@ static __always_inline const void *memory_css(const void *cset, const struct ker
  * task's default (unified) cgroup on v2 -- and on v1 when the memory cgroup
  * cannot be read. Its kernfs id is the inode of its directory, and what
  * bpf_get_current_cgroup_id() returns for the unified one. */
-static __always_inline void read_cgroup(const void *task, const struct kernel_layout *layout,
-                                        struct container_record *rec)
+static __always_inline const void *cgroup_node(const void *task, const struct kernel_layout *layout,
+                                               struct container_record *rec)
 {
     rec->cgroup_mode = CGROUP_V2;
 #if defined(TAPIO_TASK_CGROUPS_OFFSET) && defined(TAPIO_CGROUP_KN_OFFSET) && defined(TAPIO_KERNFS_NODE_ID_OFFSET)
@@ -283,12 +318,29 @@ static __always_inline void read_cgroup(const void *task, const struct kernel_la
         cgrp = read_ptr(cset, TAPIO_CSS_SET_DFL_CGRP_OFFSET);
 #endif
     const void *kn = read_ptr(cgrp, TAPIO_CGROUP_KN_OFFSET);
-    if (!kn)
-        return;
-    TAPIO_READ_AT(rec->task.cgroup_id, kn, TAPIO_KERNFS_NODE_ID_OFFSET);
-    rec->flags |= FLAG_CGROUP;
-    read_cgroup_path(kn, layout, rec);
+    if (kn && TAPIO_READ_AT(rec->task.cgroup_id, kn, TAPIO_KERNFS_NODE_ID_OFFSET) == 0) {
+        rec->flags |= FLAG_CGROUP;
+        return kn;
+    }
 #endif
+    return NULL;
+}
+
+/* The cgroup's id, its path, and (returned) its parent's id: a pod's, for a container's cgroup. */
+static __always_inline u64 read_cgroup(const void *task, const struct kernel_layout *layout,
+                                       struct container_record *rec)
+{
+    u64 parent_id = 0;
+    const void *kn = cgroup_node(task, layout, rec);
+    if (!kn)
+        return 0;
+    read_cgroup_path(kn, layout, rec);
+#ifdef TAPIO_KERNFS_NODE_ID_OFFSET
+    const void *parent = read_ptr(kn, layout->kn_parent_offset);
+    if (parent)
+        TAPIO_READ_AT(parent_id, parent, TAPIO_KERNFS_NODE_ID_OFFSET);
+#endif
+    return parent_id;
 }
 
 /* Limit and usage of the task's memory cgroup (the nearest with the controller on v2); the usage only
@@ -377,6 +429,49 @@ static __always_inline int last_thread_first_claim(const void *task, u32 tgid)
 #endif
 }
 #endif
+
+/* Whether the process is its PID namespace's init (not the node's): a container's main process. Its
+ * leader's struct pid numbers it in each namespace level; the innermost number is 1. */
+static __always_inline int namespace_init(const void *task, const struct kernel_layout *layout)
+{
+#if defined(TAPIO_TASK_THREAD_PID_OFFSET) && defined(TAPIO_PID_LEVEL_OFFSET) && defined(TAPIO_PID_NUMBERS_OFFSET)
+    const void *leader = task;
+#ifdef TAPIO_TASK_GROUP_LEADER_OFFSET
+    leader = read_ptr(task, TAPIO_TASK_GROUP_LEADER_OFFSET);
+    if (!leader)
+        return 0;
+#endif
+    const void *pid = read_ptr(leader, TAPIO_TASK_THREAD_PID_OFFSET);
+    u32 level = 0;
+    if (!pid || layout->upid_size <= 0 || TAPIO_READ_AT(level, pid, TAPIO_PID_LEVEL_OFFSET) || level == 0 ||
+        level > 32)
+        return 0;
+    int nr = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), (const char *)pid + TAPIO_PID_NUMBERS_OFFSET + level * layout->upid_size);
+    return nr == 1;
+#else
+    return 0;
+#endif
+}
+
+static __always_inline void count_exit(int slot)
+{
+    tapio_count(container_counts.lookup(&slot));
+}
+
+/* One record allowed for key by its token bucket (the crash-loop window, or the cgroup's rate), with
+ * what it held back since; else the exit is counted held back. */
+static __always_inline int exit_allowed(struct limit_key *key, u64 now, u64 cost_ns, u64 burst_ns, u32 *held)
+{
+    struct tapio_limit fresh = {};
+    struct tapio_limit *limit = exit_limits.lookup_or_try_init(key, &fresh);
+    if (!limit)
+        return 1;  /* no room to remember the key: not limited */
+    if (tapio_limit_allows(limit, now, cost_ns, burst_ns, held))
+        return 1;
+    count_exit(COUNT_SUPPRESSED);
+    return 0;
+}
 
 /* -- OOM kills ---------------------------------------------------------------------------------- */
 
@@ -636,19 +731,52 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;  /* an OOM victim's exit is its oom_kill, never an abnormal exit besides */
     }
     u32 signal = status & 0x7f;
-    if (signal ? bit_is_set(filter->ignored_signals, signal, 2)
+    if (signal ? !bit_is_set(filter->reported_signals, signal, 2)
                : bit_is_set(filter->ignored_exit_codes, (status >> 8) & 0xff, 4))
         return 0;
     struct container_record *rec = fresh_record(KIND_ABNORMAL_EXIT);
     if (!rec)
         return 0;
+    u64 started = process_start_time(task);
+    rec->runtime_ns = started && rec->timestamp_ns > started ? rec->timestamp_ns - started : 0;
+    int main_process = namespace_init(task, layout);
+    if (!signal && !main_process && started && rec->runtime_ns < filter->min_runtime_ns) {
+        /* a short-lived helper's non-zero exit: counted for its cgroup, carried on the cgroup's next record */
+        cgroup_node(task, layout, rec);
+        u64 zero_count = 0;
+        u64 *quiet = quiet_exits.lookup_or_try_init(&rec->task.cgroup_id, &zero_count);
+        if (quiet)
+            __sync_fetch_and_add(quiet, 1);
+        count_exit(COUNT_QUIET_EXITS);
+        return 0;
+    }
     read_process_name(task, rec);
     if (ignored_process_names.lookup((struct comm_key *)rec->task.comm))
         return 0;
     rec->task.pid = tgid;
     rec->task.tid = (u32)pid_tgid;
     rec->exit_status = status;
-    read_cgroup(task, layout, rec);
+    u64 parent_id = read_cgroup(task, layout, rec);
+    struct limit_key key = {};
+    if (main_process) {
+        /* A crash loop restarts the container in a new cgroup: its pod's (the parent) and its name are the key. */
+        rec->flags |= FLAG_MAIN_PROCESS;
+        key.cgroup_id = parent_id;
+        key.kind = LIMIT_CRASH_LOOP;
+        __builtin_memcpy(key.comm, rec->task.comm, sizeof(key.comm));
+        if (!exit_allowed(&key, rec->timestamp_ns, filter->crash_loop_ns, filter->crash_loop_ns,
+                          &rec->crash_loop_exits))
+            return 0;
+    } else {
+        key.cgroup_id = rec->task.cgroup_id;
+        key.kind = signal ? LIMIT_SIGNALED : LIMIT_EXIT_CODE;
+        if (!exit_allowed(&key, rec->timestamp_ns, filter->record_cost_ns, filter->record_burst_ns,
+                          &rec->suppressed))
+            return 0;
+    }
+    u64 *quiet = quiet_exits.lookup(&rec->task.cgroup_id);
+    if (quiet && *quiet)
+        rec->quiet_exits = tapio_take(quiet);
     tapio_submit(rec, sizeof(*rec));
     return 0;
 }

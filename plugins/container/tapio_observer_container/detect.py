@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from tapio_core import Anomaly, c_string
+from tapio_core import Anomaly, c_string, with_suppressed
 from tapio_observer_container.records import (
     FLAG_CGROUP,
     FLAG_LIMITED,
+    FLAG_MAIN_PROCESS,
     FLAG_MEMORY,
     FLAG_OOM_SCORE_ADJ,
     FLAG_PATH_TRUNCATED,
@@ -58,15 +59,24 @@ def process_facts(row: np.void) -> dict[str, Any]:
 
 
 def abnormal_exit(row: np.void) -> Anomaly:
+    """``suppressed``: this cgroup's exits of the kind the rate limit held back before it; ``crash_loop_exits``
+    (a container's main process): its earlier exits within the crash-loop window, folded into this one;
+    ``quiet_exits``: short-lived non-zero exits in the cgroup since its previous occurrence."""
     status = int(row["exit_status"])
     number = status & 0x7F
     facts = process_facts(row)
+    runtime_ns = int(row["runtime_ns"])
     facts.update(
         exit_status=status,
         exit_code=None if number else status >> 8 & 0xFF,
         signal=number or None,
         core_dumped=bool(status & CORE_DUMPED),
+        main_process=bool(int(row["flags"]) & FLAG_MAIN_PROCESS),
+        runtime_ms=runtime_ns // 1_000_000 if runtime_ns else None,
+        crash_loop_exits=int(row["crash_loop_exits"]),
+        quiet_exits=int(row["quiet_exits"]),
     )
+    with_suppressed(facts, int(row["suppressed"]))
     if number:
         name = signal_name(number)
         dumped = " (core dumped)" if status & CORE_DUMPED else ""

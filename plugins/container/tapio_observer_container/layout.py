@@ -32,6 +32,8 @@ OOM_KILLER = "out_of_memory"
 #: Needs OOM_KILLER's place in kernel text (kallsyms): without it, an OOM victim's exit that comes before its mark
 #: (possible from 6.16) is reported as an abnormal exit too.
 OOM_KILLER_SIGKILL = "an OOM victim's exit told by the OOM killer's SIGKILL"
+#: Needs struct upid's size: without it, no exit is known as a container's main process's.
+MAIN_PROCESS = "container main processes (their PID namespace's init) told apart"
 
 
 @attrs.frozen
@@ -47,6 +49,7 @@ class KernelLayout:
     rss_shmem_offset: int
     oom_killer_start: int
     oom_killer_end: int
+    upid_size: int
     cgroup_mode: int
 
 
@@ -93,6 +96,15 @@ def rss_counter_offsets(btf: Btf) -> tuple[int, int, int] | None:
     return tuple(base + stride * index + count for index in members)
 
 
+def struct_upid_size(btf: Btf) -> int | None:
+    """The stride of ``struct pid``'s ``numbers[]``: a pid's number in each namespace level (nr, then ns, the last
+    member, so the struct ends with it)."""
+    nr, ns, ns_size = (btf.field_offset("upid", "nr"), btf.field_offset("upid", "ns"), btf.field_size("upid", "ns"))
+    if nr != 0 or ns is None or not ns_size:
+        return None
+    return ns + ns_size
+
+
 def function_range(kallsyms: str, name: str) -> tuple[int, int]:
     """[start, end) of kernel function ``name`` in /proc/kallsyms' text (sorted by address: a function ends where
     the next symbol starts); (0, 0) when it is not there or its address is hidden (kptr_restrict)."""
@@ -115,8 +127,9 @@ def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = Non
     """What this kernel's BTF (and ``oom_killer``, where kallsyms puts OOM_KILLER) says, and the features lost to
     what it lacks."""
     page_size = page_size or os.sysconf("SC_PAGE_SIZE")
-    memory_cgrp_id = kn_parent = rss = None
+    memory_cgrp_id = kn_parent = rss = upid_size = None
     if btf is not None:
+        upid_size = struct_upid_size(btf)
         memory_cgrp_id = btf.enum_value("cgroup_subsys_id", "memory_cgrp_id")
         kn_parent = btf.field_offset("kernfs_node", "__parent")
         if kn_parent is None:
@@ -129,6 +142,8 @@ def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = Non
         lost.append("cgroup paths")
     if rss is None:
         lost.append("RSS of OOM victims")
+    if upid_size is None:
+        lost.append(MAIN_PROCESS)
     if not oom_killer[0]:
         lost.append(OOM_KILLER_SIGKILL)
     for feature in lost:
@@ -144,6 +159,7 @@ def kernel_layout(btf: Btf | None, cgroup_mode: int, page_size: int | None = Non
         rss_shmem_offset=rss[2],
         oom_killer_start=oom_killer[0],
         oom_killer_end=oom_killer[1],
+        upid_size=UNKNOWN if upid_size is None else upid_size,
         cgroup_mode=cgroup_mode,
     )
     return layout, lost

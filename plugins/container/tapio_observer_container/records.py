@@ -14,6 +14,7 @@ FLAG_RSS = 1 << 3             # the *_rss_bytes counters
 FLAG_OOM_SCORE_ADJ = 1 << 4
 FLAG_PATH_TRUNCATED = 1 << 5  # cgroup_path lost components (too deep or too long)
 FLAG_TRIGGER = 1 << 6         # trigger_pid and trigger_comm (an OOM kill's mark was seen)
+FLAG_MAIN_PROCESS = 1 << 7    # the process was its PID namespace's init: a container's main process
 
 CGROUP_PATH_LEN = 256
 
@@ -33,4 +34,9 @@ CONTAINER_RECORD = record_dtype([
     ("cgroup_mode", "u1"),
     ("trigger_comm", "S16"),
     ("cgroup_path", f"S{CGROUP_PATH_LEN}"),
+    ("runtime_ns", "<u8"),
+    ("suppressed", "<u4"),  # this cgroup's exits of this kind the rate limit held back since its last
+    ("crash_loop_exits", "<u4"),  # main process: its earlier exits folded into this record
+    ("quiet_exits", "<u4"),  # short-lived non-zero exits in the cgroup since its last record
+    ("reserved", "<u4"),
 ])

@@ -8,23 +8,15 @@ import attrs
 from attrs import validators as v
 
 from tapio_core.bpf import ObserverLoadError
+from tapio_core.config import rate_per_s, whole_count
 
 #: The kernel counts a window in 8 slots (WINDOW_SLOTS in network.bpf.c).
 WINDOW_SLOTS = 8
 NS_PER_S = 1_000_000_000
 
 
-#: Counts are typed ``Any`` for cattrs, which would otherwise int() a 2.5 down to 2 without a word;
-#: the validator then insists on a whole number.
+#: Counts are typed ``Any`` for cattrs (see tapio_core.config.whole_number).
 WholeNumber = Any
-
-
-def _whole_number(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if type(value) is not int:
-        raise ValueError(f"'{attribute.name}' must be a whole number: {value!r}")
-
-
-COUNT = (_whole_number, v.ge(1), v.le(1_000_000))
 
 
 def _seconds(default: float, low: float = 0.0, high: float = 86_400.0) -> Any:
@@ -34,7 +26,7 @@ def _seconds(default: float, low: float = 0.0, high: float = 86_400.0) -> Any:
 @attrs.frozen
 class NetworkSettings:
     #: Retransmits toward one destination (ip:port) within the window that make a spike.
-    retransmit_threshold: WholeNumber = attrs.field(default=10, validator=COUNT)
+    retransmit_threshold: WholeNumber = whole_count(10)
     retransmit_window_s: float = _seconds(1.0, low=0.01, high=3600.0)
     #: After a spike's occurrence, another for the same destination only once this has passed.
     retransmit_cooldown_s: float = _seconds(30.0)
@@ -43,16 +35,16 @@ class NetworkSettings:
     #: ... and at least this high, so a fast path getting a little slower is not.
     rtt_floor_ms: float = _seconds(20.0, high=3_600_000.0)
     #: RTT samples a destination's baseline needs before it is trusted.
-    rtt_min_samples: WholeNumber = attrs.field(default=8, validator=COUNT)
+    rtt_min_samples: WholeNumber = whole_count(8)
     #: The baseline learns at most one sample per destination per interval.
     rtt_learn_interval_s: float = _seconds(1.0, high=3600.0)
     #: A destination still degraded is reported again after this long; a new degradation within it
     #: is counted as suppressed.
     rtt_cooldown_s: float = _seconds(60.0)
     #: RSTs received from one destination (ip:port) within the window that make a storm...
-    rst_storm_threshold: WholeNumber = attrs.field(default=20, validator=COUNT)
+    rst_storm_threshold: WholeNumber = whole_count(20)
     #: ... and from anywhere on the node.
-    rst_storm_node_threshold: WholeNumber = attrs.field(default=200, validator=COUNT)
+    rst_storm_node_threshold: WholeNumber = whole_count(200)
     rst_storm_window_s: float = _seconds(1.0, low=0.01, high=3600.0)
     rst_storm_cooldown_s: float = _seconds(10.0)
     #: A connect the application ends itself while the peer has not answered (no kernel error) is a
@@ -60,11 +52,9 @@ class NetworkSettings:
     #: cancelled attempt (a happy-eyeballs loser, a close() while connecting): counted, not reported.
     abandoned_connect_min_s: float = _seconds(1.0, high=3600.0)
     #: connection_refused / _timeout / _reset occurrences per destination and second, on average...
-    connection_rate_per_s: float = attrs.field(
-        default=1.0, converter=float, validator=[v.ge(0.001), v.le(1_000_000.0)]
-    )
+    connection_rate_per_s: float = rate_per_s(1.0)
     #: ... and at once, after a quiet spell: ten are read at a glance; what follows is in their counts.
-    connection_burst: WholeNumber = attrs.field(default=10, validator=COUNT)
+    connection_burst: WholeNumber = whole_count(10)
 
 
 def rtt_factor_x16(factor: float) -> int:

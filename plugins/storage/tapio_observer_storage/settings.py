@@ -10,9 +10,12 @@ device's name. Userspace then judges each record with the exact thresholds.
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from typing import Any
 
 import attrs
 from attrs import validators as v
+
+from tapio_core.config import rate_per_s, whole_count
 
 NS_PER_MS = 1_000_000
 
@@ -57,9 +60,9 @@ class StorageSettings:
     devices: tuple[DeviceRule, ...] = ()
     #: io_error and latency_spike records per device, each kind, and second, on average (the kernel
     #: holds back the rest and counts them: ``suppressed`` in the next occurrence and in tapio status)...
-    record_rate_per_s: float = attrs.field(default=10.0, converter=float, validator=[v.ge(0.001), v.le(1_000_000.0)])
+    record_rate_per_s: float = rate_per_s(10.0)
     #: ... and at once, after a quiet spell.
-    record_burst: int = attrs.field(default=100, validator=[v.instance_of(int), v.ge(1), v.le(1_000_000)])
+    record_burst: Any = whole_count(100)
 
     def __attrs_post_init__(self) -> None:
         if self.critical_ms < self.warning_ms:
