@@ -23,6 +23,13 @@ from pathlib import Path
 
 import attrs
 from kernel_helpers import scaled
+from plugin_helpers import Collect
+
+from tapio_core.agent import Agent
+from tapio_core.occurrence import KernelClock
+from tapio_core.pipeline import Pipeline
+from tapio_core.plugins import load_plugins
+from tapio_core.sink import SinkOptions
 
 MIB = 1 << 20
 
@@ -255,3 +262,36 @@ def oom_kill(version: int | None) -> Iterator[OomKill]:
     with memory_cgroup(limit, version) as cgroup:
         holder_pid, allocator_pid = oom_kill_holder(cgroup)
         yield OomKill(cgroup, cgroup.cgroup_id, limit, holder_pid, allocator_pid)
+
+
+# -- the container observer in this process -----------------------------------------------------------
+
+
+@contextmanager
+def container_agent(settings: dict, plugin=None) -> Iterator[Agent]:
+    """The container observer (``plugin``, or the installed one) in this process with a collecting sink."""
+    allow = set() if plugin is not None else {"container"}
+    extra = [("collect", Collect())] + ([("container", plugin)] if plugin is not None else [])
+    loaded = load_plugins(allow, extra=extra)
+    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), settings, KernelClock())
+    agent = Agent(loaded, pipeline, recorder=None)
+    agent.load(ebpf_dir=None)
+    try:
+        assert pipeline.observers["container"].status == "running", pipeline.observers["container"].status_reason
+        yield agent
+    finally:
+        agent.shutdown()
+
+
+def occurrences_until(agent: Agent, predicate, timeout: float = 5.0) -> list:
+    """Drain the ring through the pipeline until the collecting sink got an occurrence matching ``predicate``."""
+    sink = agent.plugins.pm.get_plugin("collect")
+    timeout = scaled(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        agent.drain("container")
+        found = [occ for occ in sink.received if predicate(occ)]
+        if found:
+            return found
+        time.sleep(0.01)
+    raise AssertionError(f"no matching occurrence within {timeout} s")

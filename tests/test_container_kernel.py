@@ -23,8 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import attrs
@@ -35,9 +34,11 @@ from container_scenarios import (
     MIB,
     cgroup_mounts,
     child_env,
+    container_agent,
     in_cgroups,
     memory_cgroup,
     memory_layouts,
+    occurrences_until,
     oom_kill,
     own_container_cgroup_id,
     process_name,
@@ -46,16 +47,11 @@ from container_scenarios import (
     scratch_cgroup,
 )
 from kernel_helpers import TAPIO, running_agent, scaled, tool_env
-from plugin_helpers import Collect
 
 import tapio_observer_container
 from tapio_core import hookimpl
 from tapio_core.agent import Agent
 from tapio_core.bpf import tracepoint_cflags, tracepoint_has_field
-from tapio_core.occurrence import KernelClock
-from tapio_core.pipeline import Pipeline
-from tapio_core.plugins import load_plugins
-from tapio_core.sink import SinkOptions
 from tapio_observer_container.records import CONTAINER_RECORD, KIND_ABNORMAL_EXIT
 
 pytestmark = pytest.mark.kernel
@@ -448,21 +444,9 @@ class ContainerVariant:
         return tapio_observer_container.tapio_detect_anomalies(observer, events)
 
 
-@contextmanager
-def agent_in_process(settings: dict, plugin=None) -> Iterator[Agent]:
+def agent_in_process(settings: dict, plugin=None):
     """The container observer in this process, reporting every exit as the shared agent does (SHARED_SETTINGS)."""
-    settings = {**settings, "container": {**EVERY_EXIT, **settings.get("container", {})}}
-    allow = set() if plugin is not None else {"container"}
-    extra = [("collect", Collect())] + ([("container", plugin)] if plugin is not None else [])
-    loaded = load_plugins(allow, extra=extra)
-    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), settings, KernelClock())
-    agent = Agent(loaded, pipeline, recorder=None)
-    agent.load(ebpf_dir=None)
-    try:
-        assert pipeline.observers["container"].status == "running", pipeline.observers["container"].status_reason
-        yield agent
-    finally:
-        agent.shutdown()
+    return container_agent({**settings, "container": {**EVERY_EXIT, **settings.get("container", {})}}, plugin)
 
 
 def raw_records_until(agent: Agent, pid: int, timeout: float = 5.0) -> np.ndarray:
@@ -479,20 +463,6 @@ def raw_records_until(agent: Agent, pid: int, timeout: float = 5.0) -> np.ndarra
         else:
             time.sleep(0.01)
     raise AssertionError(f"no record for pid {pid} within {timeout} s")
-
-
-def occurrences_until(agent: Agent, predicate, timeout: float = 5.0) -> list:
-    """Drain the ring through the pipeline until the collecting sink got an occurrence matching ``predicate``."""
-    sink = agent.plugins.pm.get_plugin("collect")
-    timeout = scaled(timeout)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        agent.drain("container")
-        found = [occ for occ in sink.received if predicate(occ)]
-        if found:
-            return found
-        time.sleep(0.01)
-    raise AssertionError(f"no matching occurrence within {timeout} s")
 
 
 def test_successful_and_ignored_exits_never_reach_the_ring_buffer(tmp_path):
