@@ -16,6 +16,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,44 @@ from container_scenarios import (
     remove_cgroup,
 )
 from kernel_helpers import netns_exec, netns_inode, network_namespace, nft_tcp_port_rule, scaled
+from plugin_helpers import Collect
 from storage_scenarios import failing_writes, fill, loop_device, numbers, sparse_file, tmpfs
+
+from tapio_core.agent import Agent
+from tapio_core.occurrence import KernelClock
+from tapio_core.pipeline import Pipeline
+from tapio_core.plugins import load_plugins
+from tapio_core.sink import SinkOptions
+
+#: What the workloads are judged by, each at its default settings.
+OBSERVERS = ("network", "container", "storage")
+
+
+@contextlib.contextmanager
+def observers_at_defaults() -> Iterator[Agent]:
+    """The network, container and storage observers with their default settings, in this process, and a
+    collecting sink."""
+    loaded = load_plugins(set(OBSERVERS), extra=[("collect", Collect())])
+    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), {}, KernelClock())
+    agent = Agent(loaded, pipeline, recorder=None)
+    agent.load(ebpf_dir=None)
+    try:
+        for name in OBSERVERS:
+            assert pipeline.observers[name].status == "running", (name, pipeline.observers[name].status_reason)
+        yield agent
+    finally:
+        agent.shutdown()
+
+
+def drained(agent: Agent, settle_s: float = 1.0) -> list[dict[str, Any]]:
+    """Every occurrence so far, in its JSON form, once what the kernel sent meanwhile has been read."""
+    deadline = time.monotonic() + scaled(settle_s)
+    while time.monotonic() < deadline:
+        for name in OBSERVERS:
+            agent.drain(name)
+        time.sleep(0.05)
+    return [json.loads(o.to_json()) for o in agent.plugins.pm.get_plugin("collect").received]
+
 
 #: The healthy node's processes, in one Python process (its threads) inside the workload's namespace and cgroup.
 HEALTHY = r"""

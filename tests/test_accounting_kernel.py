@@ -213,7 +213,7 @@ def test_sigterm_in_a_storm_drains_and_flushes_and_the_last_state_holds_the_fina
     assert backlog > 0
     # Every refusal the kernel produced was detected and sent, or counted lost when the ring was full;
     # the state written last carries the final counts, and both sinks agree with it.
-    assert len(ours) + network["lost"] == refused
+    assert len(ours) + network["lost"] == refused, (network, agent.stderr_text()[-3000:])
     assert network["anomalies"] == len(agent.occurrences) == sinks["stdout"]["delivered"]
     assert sinks["file"]["delivered"] == network["anomalies"] and sinks["file"]["failed"] == 0
     assert network["dropped_batches"] == 0

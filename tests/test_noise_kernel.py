@@ -7,51 +7,23 @@ node_workloads.py makes the real kernel do a healthy node's day and then a broke
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pytest
 from kernel_helpers import scaled
-from node_workloads import CRASH_LOOP_RESTARTS, broken_node, healthy_node, recall
-from plugin_helpers import Collect
-
-from tapio_core.agent import Agent
-from tapio_core.occurrence import KernelClock
-from tapio_core.pipeline import Pipeline
-from tapio_core.plugins import load_plugins
-from tapio_core.sink import SinkOptions
+from node_workloads import CRASH_LOOP_RESTARTS, broken_node, drained, healthy_node, observers_at_defaults, recall
 
 pytestmark = pytest.mark.kernel
 
-OBSERVERS = ("network", "container", "storage")
 #: Long enough for every kind of healthy activity to happen hundreds of times.
 HEALTHY_S = 10.0
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def agent():
-    """The three observers with their default settings, and a collecting sink."""
-    loaded = load_plugins(set(OBSERVERS), extra=[("collect", Collect())])
-    pipeline = Pipeline.build(loaded, ["collect"], SinkOptions(data_dir=Path(".")), {}, KernelClock())
-    running = Agent(loaded, pipeline, recorder=None)
-    running.load(ebpf_dir=None)
-    try:
-        for name in OBSERVERS:
-            assert pipeline.observers[name].status == "running", (name, pipeline.observers[name].status_reason)
+    """Compiled once for the module: slow in the guests."""
+    with observers_at_defaults() as running:
         yield running
-    finally:
-        running.shutdown()
-
-
-def drained(agent: Agent, settle_s: float = 1.0) -> list[dict]:
-    """Every occurrence so far, in its JSON form, once what the kernel sent meanwhile has been read."""
-    deadline = time.monotonic() + scaled(settle_s)
-    while time.monotonic() < deadline:
-        for name in OBSERVERS:
-            agent.drain(name)
-        time.sleep(0.05)
-    return [json.loads(o.to_json()) for o in agent.plugins.pm.get_plugin("collect").received]
 
 
 def test_a_healthy_busy_node_makes_no_occurrence(agent, tmp_path):
