@@ -69,12 +69,14 @@ prometheus: system
 run: setup
 	$(BIN)/tapio-agent $(AGENT_ARGS)
 
-# The whole suite on this machine's kernel (the image's run included), then the portability scenario
-# (every observer, every anomaly type, doctor against the agent) in a guest of each kernel of the matrix.
+# The whole suite on this machine's kernel (the image's run included), then in a guest of each kernel of
+# the matrix: the portability scenario (every observer, every anomaly type, doctor against the agent), the
+# default exit policy, and the healthy and broken nodes (what an operator is told).
+GUEST_TESTS := tests/test_portability_kernel.py tests/test_exit_policy_kernel.py tests/test_noise_kernel.py
 test: setup guests image prometheus
 	rm -rf $(MATRIX_OUT)
 	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest --junitxml=$(MATRIX_OUT)/host/junit.xml $(PYTEST_ARGS)
-	$(MATRIX) --out $(MATRIX_OUT) -- tests/test_portability_kernel.py $(PYTEST_ARGS)
+	$(MATRIX) --out $(MATRIX_OUT) -- $(GUEST_TESTS) $(PYTEST_ARGS)
 	$(BIN)/python kernels/support.py $(MATRIX_OUT) README.md
 
 # Every real-kernel test on this machine's kernel and in a guest of each kernel of the matrix
