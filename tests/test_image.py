@@ -173,7 +173,8 @@ def test_the_image_run_as_the_daemonset_runs_it_reports_the_hosts_kernel_and_pas
         port = closed_tcp_port("127.0.0.1")
         connect = run_connects("127.0.0.1", port)
         assert [a["errno"] for a in connect["attempts"]] == ["ECONNREFUSED"]
-        child = subprocess.Popen(["sh", "-c", "exit 7"])
+        # A container's main process (its PID namespace's init): a short-lived helper's exit is only counted.
+        child = subprocess.Popen(["unshare", "--pid", "--fork", "sh", "-c", "exit 7"])
         assert child.wait() == 7
 
         def refused(occ):
@@ -181,7 +182,9 @@ def test_the_image_run_as_the_daemonset_runs_it_reports_the_hosts_kernel_and_pas
                     and occ["data"]["pid"] == connect["pid"])
 
         def exited(occ):
-            return occ["type"] == "kernel.container.abnormal_exit" and occ["data"]["pid"] == child.pid
+            data = occ["data"]
+            return (occ["type"] == "kernel.container.abnormal_exit" and data["main_process"]
+                    and (data["comm"], data["exit_code"]) == ("sh", 7))
 
         assert wait_until(lambda: any(refused(o) for o in occurrences(name)) and
                         any(exited(o) for o in occurrences(name)), 20), occurrences(name)[-5:]
