@@ -50,6 +50,7 @@ from network_scenarios import (
     tcp_server,
 )
 
+import tapio_observer_network
 from tapio_core.bpf import tracepoint_exists
 from tapio_observer_network import FAILED_RETRANSMITS
 from tapio_observer_network.settings import NetworkSettings, kernel_settings
@@ -198,6 +199,33 @@ def test_rst_storm_starts_and_ends_once_per_storm_and_folds_the_refused_connects
     assert all(occ["data"]["rsts"] >= 30 and "destination" not in occ["data"] for occ in node)
     # The refused connects no storm explains are each reported on their own (the limit allows them all).
     assert len(agent.matching(of("connection_refused", dst_port=port))) == 19 + 19 + 19
+
+
+def test_without_the_storm_clock_a_storm_folds_nothing_and_status_says_why(monkeypatch, tmp_path):
+    """Where perf events are refused (a seccomp profile), no clock ends storms: they end on their next RST as
+    before, every refused connect is reported on its own, and the observer's status says so."""
+    def refused(*_args, **_kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tapio_observer_network, "start_clock", refused)
+    port = random_port()
+    loops = compile_net_loops(tmp_path)
+    agent, sink = start_agent({"rst_storm_threshold": 20, "connection_burst": 1000, "rst_storm_node_threshold": 1000})
+    try:
+        reason = agent.pipeline.observers["network"].status_reason
+        assert "no storm clock" in reason and "Operation not permitted" in reason
+        with network_namespace() as netns:
+            report = loop_report(start_refusals(loops, "127.0.0.1", port, 30, netns=netns))
+            assert (report["ops"], report["errors"]) == (30, 0)
+            time.sleep(scaled(SETTLE_S))
+            agent.drain("network")
+    finally:
+        agent.shutdown()
+    storms = [o for o in sink.received if o.type == PREFIX + "rst_storm" and o.data.get("dst_port") == port]
+    refusals = [o for o in sink.received if o.type == PREFIX + "connection_refused" and o.data["dst_port"] == port]
+    assert [(o.outcome, o.data["rsts"], o.data["refused"], "episode" in o.data) for o in storms] == [
+        ("failure", 20, 0, False)]
+    assert len(refusals) == 30
 
 
 def test_the_same_address_in_two_network_namespaces_is_two_destinations(tmp_path):
