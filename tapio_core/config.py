@@ -30,6 +30,13 @@ def rate_per_s(default: float) -> Any:
                        validator=[attrs.validators.ge(0.001), attrs.validators.le(1_000_000.0)])
 
 
+def token_bucket_ns(rate_per_s: float, burst: int) -> tuple[int, int]:
+    """A rate limit as ``tapio_limit_allows`` (ebpf/tapio_prelude.bpf.c) takes it: the price of one record
+    and the bucket's size, in nanoseconds of credit."""
+    cost_ns = round(1e9 / rate_per_s)
+    return cost_ns, cost_ns * burst
+
+
 def whole_count(default: int) -> Any:
     """A whole count of 1 .. 1,000,000: a threshold, a rate limit's burst."""
     return attrs.field(default=default,

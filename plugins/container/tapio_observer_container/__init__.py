@@ -9,6 +9,7 @@ import attrs
 
 from tapio_core import BpfCounter, BtfField, ObserverSpec, RawTracepointArg, TracepointField, hookimpl
 from tapio_core.bpf import ObserverLoadError
+from tapio_core.config import token_bucket_ns
 from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import (
     CGROUP_V1,
@@ -102,13 +103,13 @@ def bitmap(values: tuple[int, ...], words: int) -> list[int]:
 def exit_policy(settings: ContainerSettings) -> dict[str, object]:
     """``struct exit_filter`` field by field, in the kernel's units."""
     reported = tuple(sorted(set(settings.report_signals) - set(settings.ignore_signals)))
-    cost_ns = round(1e9 / settings.record_rate_per_s)
+    cost_ns, burst_ns = token_bucket_ns(settings.record_rate_per_s, settings.record_burst)
     return {
         "ignored_exit_codes": bitmap(settings.ignore_exit_codes, 4),
         "reported_signals": bitmap(reported, 2),
         "min_runtime_ns": round(settings.min_runtime_s * 1e9),
         "record_cost_ns": cost_ns,
-        "record_burst_ns": cost_ns * settings.record_burst,
+        "record_burst_ns": burst_ns,
         "crash_loop_ns": round(settings.crash_loop_window_s * 1e9),
     }
 

@@ -8,7 +8,7 @@ import attrs
 from attrs import validators as v
 
 from tapio_core.bpf import ObserverLoadError
-from tapio_core.config import rate_per_s, whole_count
+from tapio_core.config import rate_per_s, token_bucket_ns, whole_count
 
 #: The kernel counts a window in 8 slots (WINDOW_SLOTS in network.bpf.c).
 WINDOW_SLOTS = 8
@@ -69,11 +69,11 @@ def kernel_settings(settings: NetworkSettings, storm_clock: bool = False) -> dic
     def ns(seconds: float) -> int:
         return round(seconds * NS_PER_S)
 
-    cost_ns = ns(1.0 / settings.connection_rate_per_s)
+    cost_ns, burst_ns = token_bucket_ns(settings.connection_rate_per_s, settings.connection_burst)
     return {
         "configured": 1,
         "connection_cost_ns": cost_ns,
-        "connection_burst_ns": cost_ns * settings.connection_burst,
+        "connection_burst_ns": burst_ns,
         "retransmit_slot_ns": max(1, ns(settings.retransmit_window_s) // WINDOW_SLOTS),
         "retransmit_cooldown_ns": ns(settings.retransmit_cooldown_s),
         "rst_slot_ns": max(1, ns(settings.rst_storm_window_s) // WINDOW_SLOTS),

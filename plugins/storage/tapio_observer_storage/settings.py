@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 from attrs import validators as v
 
-from tapio_core.config import rate_per_s, whole_count
+from tapio_core.config import rate_per_s, token_bucket_ns, whole_count
 
 NS_PER_MS = 1_000_000
 
@@ -91,7 +91,7 @@ class StorageSettings:
 
     def record_cost_ns(self) -> int:
         """The kernel's token-bucket price of one record."""
-        return round(1e9 / self.record_rate_per_s)
+        return token_bucket_ns(self.record_rate_per_s, self.record_burst)[0]
 
     def record_burst_ns(self) -> int:
-        return self.record_cost_ns() * self.record_burst
+        return token_bucket_ns(self.record_rate_per_s, self.record_burst)[1]
