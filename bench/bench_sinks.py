@@ -92,7 +92,7 @@ def emit_cost_ns(pipeline: Pipeline, batches: list[list[Occurrence]]) -> float:
 def run() -> dict[str, float]:
     figures: dict[str, float] = {}
     batches = [occurrences(BATCH, start=i * BATCH) for i in range(ROUNDS)]
-    with tempfile.TemporaryDirectory() as tmp, Endpoint() as endpoint, open("/dev/null", "w") as devnull:
+    with tempfile.TemporaryDirectory() as tmp, Endpoint() as endpoint, open("/dev/null", "wb") as devnull:
         data_dir = Path(tmp)
         stdout, stdout_sink = open_sink("stdout", data_dir, {})
         stdout_sink.state["stream"] = devnull

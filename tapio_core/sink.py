@@ -4,13 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import attrs
 
 
 class SinkError(Exception):
     """A sink cannot work as configured; the message is one line for the user."""
+
+
+def whole_writes(stream: TextIO) -> BinaryIO:
+    """``sys.stdout`` or ``sys.stderr`` behind a buffered writer of its own, for a sink to write bytes to.
+
+    Under ``python -u`` or ``PYTHONUNBUFFERED`` (the image sets it, for logs) the standard streams write
+    straight to the raw file: when a signal lands during a write to a full pipe (SIGTERM while kubelet's
+    log reader lags) the kernel takes part of the batch and Python drops the rest without a word. A
+    buffered writer finishes short writes, so what a sink counts delivered is what the reader gets.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in stream in memory (a test runner's)
+        return stream.buffer
+    stream.flush()
+    return open(fd, "wb", closefd=False)  # the caller flushes it; the descriptor stays open
 
 
 @attrs.frozen

@@ -179,7 +179,7 @@ class AgentProcess:
                 self.process.kill()
                 self.process.wait()
         for thread in self._threads:
-            thread.join(5)
+            thread.join(scaled(5))  # to the end of its output
         self.returncode = self.process.returncode
         return self.returncode
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import sys
 
 import attrs
 
 from tapio_core import SinkSpec, hookimpl
-from tapio_core.sink import SinkError
+from tapio_core.sink import SinkError, whole_writes
 
 SEVERITY_ORDER = ("debug", "info", "warning", "error", "critical")
 
@@ -30,7 +31,8 @@ def tapio_register_sinks(register):
 @hookimpl
 def tapio_sink_open(sink):
     if sink.config.path == "-":
-        sink.state["stream"] = sys.stderr
+        # Not sys.stderr itself: under PYTHONUNBUFFERED a signal mid-write would silently cut a batch short.
+        sink.state["stream"] = io.TextIOWrapper(whole_writes(sys.stderr), encoding="utf-8")
         return
     try:
         sink.state["stream"] = open(sink.config.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close
@@ -52,5 +54,7 @@ def tapio_sink_emit(sink, occurrences):
 
 @hookimpl
 def tapio_sink_close(sink):
-    if sink.state["stream"] is not sys.stderr:
+    if sink.config.path == "-":
+        sink.state["stream"].flush()  # stderr stays open for the agent's log
+    else:
         sink.state["stream"].close()

@@ -3,6 +3,7 @@
 import sys
 
 from tapio_core import SinkSpec, hookimpl
+from tapio_core.sink import whole_writes
 
 
 @hookimpl
@@ -11,7 +12,17 @@ def tapio_register_sinks(register):
 
 
 @hookimpl
+def tapio_sink_open(sink):
+    sink.state["stream"] = whole_writes(sys.stdout)
+
+
+@hookimpl
 def tapio_sink_emit(sink, occurrences):
-    stream = sink.state.get("stream") or sys.stdout
-    stream.write("".join(occurrence.to_json() + "\n" for occurrence in occurrences))
+    stream = sink.state["stream"]
+    stream.write("".join(occurrence.to_json() + "\n" for occurrence in occurrences).encode())
     stream.flush()
+
+
+@hookimpl
+def tapio_sink_close(sink):
+    sink.state["stream"].flush()
