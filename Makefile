@@ -72,7 +72,8 @@ run: setup
 # The whole suite on this machine's kernel (the image's run included), then in a guest of each kernel of
 # the matrix: the portability scenario (every observer, every anomaly type, doctor against the agent), the
 # default exit policy, and the healthy and broken nodes (what an operator is told).
-GUEST_TESTS := tests/test_portability_kernel.py tests/test_exit_policy_kernel.py tests/test_noise_kernel.py
+GUEST_TESTS := tests/test_portability_kernel.py tests/test_exit_policy_kernel.py tests/test_noise_kernel.py \
+               tests/test_drops_kernel.py
 test: setup guests image prometheus
 	rm -rf $(MATRIX_OUT)
 	TAPIO_MATRIX_OUT=$(MATRIX_OUT)/host/tests $(BIN)/python -m pytest --junitxml=$(MATRIX_OUT)/host/junit.xml $(PYTEST_ARGS)

@@ -21,7 +21,7 @@ from matrix import junit_counts
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 TYPES = {
     "network": ("connection_refused", "connection_timeout", "connection_unreachable", "connection_reset",
-                "retransmit_spike", "rtt_degradation", "rst_storm"),
+                "retransmit_spike", "rtt_degradation", "rst_storm", "packet_drop", "listen_overflow"),
     "container": ("oom_kill", "abnormal_exit"),
     "storage": ("io_error", "latency_spike"),
     "pmc": (),
@@ -65,7 +65,8 @@ def table(columns: list[tuple[str, dict]]) -> str:
             statuses.append(status)
         lines.append(f"| {observer} | starts | " + " | ".join(statuses) + " |")
         for type_ in types:
-            cells = ["detected once" if measured.get("detected", {}).get(type_) else "**not detected**"
+            cells = [{1: "detected once", "off": "off (see below)"}.get(measured.get("detected", {}).get(type_),
+                                                                         "**not detected**")
                      for _, measured in columns]
             lines.append(f"| | `{type_}` | " + " | ".join(cells) + " |")
         features = sorted({feature for _, measured in columns

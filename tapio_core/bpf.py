@@ -73,8 +73,10 @@ def btf_cflags(spec: ObserverSpec, btf: Btf | None) -> tuple[list[str], dict[str
         if found == arg.c_type:
             flags.append(f"-D{arg.macro}=1")
         else:
-            disabled.setdefault(arg.feature, f"raw tracepoint {arg.tracepoint}'s argument {arg.index} is "
-                                             f"{found or 'unknown'} here, not {arg.c_type}")
+            disabled.setdefault(arg.feature, f"raw tracepoint {arg.tracepoint} has no argument {arg.index}"
+                                if found is None and btf is not None else
+                                f"raw tracepoint {arg.tracepoint}'s argument {arg.index} is "
+                                f"{found or 'unknown'} here, not {arg.c_type}")
     for field in spec.btf_fields:
         offset = btf.field_offset(field.struct, field.path) if btf is not None else None
         if offset is None:
@@ -260,6 +262,50 @@ def tracepoint_has_field(tracepoint: str, field: str) -> bool:
         return False
     return any(line.strip().startswith("field:") and line.split(";")[0].split()[-1].split("[")[0] == field
                for line in text.splitlines())
+
+
+def tracepoint_symbols(tracepoint: str, field: str) -> dict[int, str]:
+    """The names ``category:name``'s print format gives ``field``'s values (its ``__print_symbolic``), by value;
+    empty when this kernel's tracepoint has no such table. Enum values move between kernels: read them here."""
+    category, _, event = tracepoint.partition(":")
+    try:
+        text = (TRACEFS_EVENTS / category / event / "format").read_text()
+    except OSError:
+        return {}
+    found = re.search(rf"__print_symbolic\(REC->{re.escape(field)},(.*)", text)
+    if found is None:
+        return {}
+    return {int(value, 0): name for value, name in re.findall(r'\{\s*([0-9xa-fA-F]+)\s*,\s*"([^"]*)"\s*\}',
+                                                                   found.group(1))}
+
+
+@functools.lru_cache(maxsize=1024)
+def kernel_symbol(address: int, kallsyms: Path = Path("/proc/kallsyms")) -> str:
+    """A kernel text address as ``function+0xoffset`` (what the kernel's own %pS prints), from /proc/kallsyms;
+    the bare hex address when it cannot say (addresses hidden from this user, or none before it)."""
+    best, name = 0, ""
+    try:
+        with kallsyms.open() as symbols:
+            for line in symbols:
+                value, kind, symbol = line.split()[:3]
+                at = int(value, 16)
+                if best < at <= address and kind in "tTwW":
+                    best, name = at, symbol
+    except (OSError, ValueError):
+        pass
+    return f"{name}+{address - best:#x}" if name else f"{address:#x}"
+
+
+def write_struct(table, values: dict) -> None:
+    """Slot 0 of a one-entry array map, field by field; a list fills an array member word by word."""
+    leaf = table.Leaf()
+    for field, value in values.items():
+        if isinstance(value, list):
+            for index, word in enumerate(value):
+                getattr(leaf, field)[index] = word
+        else:
+            setattr(leaf, field, value)
+    table[table.Key(0)] = leaf
 
 
 def read_counter(program: LoadedProgram, map_name: str, index: int) -> int:

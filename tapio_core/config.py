@@ -10,6 +10,7 @@ rejects, stops start-up with one line naming the key.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,25 @@ def token_bucket_ns(rate_per_s: float, burst: int) -> tuple[int, int]:
     and the bucket's size, in nanoseconds of credit."""
     cost_ns = round(1e9 / rate_per_s)
     return cost_ns, cost_ns * burst
+
+
+def list_of(key: str, item: Callable[[Any], Any], limit: int | None = None) -> Callable[[Any], tuple]:
+    """A converter from a TOML array, rejecting a bare value (a string would pass as its letters)."""
+
+    def convert(value: Any) -> tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"'{key}' must be a list, e.g. {key} = [...]: {value!r}")
+        if limit is not None and len(value) > limit:
+            raise ValueError(f"'{key}' must hold at most {limit} entries: {len(value)}")
+        converted = []
+        for entry in value:
+            try:
+                converted.append(item(entry))
+            except ValueError as exc:
+                raise ValueError(f"'{key}' must hold {exc}: {entry!r}") from None
+        return tuple(dict.fromkeys(converted))
+
+    return convert
 
 
 def whole_count(default: int) -> Any:

@@ -21,6 +21,7 @@ Traffic stays inside namespaces the tests create (or on loopback).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -416,6 +417,56 @@ def compile_differently(monkeypatch, missing: frozenset[str] = frozenset(), cfla
 
 
 # -- matching occurrences ----------------------------------------------------------------------------
+
+#: Non-blocking connects to one port, closed before the first SYN retransmit (1 s): prints what it did. With
+#: "listen", first a listener on that port with a backlog of 0 that never accepts, closed at the end.
+CONNECTS_SCRIPT = r"""
+import json, os, socket, sys, time
+port, count, listen = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "listen"
+if listen:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", port))
+    listener.listen(0)
+clients = []
+for _ in range(count):
+    client = socket.socket()
+    client.setblocking(False)
+    try:
+        client.connect(("127.0.0.1", port))
+    except BlockingIOError:
+        pass
+    clients.append(client)
+time.sleep(0.3)
+for client in clients:
+    client.close()
+netstat = open("/proc/net/netstat").read().splitlines()  # this namespace's counters
+names, values = [line.split()[1:] for line in netstat if line.startswith("TcpExt:")]
+if listen:
+    time.sleep(float(sys.argv[4]))  # the listener stays (the agent reads it meanwhile), then closes
+    listener.close()
+print(json.dumps({"pid": os.getpid(), "listen_drops": int(dict(zip(names, values))["ListenDrops"])}))
+"""
+
+
+def connects(netns: str, port: int, count: int, *, listen: bool = False, hold_s: float = 0.0) -> dict:
+    """Run CONNECTS_SCRIPT in ``netns``: what it printed (its pid, the namespace's TcpExtListenDrops)."""
+    done = netns_exec(netns, "python3", "-c", CONNECTS_SCRIPT, str(port), str(count), "listen" if listen else "-",
+                      str(scaled(hold_s)), timeout=60)
+    return json.loads(done.stdout)
+
+
+def nft_drop_counted(netns: str, port: int) -> None:
+    """An nft rule in ``netns`` that counts and drops incoming TCP to ``port`` (the table stays with the namespace)."""
+    for command in (["add", "table", "inet", "t"],
+                    ["add", "chain", "inet", "t", "input", "{ type filter hook input priority 0; }"],
+                    ["add", "rule", "inet", "t", "input", "tcp", "dport", str(port), "counter", "drop"]):
+        netns_exec(netns, "nft", *command)
+
+
+def nft_dropped_packets(netns: str) -> int:
+    ruleset = netns_exec(netns, "nft", "list", "table", "inet", "t").stdout
+    return int(re.search(r"counter packets (\d+)", ruleset).group(1))
+
 
 PREFIX = "kernel.network."
 

@@ -72,9 +72,9 @@ def drained(agent: Agent, settle_s: float = 1.0) -> list[dict[str, Any]]:
 
 #: The healthy node's processes, in one Python process (its threads) inside the workload's namespace and cgroup.
 HEALTHY = r"""
-import json, mmap, os, socket, subprocess, sys, threading, time
+import fcntl, json, mmap, os, socket, struct, subprocess, sys, threading, time
 
-seconds, device, quiet_port, dropped_port = float(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+seconds, device, quiet_port, silent_port = float(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 end = time.monotonic() + seconds
 done = {"failing_exits": 0, "connects": 0, "early_closes": 0, "writes": 0}
 
@@ -101,15 +101,25 @@ def connects():
         done["connects"] += 1
         time.sleep(0.02)
 
+def black_hole():
+    # A peer that never answers, with nothing dropped by this kernel: a route into a tun device whose
+    # reader discards every packet (as a network that loses them further out would).
+    tun = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH22x", b"tapio-hole", 0x0001 | 0x1000))  # TUNSETIFF: TUN, NO_PI
+    for argv in (["ip", "addr", "add", "10.251.0.1/24", "dev", "tapio-hole"],
+                 ["ip", "link", "set", "tapio-hole", "up"]):
+        subprocess.run(argv, check=True)
+    threading.Thread(target=lambda: [os.read(tun, 65536) for _ in iter(int, 1)], daemon=True).start()
+
 def early_closes():
     while time.monotonic() < end:
         conn = socket.socket()
         conn.setblocking(False)
         try:
-            conn.connect(("127.0.0.1", dropped_port))
+            conn.connect(("10.251.0.2", silent_port))
         except BlockingIOError:
             pass
-        time.sleep(0.1)  # the peer never answers (its SYNs are dropped): the application gives up
+        time.sleep(0.1)  # the peer never answers: the application gives up
         conn.close()
         done["early_closes"] += 1
 
@@ -125,6 +135,7 @@ def writes():
     os.close(fd)
 
 threading.Thread(target=server, daemon=True).start()
+black_hole()
 time.sleep(0.2)
 workers = [threading.Thread(target=work) for work in (helpers, connects, early_closes, writes)]
 for worker in workers:
@@ -153,17 +164,16 @@ class HealthyRun:
                 or (data.get("dev_major"), data.get("dev_minor")) == self.device)
 
 
-def healthy_node(tmp_path: Path, seconds: float, *, quiet_port: int = 18080, dropped_port: int = 18081) -> HealthyRun:
+def healthy_node(tmp_path: Path, seconds: float, *, quiet_port: int = 18080, silent_port: int = 18081) -> HealthyRun:
     """Run the healthy node's workload for ``seconds`` (wall time, unscaled)."""
     with contextlib.ExitStack() as stack:
         netns = stack.enter_context(network_namespace())
-        stack.enter_context(nft_tcp_port_rule(netns, dropped_port))
         backing = stack.enter_context(tmpfs(tmp_path / "healthy-io", "16m"))
         device = stack.enter_context(loop_device(sparse_file(backing / "disk", 8 << 20)))
         cgroup = stack.enter_context(memory_cgroup(512 << 20))
         # Into the cgroup first: ip netns exec mounts a /sys of its own, without the cgroup file systems.
         command = in_cgroups([cgroup], ["ip", "netns", "exec", netns, sys.executable, "-c", HEALTHY, str(seconds),
-                                        device, str(quiet_port), str(dropped_port)])
+                                        device, str(quiet_port), str(silent_port)])
         done = subprocess.run(command, capture_output=True, text=True, env=child_env(), check=True,
                               timeout=seconds + scaled(60))
         return HealthyRun(json.loads(done.stdout), seconds, cgroup.cgroup_id, netns_inode(netns), numbers(device))

@@ -57,7 +57,7 @@ def detect(raw: bytes, settings: NetworkSettings | None = None, counters: dict |
 
 
 def test_record_dtype_follows_the_c_struct_member_for_member():
-    assert NETWORK_RECORD.itemsize == NETWORK_RECORD_C.size == 176
+    assert NETWORK_RECORD.itemsize == NETWORK_RECORD_C.size == 200
     assert list(NETWORK_RECORD.names) == c_struct_members("network_record")
 
 
@@ -100,6 +100,8 @@ def test_default_settings_in_the_kernels_units():
         "retransmit_threshold": 10, "retransmit_window_ms": 1000,
         "rst_threshold": 20, "rst_node_threshold": 200, "rst_window_ms": 1000,
         "rtt_factor_x16": 64, "rtt_floor_us": 20_000, "rtt_min_samples": 8, "storm_clock": 0, "reserved": 0,
+        "drop_cost_ns": 5_000_000_000, "drop_burst_ns": 15_000_000_000, "listen_cooldown_ns": 60_000_000_000,
+        "ignored_drops": [0, 0, 0, 0],  # no names given: nothing this kernel numbers is ignored
     }
 
 

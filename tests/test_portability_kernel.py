@@ -32,7 +32,9 @@ from kernel_helpers import (
 from network_scenarios import (
     SERVER_IP,
     compile_net_loops,
+    connects,
     loop_report,
+    nft_drop_counted,
     nft_random_drop,
     of,
     queued_link,
@@ -55,7 +57,7 @@ from storage_scenarios import (
 )
 
 from tapio_observer_container import LAST_THREAD_FROM_TRACEPOINT
-from tapio_observer_network import FAILED_RETRANSMITS, OWNERS_FROM_SENDS
+from tapio_observer_network import FAILED_RETRANSMITS, OWNERS_FROM_SENDS, PACKET_DROPS
 
 pytestmark = pytest.mark.kernel
 
@@ -66,7 +68,7 @@ SETTINGS = {
     "network.retransmit_threshold": 6, "network.retransmit_window_s": 10, "network.retransmit_cooldown_s": 600,
     "network.rtt_learn_interval_s": 0.1, "network.rtt_min_samples": 5, "network.rtt_cooldown_s": 600,
     "network.rst_storm_threshold": 20, "network.rst_storm_window_s": 5, "network.rst_storm_cooldown_s": 600,
-    "network.rst_storm_node_threshold": 1_000_000,
+    "network.rst_storm_node_threshold": 1_000_000, "network.listen_overflow_cooldown_s": 600,
     "storage.warning_ms": 1000, "storage.critical_ms": 1500,
 }
 #: Every feature an observer turns off on a kernel of the matrix, because that kernel lacks its data; every other
@@ -77,8 +79,10 @@ LACKING_UP_TO_6_12 = {
     ("network", FAILED_RETRANSMITS): "tracepoint tcp:tcp_retransmit_skb has no field err",
     ("container", LAST_THREAD_FROM_TRACEPOINT): "tracepoint sched:sched_process_exit has no field group_dead",
 }
+#: kfree_skb gave its reason in 5.17.
+LACKING_BEFORE_5_17 = {("network", PACKET_DROPS): "raw tracepoint kfree_skb has no argument 2"}
 OFF_ON_MATRIX_KERNELS = {
-    (5, 10): LACKING_BEFORE_6_3 | LACKING_UP_TO_6_12,
+    (5, 10): LACKING_BEFORE_5_17 | LACKING_BEFORE_6_3 | LACKING_UP_TO_6_12,
     (6, 1): LACKING_BEFORE_6_3 | LACKING_UP_TO_6_12,
     (6, 12): LACKING_UP_TO_6_12,
     (6, 18): {},
@@ -96,6 +100,16 @@ def exactly_one(type_: str, occurrences: list[dict]) -> dict:
 def detected(type_: str) -> None:
     """Called as a scenario's last line: its type was made exactly once, rightly attributed (for the table)."""
     MEASURED["detected"][type_] = 1
+
+
+def off_here(type_: str, feature: str, agent) -> None:
+    """Called instead where this kernel lacks the type's data: none was made, and the agent says why (the table
+    shows it off)."""
+    from tapio_core.state import read_state
+
+    disabled = read_state(agent.data_dir)["observers"]["network"]["disabled"]
+    assert disabled[feature] == OFF_ON_MATRIX_KERNELS.get(release(), {})[("network", feature)], disabled
+    MEASURED["detected"][type_] = "off"
 
 
 def settled(agent, predicate) -> list[dict]:
@@ -188,7 +202,42 @@ def test_connection_timeout(agent):
             agent.wait_for(of("connection_timeout", dst_port=port))
     occ = exactly_one("connection_timeout", settled(agent, of("connection_timeout", dst_port=port)))
     assert (occ["data"]["pid"], occ["data"]["comm"]) == (connector["pid"], connector["comm"])
+    # Its SYNs were dropped by the firewall, which the kernel says where it gives the reason (5.17).
+    assert occ["data"].get("drop_reason") == (None if kernel_lacks(PACKET_DROPS) else "NETFILTER_DROP")
     detected("connection_timeout")
+
+
+def kernel_lacks(feature: str) -> bool:
+    return ("network", feature) in OFF_ON_MATRIX_KERNELS.get(release(), {})
+
+
+def test_packet_drop(agent):
+    port = random_port()
+    dropped = of("packet_drop", dst_port=port)
+    with network_namespace() as netns:
+        nft_drop_counted(netns, port)
+        connects(netns, port, 1)  # one SYN, closed before its retransmit
+        if kernel_lacks(PACKET_DROPS):
+            time.sleep(scaled(1))
+            assert agent.matching(dropped) == []
+            off_here("packet_drop", PACKET_DROPS, agent)
+            return
+        agent.wait_for(dropped)
+    occ = exactly_one("packet_drop", settled(agent, dropped))
+    assert (occ["data"]["drop_reason"], occ["data"]["tcp_flags"]) == ("NETFILTER_DROP", "SYN")
+    detected("packet_drop")
+
+
+def test_listen_overflow(agent):
+    port = random_port()
+    overflow = of("listen_overflow", listen_port=port)
+    with network_namespace() as netns:
+        done = connects(netns, port, 4, listen=True, hold_s=6)  # backlog 0, never accepting: 3 dropped
+        agent.wait_for(overflow)
+    occ = exactly_one("listen_overflow", settled(agent, overflow))
+    assert (occ["data"]["dropped_connections"], occ["data"]["backlog"]) == (done["listen_drops"], 0)
+    assert occ["data"]["pid"] == done["pid"]
+    detected("listen_overflow")
 
 
 def test_connection_unreachable(agent):

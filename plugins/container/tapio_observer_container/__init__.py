@@ -8,7 +8,7 @@ from pathlib import Path
 import attrs
 
 from tapio_core import BpfCounter, BtfField, ObserverSpec, RawTracepointArg, TracepointField, hookimpl
-from tapio_core.bpf import ObserverLoadError
+from tapio_core.bpf import ObserverLoadError, write_struct
 from tapio_core.config import token_bucket_ns
 from tapio_observer_container.detect import container_anomalies
 from tapio_observer_container.layout import (
@@ -116,15 +116,7 @@ def exit_policy(settings: ContainerSettings) -> dict[str, object]:
 
 def write_settings(bpf, layout: KernelLayout, settings: ContainerSettings) -> None:
     """Filters first, the layout (with ``configured``) last: the BPF side reports nothing before."""
-    filters = bpf["exit_filter"]
-    leaf = filters.Leaf()
-    for field, value in exit_policy(settings).items():
-        if isinstance(value, list):
-            for index, word in enumerate(value):
-                getattr(leaf, field)[index] = word
-        else:
-            setattr(leaf, field, value)
-    filters[filters.Key(0)] = leaf
+    write_struct(bpf["exit_filter"], exit_policy(settings))
     names = bpf["ignored_process_names"]
     names.clear()
     for name in settings.ignore_process_names:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 from typing import Any
 
 import attrs
 from attrs import validators as v
 
-from tapio_core.config import rate_per_s, whole_count
+from tapio_core.config import list_of, rate_per_s, whole_count
 
 #: The kernel keeps 15 bytes of a process name (TASK_COMM_LEN - 1).
 COMM_MAX_BYTES = 15
@@ -41,25 +40,6 @@ def process_name(item: Any) -> str:
     if isinstance(item, str) and 1 <= len(item.encode()) <= COMM_MAX_BYTES:
         return item
     raise ValueError(f"process names of 1..{COMM_MAX_BYTES} bytes (the kernel keeps no more)")
-
-
-def list_of(key: str, item: Callable[[Any], Any], limit: int | None = None) -> Callable[[Any], tuple]:
-    """A converter from a TOML array, rejecting a bare value (a string would pass as its letters)."""
-
-    def convert(value: Any) -> tuple:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"'{key}' must be a list, e.g. {key} = [...]: {value!r}")
-        if limit is not None and len(value) > limit:
-            raise ValueError(f"'{key}' must hold at most {limit} entries: {len(value)}")
-        converted = []
-        for entry in value:
-            try:
-                converted.append(item(entry))
-            except ValueError as exc:
-                raise ValueError(f"'{key}' must hold {exc}: {entry!r}") from None
-        return tuple(dict.fromkeys(converted))
-
-    return convert
 
 
 # The lists are typed Any for cattrs, which would otherwise split a bare string into

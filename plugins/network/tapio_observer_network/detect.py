@@ -19,12 +19,15 @@ from typing import Any
 import numpy as np
 
 from tapio_core import Anomaly, c_string, with_suppressed
+from tapio_core.bpf import kernel_symbol, tracepoint_symbols
 from tapio_observer_network.records import (
     FAMILIES,
     KIND_CONNECT_FAILED,
     KIND_CONNECT_REFUSED,
     KIND_CONNECT_TIMEOUT,
     KIND_CONNECTION_RESET,
+    KIND_LISTEN_OVERFLOW,
+    KIND_PACKET_DROP,
     KIND_RETRANSMIT_SPIKE,
     KIND_RST_STORM,
     KIND_RST_STORM_END,
@@ -34,6 +37,7 @@ from tapio_observer_network.records import (
     SCOPE_DESTINATION,
     SCOPE_NODE,
     SCOPES,
+    TCP_FLAGS,
     TCP_STATES,
 )
 from tapio_observer_network.settings import NetworkSettings, rtt_factor_x16
@@ -51,6 +55,8 @@ CONNECTION_RESET = PREFIX + "connection_reset"
 RETRANSMIT_SPIKE = PREFIX + "retransmit_spike"
 RTT_DEGRADATION = PREFIX + "rtt_degradation"
 RST_STORM = PREFIX + "rst_storm"
+PACKET_DROP = PREFIX + "packet_drop"
+LISTEN_OVERFLOW = PREFIX + "listen_overflow"
 
 Counters = MutableMapping[str, int]
 
@@ -65,6 +71,19 @@ def destination(ip: str, port: int, family: int) -> str:
     return f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
 
 
+
+
+def drop_reasons() -> dict[int, str]:
+    """This kernel's drop reasons by number, as kfree_skb prints them (empty before Linux 5.17)."""
+    return tracepoint_symbols("skb:kfree_skb", "reason")
+
+
+def _reason(number: int, names: dict[int, str]) -> str:
+    return names.get(number, f"reason {number}")
+
+
+def _tcp_flags(bits: int) -> str:
+    return "|".join(name for bit, name in enumerate(TCP_FLAGS) if bits & (1 << bit))
 
 
 def _state(code: int) -> str:
@@ -107,8 +126,10 @@ def connect_error(kind: int, sk_error: int, rst_received: int, syn_retransmits: 
         "ended_by": "kernel"}
 
 
-def connect_failures(events: np.ndarray) -> list[Anomaly]:
-    """One anomaly per failed-connect record, in kernel time order; other kinds are not this function's."""
+def connect_failures(events: np.ndarray, reasons: dict[int, str] | None = None) -> list[Anomaly]:
+    """One anomaly per failed-connect record, in kernel time order; other kinds are not this function's.
+    A connect whose SYN or SYN-ACK the kernel dropped says why (``drop_reason``, where, how many)."""
+    reasons = reasons or {}
     anomalies: list[Anomaly] = []
     for kind, (type_, outcome) in CONNECT_FAILURES.items():
         rows = events[events["kind"] == kind]
@@ -122,11 +143,16 @@ def connect_failures(events: np.ndarray) -> list[Anomaly]:
             rows["old_state"].tolist(), rows["new_state"].tolist(), rows["syn_retransmits"].tolist(),
             rows["src_addr"].tolist(), rows["dst_addr"].tolist(), rows["netns"].tolist(), rows["suppressed"].tolist(),
             rows["sk_error"].tolist(), rows["rst_received"].tolist(), rows["owner_known"].tolist(),
+            rows["drop_reason"].tolist(), rows["drop_location"].tolist(), rows["count"].tolist(),
             _fingerprints(rows), strict=True,
         )
         for (ts, syn_sent, cookie, pid, tid, cgroup, comm, family, proto, sport, dport, old, new, syn_rtx,
-             src, dst, netns, suppressed, sk_error, rst, known, fingerprint) in columns:
+             src, dst, netns, suppressed, sk_error, rst, known, reason, location, dropped, fingerprint) in columns:
             code, message, how = connect_error(kind, sk_error, rst, syn_rtx)
+            if reason:
+                how.update(drop_reason=_reason(reason, reasons), drop_location=kernel_symbol(location),
+                           dropped_packets=dropped)
+                message += f" (the kernel dropped {dropped} of its handshake packets: {_reason(reason, reasons)})"
             anomalies.append(Anomaly(
                 type=type_, timestamp_ns=ts, severity="warning", outcome=outcome,
                 error_code=code, error_message=message, fingerprint=fingerprint,
@@ -236,6 +262,57 @@ def rst_storms(rows: np.ndarray) -> list[Anomaly]:
     return anomalies
 
 
+def packet_drops(rows: np.ndarray, reasons: dict[int, str]) -> list[Anomaly]:
+    """A packet the kernel dropped for a reason that is not routine; ``suppressed`` counts the drops of
+    the same reason, namespace and destination held back before it."""
+    anomalies = []
+    for row, fingerprint in zip(rows, _fingerprints(rows), strict=True):
+        family, proto = int(row["family"]), int(row["protocol"])
+        reason = _reason(int(row["drop_reason"]), reasons)
+        dst_ip, dst_port = format_ip(family, row["dst_addr"].tobytes()), int(row["dst_port"])
+        data: dict[str, Any] = {
+            "drop_reason": reason, "drop_location": kernel_symbol(int(row["drop_location"])),
+            "src_ip": format_ip(family, row["src_addr"].tobytes()), "dst_ip": dst_ip,
+            "family": FAMILIES.get(family, str(family)), "protocol": PROTOCOLS.get(proto, str(proto)),
+        }
+        if proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+            data.update(src_port=int(row["src_port"]), dst_port=dst_port,
+                        destination=destination(dst_ip, dst_port, family))
+        if proto == socket.IPPROTO_TCP:
+            data["tcp_flags"] = _tcp_flags(int(row["tcp_flags"]))
+        anomalies.append(Anomaly(
+            type=PACKET_DROP, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
+            error_code=reason, error_message=f"the kernel dropped a packet: {reason} at {data['drop_location']}",
+            data=with_suppressed(_with_netns(data, int(row["netns"])), int(row["suppressed"])),
+            fingerprint=fingerprint,
+        ))
+    return anomalies
+
+
+def listen_overflows(rows: np.ndarray) -> list[Anomaly]:
+    """A listener that dropped connections (its accept queue, or its SYN queue, was full) since its last
+    occurrence: how many, its limit and how full it is, and who listens."""
+    anomalies = []
+    for row, fingerprint in zip(rows, _fingerprints(rows), strict=True):
+        family, port = int(row["family"]), int(row["src_port"])
+        ip = format_ip(family, row["src_addr"].tobytes())
+        dropped, backlog = int(row["count"]), int(row["backlog"])
+        data = _with_netns({
+            **_owner(row["task"].tolist(), int(row["owner_known"])),
+            "listen_ip": ip, "listen_port": port, "listener": destination(ip, port, family),
+            "family": FAMILIES.get(family, str(family)), "protocol": "tcp", "sock_cookie": int(row["sock_cookie"]),
+            "dropped_connections": dropped, "backlog": backlog, "accept_queue": int(row["queue_len"]),
+        }, int(row["netns"]))
+        anomalies.append(Anomaly(
+            type=LISTEN_OVERFLOW, timestamp_ns=int(row["timestamp_ns"]), severity="warning", outcome="failure",
+            error_code="LISTEN_OVERFLOW",
+            error_message=f"listener {data['listener']} dropped {dropped} connection(s): its accept queue "
+                          f"(limit {backlog}) was full",
+            data=data, fingerprint=fingerprint,
+        ))
+    return anomalies
+
+
 def over_threshold(kind: int, rows: np.ndarray, settings: NetworkSettings) -> np.ndarray:
     """Mask of the rows that meet the thresholds in force (the kernel's own, or a replay's stricter ones)."""
     if kind == KIND_RETRANSMIT_SPIKE:
@@ -265,13 +342,27 @@ AGGREGATES = {
 }
 
 
-def network_anomalies(events: np.ndarray, settings: NetworkSettings, counters: Counters) -> list[Anomaly]:
-    """Every anomaly in a batch, in kernel time order; unknown kinds are ignored.
+def network_anomalies(events: np.ndarray, settings: NetworkSettings, counters: Counters,
+                      reasons: dict[int, str] | None = None) -> list[Anomaly]:
+    """Every anomaly in a batch, in kernel time order; unknown kinds are ignored. ``reasons``: the
+    kernel's drop reasons by number (``drop_reasons()``).
 
     ``counters`` gets ``suppressed_reported`` (events the kernel held back, as records carried them
     here) and ``below_threshold`` (records the thresholds in force reject: only in a stricter replay).
     """
-    anomalies = connect_failures(events)
+    reasons = reasons or {}
+    anomalies = connect_failures(events, reasons)
+    drops = events[events["kind"] == KIND_PACKET_DROP]
+    if drops.size:
+        names = {reasons.get(n) for n in np.unique(drops["drop_reason"]).tolist()}
+        if names & set(settings.drop_ignore_reasons):  # a replay under a longer ignore list
+            keep = np.array([reasons.get(int(n)) not in settings.drop_ignore_reasons for n in drops["drop_reason"]])
+            counters["below_threshold"] = counters.get("below_threshold", 0) + int((~keep).sum())
+            drops = drops[keep]
+        anomalies.extend(packet_drops(drops, reasons))
+    overflows = events[events["kind"] == KIND_LISTEN_OVERFLOW]
+    if overflows.size:
+        anomalies.extend(listen_overflows(overflows))
     for kind, build in AGGREGATES.items():
         rows = events[events["kind"] == kind]
         if rows.size == 0:

@@ -28,6 +28,13 @@
  * sockets; a new socket finding its bucket full takes a live one's place
  * (counted as untracked), as an LRU map would evict.
  *
+ * Packet drops (Linux 5.17+, where kfree_skb says why): a drop whose reason the settings do not call
+ * routine is one record per reason, namespace and destination, rate-limited like connection failures;
+ * a dropped SYN or SYN-ACK is also remembered by its connection's addresses (`syn_drops`), so the
+ * connect that then fails carries the reason. Listen-queue overflows: `listeners` holds the listening
+ * sockets opened while the agent runs, and network_tick reads each one's drop count (sock.sk_drops,
+ * which the kernel raises for every connection a listener drops) once a second.
+ *
  * Atomics: counts are added with __sync_fetch_and_add whose result is unused, which every kernel's
  * verifier accepts; compare-and-swap and taking a count go through tapio_cas / tapio_take (the
  * prelude), which emulate them exactly where the verifier has no BPF atomics (before Linux 5.12).
@@ -39,8 +46,15 @@
 #define TCP_SYN_SENT    2
 #define TCP_SYN_RECV    3
 #define TCP_CLOSE       7
+#define TCP_LISTEN      10
 #define PROTO_TCP       6
+#define PROTO_UDP       17
 #define FAMILY_INET     2
+#define FAMILY_INET6    10
+#define TAPIO_ETH_P_IP   0x0800
+#define TAPIO_ETH_P_IPV6 0x86DD
+#define TCP_FLAG_SYN    0x02
+#define TCP_FLAG_ACK    0x10
 
 #define KIND_CONNECT_REFUSED  1
 #define KIND_CONNECT_TIMEOUT  2
@@ -50,6 +64,8 @@
 #define KIND_RST_STORM        6
 #define KIND_CONNECT_FAILED   7  /* ended by another error: an ICMP host or network unreachable, ... */
 #define KIND_RST_STORM_END    8  /* a destination's storm calmed down: what it folded */
+#define KIND_PACKET_DROP      9
+#define KIND_LISTEN_OVERFLOW  10
 
 /* errno values (asm-generic, the same on every architecture Tapio runs on) */
 #define TAPIO_ETIMEDOUT    110
@@ -97,7 +113,12 @@ struct network_record {
     u32 reset;             /* rst_storm: connection resets from the destination folded into this record */
     u64 started_ns;        /* rst_storm end: when the episode started */
     u32 episode_open;      /* rst_storm start: an end record will follow (the clock runs) */
-    u32 reserved;
+    u32 drop_reason;       /* packet_drop, or a failed connect whose SYN was dropped: the kernel's reason */
+    u64 drop_location;     /* ...and where the kernel freed the packet (a text address) */
+    u32 backlog;           /* listen_overflow: the listener's accept-queue limit */
+    u32 queue_len;         /* listen_overflow: connections waiting in its accept queue */
+    u8 tcp_flags;          /* packet_drop: the dropped TCP segment's flags */
+    u8 reserved[7];
 };
 
 /* Mirrors kernel_settings() in tapio_observer_network/settings.py. */
@@ -122,6 +143,10 @@ struct network_settings {
     u32 rtt_min_samples;
     u32 storm_clock;            /* network_tick runs: destination storms stay open until it ends them */
     u32 reserved;
+    u64 drop_cost_ns;           /* packet_drop's token bucket, per reason, namespace and destination */
+    u64 drop_burst_ns;
+    u64 listen_cooldown_ns;     /* a listener still dropping is reported again after this long */
+    u64 ignored_drops[4];       /* bit N: drop reason N is routine here, not reported */
 };
 
 BPF_ARRAY(network_settings, struct network_settings, 1);
@@ -203,6 +228,53 @@ struct open_storm {
     struct flow_key key;
 };
 BPF_ARRAY(open_storms, struct open_storm, OPEN_STORMS);
+
+#if defined(TAPIO_SK_DROPS_OFFSET) && defined(TAPIO_SK_ACK_BACKLOG_OFFSET) && defined(TAPIO_SK_MAX_ACK_BACKLOG_OFFSET)
+#define TAPIO_LISTEN_OVERFLOWS 1
+#endif
+#if defined(TAPIO_KFREE_SKB) && defined(TAPIO_KFREE_SKB_REASON) && defined(TAPIO_SKB_HEAD_OFFSET) && \
+    defined(TAPIO_SKB_NETWORK_HEADER_OFFSET) && defined(TAPIO_SKB_PROTOCOL_OFFSET)
+#define TAPIO_PACKET_DROPS 1
+#endif
+
+#ifdef TAPIO_LISTEN_OVERFLOWS
+/* Listening sockets whose drop count network_tick watches: a slot per hash of the socket's address
+ * (sk 0: free; OWNER_WRITING: being filled). A listener finding its slot taken is not watched (counted). */
+#define LISTENER_BITS 9
+#define LISTENERS     (1 << LISTENER_BITS)
+#define LISTENERS_PER_TICK 128  /* the verifier walks every turn of the loop: a quarter of them per tick */
+struct listener {
+    u64 sk;
+    u64 last_record_ns;
+    u64 reported_drops;      /* sock.sk_drops as of its last record (or when it started listening) */
+    struct tapio_task task;  /* who called listen() */
+    u8 addr[16];
+    u32 netns;
+    u16 port;
+    u16 family;
+};
+BPF_ARRAY(listeners, struct listener, LISTENERS);
+BPF_ARRAY(listener_cursor, u32, 1);  /* where the next tick's share starts */
+#endif
+
+#ifdef TAPIO_PACKET_DROPS
+/* A connection's addresses as its connecting side sees them (source: the connecting socket's own). */
+struct connection_tuple {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;
+    u16 dport;
+    u32 reserved;
+};
+/* The last SYN (or SYN-ACK) of a connection the kernel dropped, and why: its failed connect carries it. */
+struct syn_drop {
+    u64 timestamp_ns;
+    u64 location;
+    u32 reason;
+    u32 count;
+};
+BPF_TABLE("lru_hash", struct connection_tuple, struct syn_drop, syn_drops, 8192);
+#endif
 
 /* The socket whose RTT sample this CPU judged last, and in which jiffy. */
 struct probe_gate {
@@ -431,25 +503,103 @@ static __always_inline void set_owner(struct network_record *rec, u64 sk)
     rec->in_task_context = (bpf_get_current_pid_tgid() >> 32) == owner->task.pid;
 }
 
+#ifdef TAPIO_LISTEN_OVERFLOWS
+/* Connections sk dropped so far (sock.sk_drops: tcp_listendrop raises it). */
+static __always_inline u32 listener_drops(u64 sk)
+{
+    int drops = 0;
+    TAPIO_READ_AT(drops, (const void *)sk, TAPIO_SK_DROPS_OFFSET);
+    return (u32)drops;
+}
+
+/* sk started listening: watched from now, its drops so far not counted. */
+static __always_inline void listener_watch(u64 sk, u16 family, u16 port, const u8 *addr)
+{
+    u32 index = tapio_pointer_slot(sk, LISTENER_BITS);
+    struct listener *l = listeners.lookup(&index);
+    if (!l)
+        return;
+    u64 held = l->sk;
+    if ((held != 0 && held != sk) || !tapio_cas(&l->sk, held, OWNER_WRITING)) {
+        count(COUNT_UNTRACKED);  /* its slot holds another listener */
+        return;
+    }
+    l->reported_drops = listener_drops(sk);
+    l->last_record_ns = 0;
+    tapio_current_task(&l->task);
+    l->netns = socket_netns((const void *)sk);
+    l->port = port;
+    l->family = family;
+    __builtin_memcpy(l->addr, addr, 16);
+    l->sk = sk;  /* published after the fields */
+}
+
+/* One record of what listener l (socket sk, whose drop count now is `drops`) dropped since its last. */
+static __always_inline void listener_report(struct listener *l, u64 sk, u32 drops, u64 now)
+{
+    struct network_record rec = {};
+    rec.timestamp_ns = now;
+    rec.kind = KIND_LISTEN_OVERFLOW;
+    rec.task = l->task;
+    rec.owner_known = 1;
+    rec.netns = l->netns;
+    rec.family = l->family;
+    rec.protocol = PROTO_TCP;
+    rec.src_port = l->port;
+    __builtin_memcpy(rec.src_addr, l->addr, 16);
+    u64 reported = l->reported_drops;
+    rec.count = drops - (u32)reported;
+    TAPIO_READ_AT(rec.backlog, (const void *)sk, TAPIO_SK_MAX_ACK_BACKLOG_OFFSET);
+    TAPIO_READ_AT(rec.queue_len, (const void *)sk, TAPIO_SK_ACK_BACKLOG_OFFSET);
+    rec.sock_cookie = socket_cookie((const void *)sk);
+    /* Closed (its slot reused) while being read, or reported meanwhile by the tick or the close on
+     * another CPU: this record would count them twice. */
+    if (l->sk != sk || !tapio_cas(&l->reported_drops, reported, drops))
+        return;
+    l->last_record_ns = now;
+    tapio_submit(&rec, sizeof(rec));
+}
+
+/* sk stops listening: what it dropped since its last record is reported now, whatever the cool-down
+ * (nothing is left to carry it), and its slot is free again. */
+static __always_inline void listener_closed(u64 sk)
+{
+    u32 index = tapio_pointer_slot(sk, LISTENER_BITS);
+    struct listener *l = listeners.lookup(&index);
+    if (!l || l->sk != sk)
+        return;
+    u32 drops = listener_drops(sk);
+    if (drops != l->reported_drops)
+        listener_report(l, sk, drops, bpf_ktime_get_ns());
+    tapio_cas(&l->sk, sk, 0);
+}
+#endif
+
 /* Token bucket per key (tapio_limit_allows): 1 to send a record now (taking the key's suppressed count),
  * 0 to hold it back. */
-static __always_inline int limit_allows(struct network_settings *cfg, struct flow_key *key, u64 now,
-                                        u32 *suppressed)
+static __always_inline int bucket_allows(struct flow_key *key, u64 now, u64 cost_ns, u64 burst_ns,
+                                         u32 *suppressed)
 {
-    if (!cfg)
-        return 1;  /* not configured yet (the first instants after attach): nothing to limit by */
     struct tapio_limit fresh = {};
-    fresh.credit_ns = cfg->connection_burst_ns;
+    fresh.credit_ns = burst_ns;
     fresh.last_ns = now;
     struct tapio_limit *limit = record_limits.lookup_or_try_init(key, &fresh);
     if (!limit) {
         count(COUNT_UNTRACKED);
         return 1;
     }
-    if (tapio_limit_allows(limit, now, cfg->connection_cost_ns, cfg->connection_burst_ns, suppressed))
+    if (tapio_limit_allows(limit, now, cost_ns, burst_ns, suppressed))
         return 1;
     count(COUNT_SUPPRESSED);
     return 0;
+}
+
+static __always_inline int limit_allows(struct network_settings *cfg, struct flow_key *key, u64 now,
+                                        u32 *suppressed)
+{
+    if (!cfg)
+        return 1;  /* not configured yet (the first instants after attach): nothing to limit by */
+    return bucket_allows(key, now, cfg->connection_cost_ns, cfg->connection_burst_ns, suppressed);
 }
 
 /* The events a key's window holds as seen from `slot` (a new event there would find them), read
@@ -571,6 +721,28 @@ static __always_inline int folded_into_storm(struct flow_key *key, int refused)
     return 1;
 }
 
+/* A failed connect whose SYN (or its SYN-ACK) the kernel was seen dropping: the drop's reason, where,
+ * and how many of its packets, from syn_drops (taken: the next connect on these addresses starts afresh). */
+static __always_inline void syn_dropped(struct network_record *rec)
+{
+#ifdef TAPIO_PACKET_DROPS
+    struct connection_tuple tuple = {};
+    __builtin_memcpy(tuple.saddr, rec->src_addr, 16);
+    __builtin_memcpy(tuple.daddr, rec->dst_addr, 16);
+    tuple.sport = rec->src_port;
+    tuple.dport = rec->dst_port;
+    struct syn_drop *drop = syn_drops.lookup(&tuple);
+    if (!drop)
+        return;
+    if (!rec->syn_sent_ns || drop->timestamp_ns >= rec->syn_sent_ns) {  /* not an earlier connect's */
+        rec->drop_reason = drop->reason;
+        rec->drop_location = drop->location;
+        rec->count = drop->count;
+    }
+    syn_drops.delete(&tuple);
+#endif
+}
+
 /* sk's owner is the current task, from now: a connect (connecting: its SYN_SENT time is kept for
  * the connect's duration) or a send or read of a socket seen for the first time. 0 when no way could
  * be claimed (counted by owner_claim). */
@@ -604,6 +776,16 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         owner_record_current(sk, 1);
         return 0;
     }
+#ifdef TAPIO_LISTEN_OVERFLOWS
+    if (newstate == TCP_LISTEN) {  /* in listen(), in its caller's context */
+        u8 addr[16] = {};
+        copy_addr(addr, args->family, args->saddr, args->saddr_v6);
+        listener_watch(sk, args->family, args->sport, addr);
+        return 0;
+    }
+    if (args->oldstate == TCP_LISTEN)
+        listener_closed(sk);
+#endif
     if (args->oldstate != TCP_SYN_SENT) {
         if (newstate == TCP_CLOSE)
             owner_forget(sk);
@@ -672,6 +854,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             rec.old_state = args->oldstate;
             rec.new_state = args->newstate;
             copy_addr(rec.src_addr, args->family, args->saddr, args->saddr_v6);
+            syn_dropped(&rec);
             tapio_submit(&rec, sizeof(rec));
         }
     }
@@ -769,6 +952,34 @@ static __always_inline void rst_storm(struct network_settings *cfg, struct flow_
     tapio_submit(&rec, sizeof(rec));
 }
 
+#ifdef TAPIO_LISTEN_OVERFLOWS
+/* Each watched listener (a quarter of the table a tick: each is read every 4 s) that dropped connections
+ * since its last record, once its cool-down passed:
+ * one record with how many, its accept-queue limit and how full it is now. */
+static __always_inline void listeners_tick(struct network_settings *cfg, u64 now)
+{
+    int zero = 0;
+    u32 *cursor = listener_cursor.lookup(&zero);
+    if (!cursor)
+        return;
+    u32 start = *cursor;
+    *cursor = (start + LISTENERS_PER_TICK) & (LISTENERS - 1);
+    for (u32 i = 0; i < LISTENERS_PER_TICK; i++) {
+        u32 index = (start + i) & (LISTENERS - 1);
+        struct listener *l = listeners.lookup(&index);
+        if (!l)
+            continue;
+        u64 sk = l->sk;
+        if (sk <= OWNER_WRITING)
+            continue;
+        u32 drops = listener_drops(sk);
+        if (drops == l->reported_drops || (l->last_record_ns && now - l->last_record_ns < cfg->listen_cooldown_ns))
+            continue;
+        listener_report(l, sk, drops, now);
+    }
+}
+#endif
+
 /* Once a second, from the agent's cpu-clock perf event on one CPU: ends the destination storms that
  * calmed down (a new RST now would not count as still going), each with one record of what it folded. */
 int network_tick(struct bpf_perf_event_data *ctx)
@@ -805,6 +1016,9 @@ int network_tick(struct bpf_perf_event_data *ctx)
         tapio_submit(&rec, sizeof(rec));
         slot->state = STORM_FREE;
     }
+#ifdef TAPIO_LISTEN_OVERFLOWS
+    listeners_tick(cfg, now);
+#endif
     return 0;
 }
 
@@ -1052,6 +1266,163 @@ RAW_TRACEPOINT_PROBE(tcp_probe)
     __builtin_memcpy(rec.dst_addr, key.addr, 16);
     socket_addr(rec.src_addr, skp, family, 0);
     set_owner(&rec, sk);
+    tapio_submit(&rec, sizeof(rec));
+    return 0;
+}
+#endif
+
+#ifdef TAPIO_PACKET_DROPS
+/* The dropped packet's addresses, ports (host order), IP protocol and TCP flags, from its headers;
+ * 0 when it has no IP header yet (or not one this reads). */
+struct dropped_packet {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;
+    u16 dport;
+    u16 family;
+    u8 l4;
+    u8 tcp_flags;
+};
+
+static __always_inline int dropped_packet(const void *skb, struct dropped_packet *p)
+{
+    u16 proto_be = 0, network = 0;
+    const u8 *head = 0;
+    TAPIO_READ_AT(proto_be, skb, TAPIO_SKB_PROTOCOL_OFFSET);
+    u16 proto = bpf_ntohs(proto_be);
+    if (proto != TAPIO_ETH_P_IP && proto != TAPIO_ETH_P_IPV6)
+        return 0;  /* not IP (AF_UNIX and netlink free their skbs here too) */
+    TAPIO_READ_AT(head, skb, TAPIO_SKB_HEAD_OFFSET);
+    TAPIO_READ_AT(network, skb, TAPIO_SKB_NETWORK_HEADER_OFFSET);
+    if (!head || network == 0xffff)
+        return 0;
+    u8 ip[40] = {};
+    if (bpf_probe_read_kernel(ip, sizeof(ip), head + network) != 0)
+        return 0;
+    u32 l4_offset;
+    if (proto == TAPIO_ETH_P_IP) {
+        if ((ip[0] >> 4) != 4)
+            return 0;
+        p->family = FAMILY_INET;
+        p->l4 = ip[9];
+        __builtin_memcpy(p->saddr, ip + 12, 4);
+        __builtin_memcpy(p->daddr, ip + 16, 4);
+        l4_offset = (ip[0] & 0xf) * 4;
+        if ((ip[6] & 0x1f) || ip[7])
+            return 1;  /* a fragment after the first: no ports */
+    } else {
+        if ((ip[0] >> 4) != 6)
+            return 0;
+        p->family = FAMILY_INET6;
+        p->l4 = ip[6];  /* extension headers are not followed: no ports then */
+        __builtin_memcpy(p->saddr, ip + 8, 16);
+        __builtin_memcpy(p->daddr, ip + 24, 16);
+        l4_offset = 40;
+    }
+    if (p->l4 != PROTO_TCP && p->l4 != PROTO_UDP)
+        return 1;
+    u8 l4[14] = {};
+    if (bpf_probe_read_kernel(l4, sizeof(l4), head + network + (l4_offset & 0x3f)) != 0)
+        return 1;
+    p->sport = ((u16)l4[0] << 8) | l4[1];
+    p->dport = ((u16)l4[2] << 8) | l4[3];
+    if (p->l4 == PROTO_TCP)
+        p->tcp_flags = l4[13];
+    return 1;
+}
+
+/* The drop's network namespace: its device's, else its socket's; 0 when neither says. */
+static __always_inline u32 packet_netns(const void *skb)
+{
+    u32 inum = 0;
+#if defined(TAPIO_SKB_DEV_OFFSET) && defined(TAPIO_DEV_NET_OFFSET) && defined(TAPIO_NET_NS_INUM_OFFSET)
+    const char *dev = 0, *net = 0;
+    TAPIO_READ_AT(dev, skb, TAPIO_SKB_DEV_OFFSET);
+    if (dev) {
+        TAPIO_READ_AT(net, dev, TAPIO_DEV_NET_OFFSET);
+        if (net)
+            TAPIO_READ_AT(inum, net, TAPIO_NET_NS_INUM_OFFSET);
+    }
+#endif
+#ifdef TAPIO_SKB_SK_OFFSET
+    if (!inum) {
+        const void *sk = 0;
+        TAPIO_READ_AT(sk, skb, TAPIO_SKB_SK_OFFSET);
+        if (sk)
+            inum = socket_netns(sk);
+    }
+#endif
+    return inum;
+}
+
+/* A dropped SYN or SYN-ACK, remembered by its connection's addresses as the connecting side sees them. */
+static __always_inline void remember_syn_drop(struct dropped_packet *p, u32 reason, u64 location, u64 now)
+{
+    struct connection_tuple tuple = {};
+    if (p->tcp_flags & TCP_FLAG_ACK) {  /* SYN-ACK: from the peer */
+        __builtin_memcpy(tuple.saddr, p->daddr, 16);
+        __builtin_memcpy(tuple.daddr, p->saddr, 16);
+        tuple.sport = p->dport;
+        tuple.dport = p->sport;
+    } else {
+        __builtin_memcpy(tuple.saddr, p->saddr, 16);
+        __builtin_memcpy(tuple.daddr, p->daddr, 16);
+        tuple.sport = p->sport;
+        tuple.dport = p->dport;
+    }
+    struct syn_drop *known = syn_drops.lookup(&tuple);
+    if (known) {
+        known->timestamp_ns = now;
+        known->reason = reason;
+        known->location = location;
+        __sync_fetch_and_add(&known->count, 1);
+        return;
+    }
+    struct syn_drop fresh = {};
+    fresh.timestamp_ns = now;
+    fresh.location = location;
+    fresh.reason = reason;
+    fresh.count = 1;
+    syn_drops.update(&tuple, &fresh);
+}
+
+/* Every packet the kernel frees as dropped passes here: the reason is judged first, from the
+ * tracepoint's own argument, so routine drops cost a bitmap test. */
+RAW_TRACEPOINT_PROBE(kfree_skb)
+{
+    u32 reason = (u32)ctx->args[2];
+    struct network_settings *cfg = settings();
+    if (!cfg || (reason < 256 && (cfg->ignored_drops[(reason >> 6) & 3] >> (reason & 63)) & 1))
+        return 0;
+    const void *skb = (const void *)ctx->args[0];
+    struct dropped_packet p = {};
+    if (!dropped_packet(skb, &p))
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u64 location = (u64)ctx->args[1];
+    if (p.l4 == PROTO_TCP && (p.tcp_flags & TCP_FLAG_SYN))
+        remember_syn_drop(&p, reason, location, now);
+    struct flow_key key = {};
+    __builtin_memcpy(key.addr, p.daddr, 16);
+    key.port = p.dport;
+    key.family = p.family;
+    key.kind = KIND_PACKET_DROP | (reason << 8);
+    key.netns = packet_netns(skb);
+    struct network_record rec = {};
+    if (!bucket_allows(&key, now, cfg->drop_cost_ns, cfg->drop_burst_ns, &rec.suppressed))
+        return 0;
+    rec.timestamp_ns = now;
+    rec.kind = KIND_PACKET_DROP;
+    rec.drop_reason = reason;
+    rec.drop_location = location;
+    rec.netns = key.netns;
+    rec.family = p.family;
+    rec.protocol = p.l4;
+    rec.src_port = p.sport;
+    rec.dst_port = p.dport;
+    rec.tcp_flags = p.tcp_flags;
+    __builtin_memcpy(rec.src_addr, p.saddr, 16);
+    __builtin_memcpy(rec.dst_addr, p.daddr, 16);
     tapio_submit(&rec, sizeof(rec));
     return 0;
 }

@@ -11,6 +11,8 @@ KIND_RTT_DEGRADATION = 5
 KIND_RST_STORM = 6
 KIND_CONNECT_FAILED = 7
 KIND_RST_STORM_END = 8  # a destination's storm calmed down: what it folded
+KIND_PACKET_DROP = 9
+KIND_LISTEN_OVERFLOW = 10
 
 #: ``scope`` of an rst_storm record.
 SCOPE_DESTINATION = 1
@@ -52,7 +54,12 @@ NETWORK_RECORD = record_dtype([
     ("reset", "<u4"),  # rst_storm: resets from the destination folded into the record
     ("started_ns", "<u8"),  # rst_storm end: when the episode started
     ("episode_open", "<u4"),  # rst_storm start: an end record follows
-    ("reserved", "<u4"),
+    ("drop_reason", "<u4"),  # packet_drop, or a failed connect whose SYN was dropped: the kernel's number
+    ("drop_location", "<u8"),  # ...and the kernel text address that freed the packet
+    ("backlog", "<u4"),  # listen_overflow: the accept-queue limit
+    ("queue_len", "<u4"),  # listen_overflow: connections waiting to be accepted
+    ("tcp_flags", "u1"),  # packet_drop: the dropped TCP segment's flags
+    ("reserved", "V7"),
 ])
 
 #: include/net/tcp_states.h
@@ -61,4 +68,6 @@ TCP_STATES = {
     7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV",
 }
 FAMILIES = {2: "ipv4", 10: "ipv6"}
-PROTOCOLS = {6: "tcp"}
+PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
+#: TCP header flag bits, lowest first.
+TCP_FLAGS = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
