@@ -115,7 +115,6 @@ def test_a_connect_timed_out_by_a_firewall_says_which_drop_and_where(tmp_path):
         return
     assert (data["drop_reason"], data["dropped_packets"]) == ("NETFILTER_DROP", dropped)
     assert NETFILTER_CODE.fullmatch(data["drop_location"]), data["drop_location"]
-    assert "NETFILTER_DROP" in timeout["error"]["message"]
 
 
 def test_a_listener_that_never_accepts_reports_every_connection_it_dropped(tmp_path):

@@ -152,7 +152,6 @@ def connect_failures(events: np.ndarray, reasons: dict[int, str] | None = None) 
             if reason:
                 how.update(drop_reason=_reason(reason, reasons), drop_location=kernel_symbol(location),
                            dropped_packets=dropped)
-                message += f" (the kernel dropped {dropped} of its handshake packets: {_reason(reason, reasons)})"
             anomalies.append(Anomaly(
                 type=type_, timestamp_ns=ts, severity="warning", outcome=outcome,
                 error_code=code, error_message=message, fingerprint=fingerprint,
