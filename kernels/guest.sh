@@ -16,6 +16,9 @@ if [ -e /sys/fs/cgroup/cgroup.subtree_control ]; then
     done
 fi
 modprobe loop 2>/dev/null || true
+# /dev/net/tun, which a node's udev creates from the modules' static nodes (no udev runs here).
+modprobe tun 2>/dev/null || true
+[ -e /dev/net/tun ] || { mkdir -p /dev/net && mknod -m 600 /dev/net/tun c 10 200; }
 ip link set lo up
 cd "$repo" || exit 1
 "$@"

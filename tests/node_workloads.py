@@ -174,8 +174,9 @@ def healthy_node(tmp_path: Path, seconds: float, *, quiet_port: int = 18080, sil
         # Into the cgroup first: ip netns exec mounts a /sys of its own, without the cgroup file systems.
         command = in_cgroups([cgroup], ["ip", "netns", "exec", netns, sys.executable, "-c", HEALTHY, str(seconds),
                                         device, str(quiet_port), str(silent_port)])
-        done = subprocess.run(command, capture_output=True, text=True, env=child_env(), check=True,
+        done = subprocess.run(command, capture_output=True, text=True, env=child_env(),
                               timeout=seconds + scaled(60))
+        assert done.returncode == 0, f"the healthy workload failed ({done.returncode}): {done.stderr[-3000:]}"
         return HealthyRun(json.loads(done.stdout), seconds, cgroup.cgroup_id, netns_inode(netns), numbers(device))
 
 

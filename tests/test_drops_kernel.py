@@ -40,7 +40,7 @@ def test_dropped_packets_are_reported_with_the_kernels_reason_and_every_one_is_c
     5.17 (no reason): none, and the feature says why it is off."""
     port = random_port()
     with network_namespace() as netns, \
-            running_agent(tmp_path, extra=settings(drop_burst=3, drop_rate_per_s=1)) as agent:
+            running_agent(tmp_path, extra=settings(drop_burst=3, drop_rate_per_s=0.5)) as agent:
         inode = netns_inode(netns)
         nft_drop_counted(netns, port)
         connects(netns, port, 20)
@@ -51,7 +51,7 @@ def test_dropped_packets_are_reported_with_the_kernels_reason_and_every_one_is_c
             assert observer_state(tmp_path, "network")["disabled"][PACKET_DROPS] == NO_REASON_HERE
             return
         agent.wait_for(drops_to(port), timeout=10, count=3)
-        time.sleep(1.2)  # a token (one a second): the next drop is sent with what was held
+        time.sleep(2.2)  # a token (one per 2 s, the kernel's clock): the next drop is sent with what was held
         connects(netns, port, 1)
         agent.wait_for(drops_to(port), timeout=10, count=4)
         time.sleep(scaled(0.5))
