@@ -253,12 +253,19 @@ def bpf_atomics() -> bool:
     return True
 
 
-def tracepoint_has_field(tracepoint: str, field: str) -> bool:
-    """Whether ``category:name`` carries ``field`` on this kernel (from its tracefs format)."""
+def tracepoint_format(tracepoint: str) -> str | None:
+    """``category:name``'s tracefs format on this kernel, None where it has no such tracepoint."""
     category, _, event = tracepoint.partition(":")
     try:
-        text = (TRACEFS_EVENTS / category / event / "format").read_text()
+        return (TRACEFS_EVENTS / category / event / "format").read_text()
     except OSError:
+        return None
+
+
+def tracepoint_has_field(tracepoint: str, field: str) -> bool:
+    """Whether ``category:name`` carries ``field`` on this kernel (from its tracefs format)."""
+    text = tracepoint_format(tracepoint)
+    if text is None:
         return False
     return any(line.strip().startswith("field:") and line.split(";")[0].split()[-1].split("[")[0] == field
                for line in text.splitlines())
@@ -267,10 +274,8 @@ def tracepoint_has_field(tracepoint: str, field: str) -> bool:
 def tracepoint_symbols(tracepoint: str, field: str) -> dict[int, str]:
     """The names ``category:name``'s print format gives ``field``'s values (its ``__print_symbolic``), by value;
     empty when this kernel's tracepoint has no such table. Enum values move between kernels: read them here."""
-    category, _, event = tracepoint.partition(":")
-    try:
-        text = (TRACEFS_EVENTS / category / event / "format").read_text()
-    except OSError:
+    text = tracepoint_format(tracepoint)
+    if text is None:
         return {}
     found = re.search(rf"__print_symbolic\(REC->{re.escape(field)},(.*)", text)
     if found is None:

@@ -331,13 +331,15 @@ def over_threshold(kind: int, rows: np.ndarray, settings: NetworkSettings) -> np
     return np.ones(rows.shape, dtype=bool)
 
 
-#: Kinds that carry thresholds or a socket owner; connect failures are built apart, in bulk.
+#: Kinds that carry thresholds or a socket owner; connect failures are built apart, in bulk, and packet drops
+#: apart too (they need this kernel's reason names).
 AGGREGATES = {
     KIND_CONNECTION_RESET: connection_resets,
     KIND_RETRANSMIT_SPIKE: retransmit_spikes,
     KIND_RTT_DEGRADATION: rtt_degradations,
     KIND_RST_STORM: rst_storms,
     KIND_RST_STORM_END: rst_storms,
+    KIND_LISTEN_OVERFLOW: listen_overflows,
 }
 
 
@@ -359,9 +361,6 @@ def network_anomalies(events: np.ndarray, settings: NetworkSettings, counters: C
             counters["below_threshold"] = counters.get("below_threshold", 0) + int((~keep).sum())
             drops = drops[keep]
         anomalies.extend(packet_drops(drops, reasons))
-    overflows = events[events["kind"] == KIND_LISTEN_OVERFLOW]
-    if overflows.size:
-        anomalies.extend(listen_overflows(overflows))
     for kind, build in AGGREGATES.items():
         rows = events[events["kind"] == kind]
         if rows.size == 0:
